@@ -1,0 +1,19 @@
+"""The Vim v2 mixer core behind one call; the model uses this on every device."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..selective_scan.interface import resolve_backend
+from .naive import DirectionParams, bimamba_v2_ref
+
+
+def bimamba_v2_fn(x: torch.Tensor, z: torch.Tensor, fwd: DirectionParams, bwd: DirectionParams,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """x, z: (B, L, E) token-major. Returns ``(y_fwd + y_bwd) / 2`` (B, L, E), each direction gated
+    by silu(z). backend: 'reference', 'triton', or None (Triton on CUDA, reference elsewhere)."""
+    backend = resolve_backend(backend, x.device)
+    if backend == "reference":
+        return bimamba_v2_ref(x, z, fwd, bwd)
+    raise NotImplementedError("the fused Triton bimamba backend is not built yet")

@@ -1,0 +1,32 @@
+"""One entry point for every selective-scan backend."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .naive import selective_scan_ref
+
+BACKENDS = ("reference", "triton")
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    if backend is None:
+        return "triton" if device.type == "cuda" else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS} or None (auto)")
+    return backend
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False, reverse=False, backend: Optional[str] = None):
+    """Selective scan with mamba_ssm's argument layouts and semantics (see ``naive.selective_scan_ref``).
+
+    ``backend``: 'reference' (pure PyTorch, any device), 'triton', or None: Triton on CUDA, the
+    reference elsewhere.
+    """
+    backend = resolve_backend(backend, u.device)
+    if backend == "reference":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state, reverse)
+    raise NotImplementedError("the Triton selective-scan backend is not built yet")
