@@ -1,0 +1,72 @@
+"""The registered timm Vim as a segmentation backbone: no class token, maps after chosen blocks."""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.registry import MODELS
+
+
+@MODELS.register_module(name="VimSegBackbone")
+class VimSegBackbone(nn.Module):
+    """``timm.create_model(model_name, class_token=False, dynamic_img_size=True, ...)`` returning the
+    (B, D, H/stride, W/stride) maps after blocks ``out_indices``.
+
+    ``img_size`` only sets the size of the stored position embedding (the official runs use 512); any
+    input size works, the embedding is interpolated. ``pretrained``: path to ours or an official ``.pth``
+    (classification weights); the position embedding is resized to ``img_size`` and the class token and
+    classifier are dropped. Other keyword arguments (depth, embed_dim, patch_size, stride,
+    drop_path_rate, ...) go to ``timm.create_model``.
+    """
+
+    def __init__(self, model_name: str = "vim_tiny", out_indices: Sequence[int] = (5, 11, 17, 23),
+                 img_size: int = 512, pretrained: Optional[str] = None, drop_path_rate: float = 0.1,
+                 **model_kwargs):
+        super().__init__()
+        import vim  # noqa: F401  (registers the vim_* timm models)
+
+        self.model = timm.create_model(
+            model_name, pretrained=False, num_classes=0, global_pool="", class_token=False,
+            dynamic_img_size=True, img_size=img_size, drop_path_rate=drop_path_rate, **model_kwargs)
+        depth = len(self.model.blocks)
+        self.out_indices = tuple(int(i) for i in out_indices)
+        bad = [i for i in self.out_indices if not -depth <= i < depth]
+        if bad:
+            raise ValueError(f"out_indices {bad} out of range for a {depth}-block {model_name}; "
+                             f"pick block indices in [0, {depth - 1}]")
+        self.embed_dim = self.model.embed_dim
+        self.patch_stride = self._stride()
+        if pretrained:
+            self.load_pretrained(pretrained)
+
+    def _stride(self) -> int:
+        pe = self.model.patch_embed
+        stride = getattr(getattr(pe, "proj", None), "stride", None)
+        return int(stride[0]) if stride is not None else int(pe.patch_size[0])
+
+    def load_pretrained(self, path: str) -> None:
+        import vim
+
+        state_dict = vim.checkpoint_filter_fn(vim.load_official_checkpoint(path), self.model)
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.startswith("head")]
+        unexpected = [k for k in unexpected if not k.startswith(("head", "cls_token"))]
+        print_log(f"loaded backbone weights from {path}; missing: {missing or 'none'}; "
+                  f"unexpected: {unexpected or 'none'}", logger="current",
+                  level=logging.WARNING if missing or unexpected else logging.INFO)
+        if len(missing) > len(state_dict) // 2:
+            raise RuntimeError(f"{path} matched almost none of {type(self.model).__name__}'s weights "
+                               f"(missing: {missing[:5]}...); is it a Vim checkpoint of the same size?")
+
+    def init_weights(self) -> None:
+        # The Runner calls init_weights on children after construction; the timm model is already
+        # initialised (or pretrained) and must not be re-initialised here.
+        pass
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.forward_intermediates(x, indices=list(self.out_indices), norm=False,
+                                                output_fmt="NCHW", intermediates_only=True)
