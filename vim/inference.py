@@ -190,7 +190,8 @@ def build_model(
 ) -> nn.Module:
     """A timm model (``vim_*`` registered by ``import vim``) in eval mode, on the CPU.
 
-    ``img_size`` builds the model at that resolution (position embedding of that grid; a checkpoint
+    ``dynamic_img_size`` builds it for inputs of any size (``dynamic_img_size`` and
+    ``dynamic_img_pad``). ``img_size`` builds the model at that resolution (position embedding of that grid; a checkpoint
     trained at another size is interpolated on load). Models without an ``img_size`` argument
     (CNNs) take any size anyway and are built without it."""
     import timm
@@ -205,7 +206,9 @@ def build_model(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if dynamic_img_size:
-        kwargs["dynamic_img_size"] = True
+        # any input size: position embedding resampled per input, borders padded to whole patches
+        kwargs.setdefault("dynamic_img_size", True)
+        kwargs.setdefault("dynamic_img_pad", True)
     if img_size is not None:
         kwargs["img_size"] = img_size
     try:
@@ -235,6 +238,13 @@ def data_config(model: nn.Module, img_size: Optional[int] = None, crop_pct: Opti
 
     args = {"img_size": img_size, "crop_pct": crop_pct, "interpolation": interpolation,
             "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None}
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is None and built is not None and not getattr(model, "dynamic_img_size", False):
+        # pretrained_cfg keeps the registered size (224) when the model was built at another one
+        # (img_size=... model kwarg); a fixed-size model must be fed its own size
+        proj = getattr(model.patch_embed, "proj", None)
+        in_chans = getattr(proj, "in_channels", None) or model.pretrained_cfg.get("input_size", (3,))[0]
+        args["input_size"] = (in_chans, *tuple(built))
     return resolve_data_config({k: v for k, v in args.items() if v is not None}, model=model)
 
 

@@ -132,10 +132,9 @@ def load_checkpoint(model: nn.Module, path: str, use_ema: bool = False, strict: 
     ignore = set()
     if ignore_classifier_mismatch:
         for k in ("head.weight", "head.bias"):
-            if k in sd and k in own and sd[k].shape != own[k].shape:
+            if k in sd and (k not in own or sd[k].shape != own[k].shape):
                 del sd[k]
-                ignore.add(k)
-            elif k not in sd and k in own:
+            if k in own and k not in sd:
                 ignore.add(k)
     if strict:
         check_state_dict_fits(model, sd, ignore=ignore)

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, to_2tuple
-from timm.models._features_fx import register_notrace_function
+from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 
+@register_notrace_module  # its input checks branch on the image size
 class PatchEmbed(nn.Module):
     """Conv patch embedding whose stride may differ from the patch size (the stride-8 "+" models).
 
@@ -41,7 +42,6 @@ class PatchEmbed(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)
 
 
-@register_notrace_function
 def _check_and_pad_input(x: torch.Tensor, in_chans: int, patch: Tuple[int, int], stride: Tuple[int, int],
                          pad: bool) -> torch.Tensor:
     if x.dim() != 4 or x.shape[1] != in_chans:
@@ -62,19 +62,25 @@ def _check_and_pad_input(x: torch.Tensor, in_chans: int, patch: Tuple[int, int],
     return x
 
 
+@register_notrace_module  # picks its output dtype from the autocast state
 class RMSNorm(nn.Module):
     """Weight-only RMSNorm computed in float32 (the official fused add+norm does the same)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
+        self.dim = dim
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        y = F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps)
+        # like the official fused norm, hand the next layer its compute dtype
+        if torch.is_autocast_enabled(x.device.type):
+            return y.to(torch.get_autocast_dtype(x.device.type))
+        return y.to(self.weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.dim}, eps={self.eps}"
 
 
 def cls_index(num_patches: int) -> int:

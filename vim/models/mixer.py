@@ -67,9 +67,6 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, dim) -> (B, L, dim)."""
-        if not torch.is_autocast_enabled(x.device.type):
-            # the float32 norm output meets a model cast to half precision
-            x = x.to(self.in_proj.weight.dtype)
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         y = bimamba_v2_fn(xs, z, self.direction_params(False), self.direction_params(True),
                           backend=self.scan_backend)

@@ -16,6 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint
 
 from .checkpoint import checkpoint_filter_fn, load_official_checkpoint
@@ -133,7 +134,8 @@ class VisionMamba(nn.Module):
             if global_pool == 'token' and self.cls_token is None:
                 raise ValueError("global_pool='token' needs the class token")
             self.global_pool = global_pool
-        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        ref = self.patch_embed.proj.weight
+        device, dtype = ref.device, ref.dtype
         self.head = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) \
             if num_classes > 0 else nn.Identity()
 
@@ -151,23 +153,7 @@ class VisionMamba(nn.Module):
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H', W', D) patch grid -> (B, tokens, D) with the class token in the middle."""
-        B, H, W, D = x.shape
-        if self.pos_embed is not None and (H, W) != self.patch_embed.grid_size:
-            if not self.dynamic_img_size:
-                raise ValueError(
-                    f"input gives a {H}x{W} patch grid but the model was built for "
-                    f"{self.patch_embed.grid_size[0]}x{self.patch_embed.grid_size[1]} "
-                    f"(img_size={self.patch_embed.img_size}); build it with dynamic_img_size=True "
-                    "or img_size matching the input")
-            pos_embed = resample_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size,
-                                           has_cls=self.cls_token is not None)
-        else:
-            pos_embed = self.pos_embed
-        x = x.reshape(B, H * W, D)
-        if self.cls_token is not None:
-            x = insert_cls_token(x, self.cls_token)
-        if pos_embed is not None:
-            x = x + pos_embed
+        x = embed_tokens(x, self.cls_token, self.pos_embed, self.patch_embed.grid_size, self.dynamic_img_size)
         return self.pos_drop(x)
 
     def _run_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
@@ -247,6 +233,23 @@ class VisionMamba(nn.Module):
         return take_indices
 
 
+@register_notrace_function
+def embed_tokens(x: torch.Tensor, cls_token: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor],
+                 grid_size: Tuple[int, int], dynamic_img_size: bool) -> torch.Tensor:
+    """Flatten the patch grid, insert the middle class token, add the (resampled) position embedding."""
+    B, H, W, D = x.shape
+    if pos_embed is not None and (H, W) != tuple(grid_size):
+        if not dynamic_img_size:
+            raise ValueError(
+                f"input gives a {H}x{W} patch grid but the model was built for a {grid_size[0]}x{grid_size[1]} "
+                "grid; build it with dynamic_img_size=True, or with img_size matching the input")
+        pos_embed = resample_pos_embed(pos_embed, (H, W), grid_size, has_cls=cls_token is not None)
+    x = x.reshape(B, H * W, D)
+    if cls_token is not None:
+        x = insert_cls_token(x, cls_token)
+    return x if pos_embed is None else x + pos_embed
+
+
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
         'url': url,
@@ -280,7 +283,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vision_mamba(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
-    out_indices = kwargs.pop('out_indices', 3)
+    # features_only default: four evenly spaced blocks, (5, 11, 17, 23) at depth 24 as in the
+    # official segmentation setup
+    depth = kwargs.get('depth', 24)
+    out_indices = kwargs.pop('out_indices', tuple(depth * k // 4 - 1 for k in range(1, 5)))
     return build_model_with_cfg(
         VisionMamba, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -39,14 +40,15 @@ class VimSegBackbone(nn.Module):
             raise ValueError(f"out_indices {bad} out of range for a {depth}-block {model_name}; "
                              f"pick block indices in [0, {depth - 1}]")
         self.embed_dim = self.model.embed_dim
-        self.patch_stride = self._stride()
+        self.patch_size = int(self.model.patch_embed.patch_size[0])
+        self.stride = int(self.model.patch_embed.stride[0])
         if pretrained:
             self.load_pretrained(pretrained)
 
-    def _stride(self) -> int:
-        pe = self.model.patch_embed
-        stride = getattr(getattr(pe, "proj", None), "stride", None)
-        return int(stride[0]) if stride is not None else int(pe.patch_size[0])
+    def padded_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """The smallest size >= ``size`` that tiles exactly into patches at the backbone's stride."""
+        p, st = self.patch_size, self.stride
+        return tuple(p if s <= p else p + math.ceil((s - p) / st) * st for s in size)
 
     def load_pretrained(self, path: str) -> None:
         import vim

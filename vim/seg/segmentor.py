@@ -102,8 +102,12 @@ class UperNetSegmentor(BaseModel):
         return self.neck(feats) if self.neck is not None else list(feats)
 
     def encode_decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K, H, W) at the size of x."""
-        return resize(self.decode_head(self.extract_feat(x)), x.shape[-2:])
+        """Logits (B, K, H, W) at the size of x. Inputs that do not tile into patches are padded at the
+        bottom/right (with 0, the mean colour after normalisation) and the logits cropped back."""
+        h, w = x.shape[-2:]
+        padded = self.backbone.padded_size((h, w)) if hasattr(self.backbone, "padded_size") else (h, w)
+        logits = self.decode_head(self.extract_feat(_pad_to(x, padded, 0.0)))
+        return resize(logits, padded)[..., :h, :w]
 
     def whole_inference(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_decode(x)
@@ -133,6 +137,24 @@ class UperNetSegmentor(BaseModel):
         if cfg.get("mode", "whole") == "slide":
             return self.slide_inference(x, cfg.get("crop_size", (512, 512)), cfg.get("stride", (341, 341)))
         return self.whole_inference(x)
+
+    # ---------------------------------------------------------------- optimiser grouping
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm-style layer grouping (for ``param_groups_layer_decay``): the backbone's stem and blocks
+        under their prefix; everything else (neck, heads, the unused final norm) in one top group."""
+        inner = self.backbone.model.group_matcher(coarse)
+        prefix = lambda p: r"^backbone\.model\.(?:" + p.lstrip("^") + ")"  # noqa: E731
+        blocks = inner["blocks"]
+        if isinstance(blocks, str):
+            blocks = [(blocks, None)]
+        # timm gives the final norm its own group (99999); the official BEiT/Vim constructor puts it
+        # with the decoder at the top layer, which is what leaving it unmatched does.
+        return dict(stem=prefix(inner["stem"]), blocks=[(prefix(p), s) for p, s in blocks if s is None])
+
+    def no_weight_decay(self) -> set:
+        model = self.backbone.model
+        names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        return {f"backbone.model.{n}" for n in names}
 
     # ---------------------------------------------------------------- BaseModel interface
     def forward(self, inputs: torch.Tensor, data_samples: Optional[List[BaseDataElement]] = None,

@@ -1,0 +1,214 @@
+"""The checks of timm's own model test-suite (tests/test_models.py), applied to the vim_* models,
+plus the timm API surface a backbone user relies on."""
+import math
+
+import pytest
+import timm
+import timm.optim
+import torch
+from timm.models import FeatureInfo
+from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+import vim
+
+VIM_MODELS = ["vim_tiny", "vim_small", "vim_base", "vim_tiny_stride8", "vim_small_stride8", "vim_base_stride8"]
+# Small versions keep the CPU suite fast; the architecture (and every code path) is the same.
+SMALL = dict(depth=4, embed_dim=64, img_size=64)
+
+
+def small_model(name="vim_tiny", **kwargs):
+    return timm.create_model(name, **{**SMALL, **kwargs})
+
+
+def test_registered_with_pretrained_cfgs():
+    assert set(VIM_MODELS) <= set(timm.list_models("vim_*"))
+    assert {"vim_tiny.in1k", "vim_small.in1k", "vim_base.in1k", "vim_tiny_stride8.in1k",
+            "vim_small_stride8.in1k"} <= set(timm.list_pretrained("vim_*"))
+    for name in VIM_MODELS:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.crop_pct == 0.875 and cfg.interpolation == "bicubic"
+        assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN and cfg.std == timm.data.IMAGENET_DEFAULT_STD
+        assert cfg.first_conv == "patch_embed.proj" and cfg.classifier == "head"
+    assert timm.models.get_pretrained_cfg("vim_small.in1k").hf_hub_id == "hustvl/Vim-small-midclstok"
+
+
+@pytest.mark.parametrize("name", VIM_MODELS)
+def test_full_size_architecture(name):
+    """The six registered sizes build with the official shapes (no forward: that is covered below)."""
+    model = timm.create_model(name)
+    dim = {"tiny": 192, "small": 384, "base": 768}[name.split("_")[1]]
+    grid = 27 if "stride8" in name else 14
+    assert model.num_features == model.head_hidden_size == dim and len(model.blocks) == 24
+    assert model.pos_embed.shape == (1, grid * grid + 1, dim)
+    mixer = model.blocks[0].mixer
+    assert mixer.in_proj.weight.shape == (4 * dim, dim)
+    assert mixer.x_proj_b.weight.shape == (math.ceil(dim / 16) + 32, 2 * dim)
+    assert mixer.A_b_log.shape == (2 * dim, 16)
+
+
+@pytest.mark.parametrize("name", ["vim_tiny", "vim_tiny_stride8"])
+def test_model_forward(name):
+    model = small_model(name).eval()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["vim_tiny", "vim_tiny_stride8"])
+def test_model_backward(name):
+    model = small_model(name, num_classes=42, drop_path_rate=0.1).train()
+    num_params = sum(p.numel() for p in model.parameters())
+    out = model(torch.randn(2, 3, 64, 64))
+    out.mean().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f"no gradient for {n}"
+    assert sum(p.grad.numel() for p in model.parameters()) == num_params
+    assert out.shape[-1] == 42
+
+
+def test_model_default_cfgs_non_std():
+    model = small_model().eval()
+    state_dict = model.state_dict()
+    x = torch.randn(1, 3, 64, 64)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (1, 16 + 1, model.num_features)
+    assert model.forward_head(tokens, pre_logits=True).shape[1] == model.head_hidden_size
+    model.reset_classifier(0)
+    out = model(x)
+    assert out.shape == (1, model.num_features)
+    model.reset_classifier(0, "")
+    assert model(x).shape == tokens.shape
+    cfg = model.pretrained_cfg
+    assert cfg["classifier"] + ".weight" in timm.create_model("vim_tiny", **SMALL).state_dict()
+    assert cfg["first_conv"] + ".weight" in state_dict
+
+
+def test_global_pool_options():
+    model = small_model(global_pool="avg", num_classes=0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    tokens = model.forward_features(x)
+    patches = torch.cat([tokens[:, :8], tokens[:, 9:]], dim=1)  # class token sits at 16 // 2
+    torch.testing.assert_close(model(x), patches.mean(1))
+    model.reset_classifier(5, "token")
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, 8])
+    with pytest.raises(ValueError, match="class token"):
+        small_model(class_token=False)
+
+
+@pytest.mark.parametrize("name", ["vim_tiny", "vim_tiny_stride8"])
+def test_model_forward_intermediates(name):
+    model = small_model(name).eval()
+    info = FeatureInfo(model.feature_info, range(len(model.feature_info)))
+    x = torch.randn(2, 3, 64, 64)
+    final, feats = model.forward_intermediates(x)
+    assert len(feats) == len(info.channels()) == 4
+    for c, r, f in zip(info.channels(), info.reduction(), feats):
+        assert f.shape[:2] == (2, c)
+        assert f.shape[2] <= math.ceil(64 / r) + 1 and f.shape[3] <= math.ceil(64 / r) + 1
+    torch.testing.assert_close(final, model.forward_features(x))
+    # NLC tokens, prefix tokens, norm, and pruning leave the same numbers
+    nlc = model.forward_intermediates(x, indices=[1], output_fmt="NLC", intermediates_only=True)[0]
+    torch.testing.assert_close(nlc.transpose(1, 2).reshape(feats[1].shape), feats[1])
+    (_, cls), = model.forward_intermediates(x, indices=[3], return_prefix_tokens=True, norm=True,
+                                            intermediates_only=True)
+    torch.testing.assert_close(cls[:, 0], final[:, (final.shape[1] - 1) // 2])
+    taken = model.prune_intermediate_layers([0, 2], prune_norm=True)
+    assert taken == [0, 2] and len(model.blocks) == 3
+    pruned = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+    torch.testing.assert_close(pruned[1], feats[2])
+
+
+def test_model_forward_features_only():
+    model = timm.create_model("vim_tiny", features_only=True, depth=8, embed_dim=64, img_size=64).eval()
+    assert model.feature_info.channels() == [64] * 4
+    assert model.feature_info.reduction() == [16] * 4
+    outs = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(o.shape) for o in outs] == [(2, 64, 4, 4)] * 4
+    full = timm.create_model("vim_tiny", features_only=True)
+    assert [i["module"] for i in full.feature_info.get_dicts()] == [f"blocks.{i}" for i in (5, 11, 17, 23)]
+    seg = timm.create_model("vim_tiny_stride8", features_only=True, out_indices=(1, 3), class_token=False,
+                            global_pool="avg", dynamic_img_size=True, **SMALL)
+    outs = seg(torch.randn(1, 3, 80, 48))
+    assert [tuple(o.shape) for o in outs] == [(1, 64, 9, 5)] * 2
+
+
+def test_model_forward_fx():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        _, eval_nodes = get_graph_node_names(model)
+        fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]])
+        out = tuple(fx_model(x).values())[0]
+    assert torch.equal(out, expected)
+
+
+def test_dynamic_img_size_and_errors():
+    model = small_model(dynamic_img_size=True).eval()
+    out = model(torch.randn(1, 3, 96, 48))
+    assert out.shape == (1, 1000)
+    fixed = small_model().eval()
+    with pytest.raises(ValueError, match="dynamic_img_size=True"):
+        fixed(torch.randn(1, 3, 96, 64))
+    with pytest.raises(ValueError, match="in_chans=1"):
+        fixed(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="does not tile"):
+        model(torch.randn(1, 3, 70, 64))
+    padded = small_model(dynamic_img_size=True, dynamic_img_pad=True).eval()
+    assert padded.forward_intermediates(torch.randn(1, 3, 70, 64), intermediates_only=True)[0].shape[-2:] == (5, 4)
+    one_channel = small_model(in_chans=1).eval()
+    assert one_channel(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
+
+
+def test_set_input_size_resamples_pos_embed():
+    model = small_model().eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = model(x)
+    model.set_input_size(96)
+    assert model.pos_embed.shape == (1, 36 + 1, 64)
+    assert model(torch.randn(1, 3, 96, 96)).shape == before.shape
+
+
+def test_grad_checkpointing_same_result():
+    model = small_model(num_classes=3).train()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    ref.sum().backward()
+    g_ref = model.patch_embed.proj.weight.grad.clone()
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(model.patch_embed.proj.weight.grad, g_ref)
+
+
+def test_no_weight_decay_and_param_groups():
+    model = small_model()
+    nwd = model.no_weight_decay()
+    assert {"pos_embed", "cls_token", "blocks.0.mixer.A_log", "blocks.3.mixer.D_b"} <= nwd
+    groups = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05).param_groups
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    params = dict(model.named_parameters())
+    for name in ("pos_embed", "cls_token", "blocks.1.mixer.A_b_log", "blocks.1.mixer.D", "norm.weight",
+                 "blocks.1.mixer.conv1d.bias"):
+        assert id(params[name]) in no_decay, name
+    assert id(params["blocks.1.mixer.in_proj.weight"]) not in no_decay
+    layer_groups = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.9).param_groups
+    scales = sorted({g["lr_scale"] for g in layer_groups})
+    assert len(scales) == len(model.blocks) + 2  # stem, each block, final norm/head
+
+
+def test_half_precision_model_runs():
+    model = small_model().eval().to(torch.bfloat16)
+    out = model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_pretrained_in_chans_and_num_classes(tmp_path):
+    """timm's load path adapts the first conv to in_chans and drops a classifier of another size."""
+    src = small_model()
+    path = tmp_path / "w.pth"
+    torch.save({"model": src.state_dict()}, path)
+    model = small_model(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), in_chans=1, num_classes=5)
+    torch.testing.assert_close(model.blocks[2].mixer.A_log, src.blocks[2].mixer.A_log)
+    assert model.patch_embed.proj.weight.shape[1] == 1 and model.head.out_features == 5
