@@ -190,16 +190,19 @@ def build_model(
 ) -> nn.Module:
     """A timm model (``vim_*`` registered by ``import vim``) in eval mode, on the CPU.
 
-    ``dynamic_img_size`` builds it for inputs of any size (``dynamic_img_size`` and
-    ``dynamic_img_pad``). ``img_size`` builds the model at that resolution (position embedding of that grid; a checkpoint
-    trained at another size is interpolated on load). Models without an ``img_size`` argument
-    (CNNs) take any size anyway and are built without it."""
+    ``img_size`` builds the model at that resolution (position embedding of that grid; a
+    checkpoint trained at another size is interpolated on load). ``dynamic_img_size`` builds it for
+    inputs of any size (``dynamic_img_size`` and ``dynamic_img_pad``). Models without an
+    ``img_size`` argument (CNNs) take any size anyway and are built without it."""
     import timm
 
     import vim  # noqa: F401  (registers the vim_* models)
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:10]
+        import difflib
+
+        close = timm.list_models(f"*{name}*")[:5] \
+            or difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.7)
         hint = f" Similar names: {', '.join(close)}." if close else " See timm.list_models()."
         raise ValueError(f"unknown model {name!r}.{hint}")
     kwargs = dict(model_kwargs or {})
@@ -342,12 +345,17 @@ def extract(model: nn.Module, x: torch.Tensor, layers: Optional[Sequence[int]] =
     be absolute and sorted: see :func:`resolve_layers`)."""
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     if layers:
-        maps = model.forward_intermediates(x, indices=list(layers), norm=norm, output_fmt="NCHW",
-                                           intermediates_only=True)
+        # one pass for both: without intermediates_only the final normed tokens (what
+        # forward_features returns) come back too
+        result = model.forward_intermediates(x, indices=list(layers), norm=norm, output_fmt="NCHW",
+                                             intermediates_only=not pooled)
+        final, maps = result if pooled else (None, result)
         for i, m in zip(layers, maps):
             out[f"layer{i}"] = m
+    else:
+        final = model.forward_features(x)
     if pooled:
-        out["pre_logits"] = model.forward_head(model.forward_features(x), pre_logits=True)
+        out["pre_logits"] = model.forward_head(final, pre_logits=True)
     return out
 
 

@@ -1,0 +1,519 @@
+#!/usr/bin/env python
+"""Throughput and peak memory of registered models against timm baselines, across resolutions.
+
+    python tools/benchmark.py                                    # vim_{tiny,small,base} vs deit_*, GPU
+    python tools/benchmark.py --models vim_tiny --baselines deit_tiny_patch16_224 \
+        --resolutions 224 512 1024 1248 2048 --modes infer train --out-dir bench/
+    python tools/benchmark.py --device cpu --models vim_tiny --baselines deit_tiny_patch16_224 \
+        --resolutions 32 --batch-size 2 --model-kwargs depth=2 --baseline-kwargs depth=2   # anywhere
+
+Each case (model, resolution, mode) builds the model at that ``img_size`` (position embedding of
+that grid, for ours and the baseline alike), draws fresh random images before every timed step,
+and reports the median step time after warm-up (CUDA events on GPU, as ``triton.testing.do_bench``)
+as images/s, with the peak of ``torch.cuda.max_memory_allocated`` (reset per case). ``infer`` is
+a forward under ``torch.inference_mode``; ``train`` is forward + cross-entropy + backward + AdamW
+step. bf16 autocast by default on GPU (``--dtype``). Batch sizes: ``--batch-size`` (one value,
+or one per resolution) or found per case by doubling until out of memory, ``--max-batch-size`` or
+a step longer than ``--max-step-ms``, then backing off; a model and its baseline are timed at
+the smaller of their two batch sizes so that their ratio compares like with like.
+
+Writes ``benchmark.json`` (after every case, so an interrupted run keeps what it measured),
+``throughput.png`` and ``memory.png`` to ``--out-dir``, and prints a table with ours / baseline
+ratios. Exit status 1 when a case failed with an error other than running out of memory.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from vim import inference as inf  # noqa: E402  (also registers the vim_* models)
+
+DEFAULT_MODELS = ["vim_tiny", "vim_small", "vim_base"]
+DEFAULT_BASELINES = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+GPU_RESOLUTIONS = [224, 384, 512, 768, 1024, 1248, 1536, 2048]
+CPU_RESOLUTIONS = [32, 64]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="our models (any registered timm name)")
+    p.add_argument("--baselines", nargs="*", default=DEFAULT_BASELINES,
+                   help="baselines, paired with --models in order for the ratios (none: no baselines)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None,
+                   help=f"square input sizes (default GPU {GPU_RESOLUTIONS}, CPU {CPU_RESOLUTIONS})")
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--batch-size", type=int, nargs="+", default=None,
+                   help="one batch size for all resolutions or one per resolution; default: search")
+    p.add_argument("--max-batch-size", type=int, default=None, help="search limit (default GPU 256, CPU 8)")
+    p.add_argument("--max-step-ms", type=float, default=None,
+                   help="search stops doubling once a step takes this long (default GPU 400, CPU 2000)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *inf.DTYPES],
+                   help="autocast dtype; auto = bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (batch search runs eager)")
+    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="timm.create_model overrides for --models (e.g. depth=2 for a smoke test)")
+    p.add_argument("--baseline-kwargs", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="timm.create_model overrides for --baselines")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, cpu")
+    p.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per case (default GPU 200, CPU 0)")
+    p.add_argument("--rep-ms", type=float, default=None, help="timed time per case (default GPU 1000, CPU 0)")
+    p.add_argument("--min-reps", type=int, default=None, help="fewest timed steps (default GPU 10, CPU 3)")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="stop starting new cases after this many seconds (they are recorded as skipped); "
+                        "the table, JSON and plots still cover what was measured")
+    p.add_argument("--out-dir", default="benchmark_results", help="where benchmark.json and the PNGs go")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# one measured case
+
+
+@dataclass
+class Case:
+    model: str
+    role: str  # "model" or "baseline"
+    mode: str
+    resolution: int
+    batch_size: Optional[int] = None
+    batch_source: str = ""  # "given", "search"
+    status: str = "pending"  # ok, oom, error, skipped
+    ms: Optional[float] = None  # median step time
+    img_s: Optional[float] = None
+    peak_gib: Optional[float] = None
+    reps: int = 0
+    group: int = 0  # cases of one group (a model and its baseline) share batch sizes
+    params_m: Optional[float] = None
+    message: str = ""
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free_memory(device: torch.device, compiled: bool = False) -> None:
+    if compiled:
+        torch._dynamo.reset()  # compiled graphs hold the model's parameters
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def build(name: str, resolution: int, kwargs: Dict[str, Any], num_classes: int, device: torch.device) -> nn.Module:
+    import timm
+
+    def create():
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=resolution,
+                                     **kwargs)
+        except TypeError as e:  # CNNs take any input size and have no img_size argument
+            if "img_size" not in str(e) or "img_size" in kwargs:
+                raise
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+    if device.type == "cuda":
+        # initialising on the GPU is much faster than on the CPU for the base models
+        try:
+            with torch.device(device):
+                return create()
+        except Exception as e:  # noqa: BLE001  (an init that cannot run on the GPU: build on CPU)
+            if _is_oom(e):
+                raise
+    return create().to(device)
+
+
+class Step:
+    """One benchmark step on fresh random data: ``refresh()`` redraws the batch (outside the
+    timed region), ``__call__`` runs the forward (infer) or forward + backward + AdamW (train)."""
+
+    def __init__(self, model: nn.Module, mode: str, batch: int, resolution: int, num_classes: int,
+                 device: torch.device, dtype: torch.dtype, compile: bool = False):
+        self.mode, self.device, self.dtype = mode, device, dtype
+        self.model = model.train(mode == "train")
+        self.fn = torch.compile(model) if compile else model
+        in_chans = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", None) \
+            or model.pretrained_cfg.get("input_size", (3,))[0]
+        self.x = torch.empty(batch, in_chans, resolution, resolution, device=device)
+        self.y = torch.empty(batch, dtype=torch.long, device=device)
+        self.num_classes = max(num_classes, 1)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") \
+            if mode == "train" else None
+
+    def refresh(self) -> None:
+        self.x.normal_()
+        self.y.random_(0, self.num_classes)
+
+    def __call__(self) -> None:
+        with inf.autocast(self.device, self.dtype):
+            if self.mode == "infer":
+                with torch.inference_mode():
+                    self.fn(self.x)
+                return
+            loss = F.cross_entropy(self.fn(self.x).float(), self.y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def time_step(step: Step, warmup_ms: float, rep_ms: float, min_reps: int, max_reps: int = 200) -> List[float]:
+    """Per-step milliseconds, ``do_bench`` style: two warm-up steps, an estimate, warm-up for
+    ``warmup_ms``, then ``max(min_reps, rep_ms / estimate)`` steps timed one by one (CUDA events on
+    GPU), each on a freshly drawn batch."""
+    cuda = step.device.type == "cuda"
+
+    def timed(n: int) -> List[float]:
+        if cuda:
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            for s, e in zip(starts, ends):
+                step.refresh()
+                s.record()
+                step()
+                e.record()
+            torch.cuda.synchronize(step.device)
+            return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        out = []
+        for _ in range(n):
+            step.refresh()
+            t0 = time.perf_counter()
+            step()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    timed(2)  # first calls: allocation, autotuning, compilation
+    estimate = statistics.median(timed(3 if cuda else 1))
+    if warmup_ms > 0:
+        timed(max(0, int(warmup_ms / max(estimate, 1e-3))))
+    n = int(min(max_reps, max(min_reps, rep_ms / max(estimate, 1e-3))))
+    return timed(n)
+
+
+def try_batch(model: nn.Module, mode: str, resolution: int, batch: int, args, device, dtype) -> Tuple[bool, float]:
+    """Does a step at ``batch`` fit? Returns (fits, ms of a step after the first). Data, optimizer
+    state and gradients live only inside this call, so an OOM frees everything once it returns."""
+    ok, ms, step = True, float("inf"), None
+    try:
+        step = Step(model, mode, batch, resolution, args.num_classes, device, dtype)
+        step.refresh()
+        step()  # allocates optimizer state
+        ms = _two_steps(step)[-1]
+    except Exception as e:  # noqa: BLE001  (anything but OOM is re-raised)
+        if not _is_oom(e):
+            raise
+        ok = False
+    finally:
+        step = None
+        for p in model.parameters():
+            p.grad = None
+        free_memory(device)
+    return ok, ms
+
+
+def _two_steps(step: Step) -> List[float]:
+    out = []
+    for _ in range(2):
+        step.refresh()
+        if step.device.type == "cuda":
+            torch.cuda.synchronize(step.device)
+        t0 = time.perf_counter()
+        step()
+        if step.device.type == "cuda":
+            torch.cuda.synchronize(step.device)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def search_batch(name, kwargs, mode, resolution, args, device, dtype) -> Optional[int]:
+    """Largest power-of-two batch that fits, starting from a guess scaled by the token count
+    (fewer trial steps), doubling until OOM, ``--max-batch-size`` or ``--max-step-ms``, halving
+    when the guess itself does not fit. None when batch 1 does not fit (or the model itself)."""
+    limit = args.max_batch_size
+    guess = limit * (224 / resolution) ** 2 if device.type == "cuda" else 1
+    batch = max(1, min(limit, 2 ** int(math.log2(max(guess, 1)))))
+    model = None
+    try:
+        model = build(name, resolution, kwargs, args.num_classes, device)
+        fits, ms = try_batch(model, mode, resolution, batch, args, device, dtype)
+        while not fits:
+            if batch == 1:
+                return None
+            batch //= 2
+            fits, ms = try_batch(model, mode, resolution, batch, args, device, dtype)
+        while batch * 2 <= limit and ms < args.max_step_ms:
+            fits, ms = try_batch(model, mode, resolution, batch * 2, args, device, dtype)
+            if not fits:
+                break  # back off to the last batch that fitted
+            batch *= 2
+        return batch
+    except Exception as e:  # noqa: BLE001
+        if not _is_oom(e):
+            raise
+        return None
+    finally:
+        model = None
+        free_memory(device)
+
+
+def measure(case: Case, kwargs, args, device, dtype) -> Case:
+    """Time ``case`` at ``case.batch_size``; an OOM is recorded as such, not raised."""
+    free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = step = None
+    try:
+        model = build(case.model, case.resolution, kwargs, args.num_classes, device)
+        case.params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        step = Step(model, case.mode, case.batch_size, case.resolution, args.num_classes, device, dtype,
+                    compile=args.compile)
+        times = time_step(step, args.warmup_ms, args.rep_ms, args.min_reps)
+        case.ms = statistics.median(times)
+        case.reps = len(times)
+        case.img_s = case.batch_size / case.ms * 1e3
+        case.status = "ok"
+        if device.type == "cuda":
+            case.peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    except Exception as e:  # noqa: BLE001  (reported per case, the run goes on)
+        if _is_oom(e):
+            case.status, case.message = "oom", f"out of memory at batch {case.batch_size}"
+        else:
+            case.status, case.message = "error", f"{type(e).__name__}: {e}"
+    finally:
+        model = step = None  # noqa: F841
+        free_memory(device, compiled=args.compile)
+    return case
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def ratios(cases: Sequence[Case], pairs: Sequence[Tuple[str, str]]) -> List[Dict[str, Any]]:
+    """ours / baseline at the same resolution, batch and mode: speed (img/s) and peak memory."""
+    index = {(c.model, c.mode, c.resolution, c.batch_size): c for c in cases if c.status == "ok"}
+    out = []
+    for ours, base in pairs:
+        for c in cases:
+            if c.model != ours or c.role != "model" or c.status != "ok":
+                continue
+            b = index.get((base, c.mode, c.resolution, c.batch_size))
+            if b is None:
+                continue
+            out.append({"model": ours, "baseline": base, "mode": c.mode, "resolution": c.resolution,
+                        "batch_size": c.batch_size, "speed": c.img_s / b.img_s,
+                        "memory": (c.peak_gib / b.peak_gib) if c.peak_gib and b.peak_gib else None})
+    return out
+
+
+def environment(device: torch.device, dtype: torch.dtype, args) -> Dict[str, Any]:
+    import timm
+
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "device_type": device.type, "torch": torch.__version__, "timm": timm.__version__,
+           "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""),
+           "compile": args.compile, "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    return env
+
+
+def format_table(cases: Sequence[Case], rat: Sequence[Dict[str, Any]]) -> str:
+    by_key = {(r["model"], r["mode"], r["resolution"], r["batch_size"]): r for r in rat}
+    head = f"{'mode':<6}{'res':>6}{'batch':>7}  {'model':<28}{'img/s':>11}{'ms/step':>10}{'peak GiB':>10}" \
+           f"{'speed x':>9}{'mem x':>7}  status"
+    lines = [head, "-" * len(head)]
+    for c in sorted(cases, key=lambda c: (c.mode, c.resolution, c.group, c.role != "model")):
+        r = by_key.get((c.model, c.mode, c.resolution, c.batch_size)) if c.role == "model" else None
+
+        def fmt(v, f):
+            return format(v, f) if v is not None else "-"
+        lines.append(
+            f"{c.mode:<6}{c.resolution:>6}{fmt(c.batch_size, 'd'):>7}  {c.model:<28}{fmt(c.img_s, ',.1f'):>11}"
+            f"{fmt(c.ms, '.2f'):>10}{fmt(c.peak_gib, '.3f'):>10}"
+            f"{fmt(r and r['speed'], '.3f'):>9}{fmt(r and r['memory'], '.2f'):>7}  "
+            f"{c.status}{(' ' + c.message) if c.message else ''}")
+    if rat:
+        lines.append("speed x / mem x: ours / baseline at the same mode, resolution and batch "
+                     "(speed > 1: ours faster; mem < 1: ours smaller)")
+    return "\n".join(lines)
+
+
+def plot(cases: Sequence[Case], out_dir: Path, env: Dict[str, Any]) -> List[Path]:
+    """throughput.png and memory.png: against resolution, one panel per mode, a colour per model
+    pair (solid: ours, dashed: baseline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({c.mode for c in cases})
+    names = list(dict.fromkeys(c.model for c in cases))
+    colours = {}
+    for c in cases:  # a model and its baseline share a colour: they are measured as a group
+        colours.setdefault(c.group, f"C{len(colours) % 10}")
+    res = sorted({c.resolution for c in cases})
+    written = []
+    for metric, ylabel, fname in (("img_s", "images / s", "throughput.png"),
+                                  ("peak_gib", "peak memory (GiB)", "memory.png")):
+        fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            plotted = False
+            for name in names:
+                pts = sorted((c.resolution, getattr(c, metric), c) for c in cases
+                             if c.model == name and c.mode == mode and c.status == "ok"
+                             and getattr(c, metric) is not None)
+                if not pts:
+                    continue
+                role, group = pts[0][2].role, pts[0][2].group
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[group],
+                        linestyle="-" if role == "model" else "--", label=name)
+                plotted = True
+            if plotted:
+                ax.set_yscale("log")
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(res, [str(r) for r in res])
+                ax.minorticks_off()
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no data" + (" (no peak-memory counter on CPU)" if metric == "peak_gib" else ""),
+                        ha="center", transform=ax.transAxes)
+            ax.set_xlabel("resolution (px)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{mode}: {ylabel}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+        fig.suptitle(f"{env['device']} | {env['dtype']}{' | compile' if env.get('compile') else ''}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device = inf.resolve_device(args.device)
+        dtype = inf.resolve_dtype(args.dtype, device)
+        model_kwargs = inf.parse_kwargs(args.model_kwargs)
+        baseline_kwargs = inf.parse_kwargs(args.baseline_kwargs)
+        import timm
+
+        for name in [*args.models, *args.baselines]:
+            if not timm.is_model(name):
+                raise ValueError(f"unknown model {name!r} (timm.list_models() lists the registered ones)")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cuda = device.type == "cuda"
+    resolutions = args.resolutions or (GPU_RESOLUTIONS if cuda else CPU_RESOLUTIONS)
+    if args.batch_size and len(args.batch_size) not in (1, len(resolutions)):
+        print(f"error: --batch-size takes one value or one per resolution ({len(resolutions)})", file=sys.stderr)
+        return 2
+    given = dict(zip(resolutions, args.batch_size * len(resolutions) if args.batch_size and len(args.batch_size) == 1
+                     else args.batch_size or []))
+    args.max_batch_size = args.max_batch_size or (256 if cuda else 8)
+    args.max_step_ms = args.max_step_ms if args.max_step_ms is not None else (400.0 if cuda else 2000.0)
+    args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (200.0 if cuda else 0.0)
+    args.rep_ms = args.rep_ms if args.rep_ms is not None else (1000.0 if cuda else 0.0)
+    args.min_reps = args.min_reps if args.min_reps is not None else (10 if cuda else 3)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    pairs = list(zip(args.models, args.baselines))
+    # groups timed at one shared batch size: a model with its baseline, or a model alone
+    groups: List[List[Tuple[str, str, Dict[str, Any]]]] = [
+        [(m, "model", model_kwargs), (b, "baseline", baseline_kwargs)] for m, b in pairs]
+    groups += [[(m, "model", model_kwargs)] for m in args.models[len(pairs):]]
+    groups += [[(b, "baseline", baseline_kwargs)] for b in args.baselines[len(pairs):]]
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment(device, dtype, args)
+    print(f"# {env['device']} | torch {env['torch']} | timm {env['timm']} | triton {env['triton']} | "
+          f"{env['dtype']}{' | compile' if args.compile else ''}", flush=True)
+    cases: List[Case] = []
+
+    def save():
+        doc = {"environment": env, "args": {k: v for k, v in vars(args).items()},
+               "cases": [asdict(c) for c in cases], "ratios": ratios(cases, pairs)}
+        (out_dir / "benchmark.json").write_text(json.dumps(doc, indent=1))
+
+    t_start = time.monotonic()
+    for gi, group in enumerate(groups):
+        for resolution in resolutions:
+            for mode in args.modes:
+                if args.time_limit_s is not None and time.monotonic() - t_start > args.time_limit_s:
+                    for name, role, _ in group:
+                        cases.append(Case(name, role, mode, resolution, status="skipped",
+                                          message="--time-limit-s reached", group=gi))
+                    continue
+                failure = ""
+                if resolution in given:
+                    batch, source = given[resolution], "given"
+                else:
+                    source = "search"
+                    try:
+                        found = [search_batch(n, kw, mode, resolution, args, device, dtype) for n, _, kw in group]
+                        batch = min((b for b in found if b), default=None)
+                    except Exception as e:  # noqa: BLE001  (reported per case, the run goes on)
+                        batch, failure = None, f"batch search failed: {type(e).__name__}: {e}"
+                        free_memory(device)
+                for name, role, kw in group:
+                    case = Case(name, role, mode, resolution, batch, source, group=gi)
+                    if failure:
+                        case.status, case.message = "error", failure
+                    elif batch is None:
+                        case.status, case.message = "oom", "batch 1 does not fit"
+                    else:
+                        measure(case, kw, args, device, dtype)
+                    cases.append(case)
+                    peak = f", {case.peak_gib:.3f} GiB" if case.peak_gib is not None else ""
+                    speed = f"{case.img_s:,.1f} img/s" if case.img_s else case.status
+                    print(f"{mode:<6}{resolution:>6} bs {batch}: {name}: {speed}{peak} {case.message}".rstrip(),
+                          flush=True)
+                    save()
+
+    rat = ratios(cases, pairs)
+    print()
+    print(format_table(cases, rat))
+    save()
+    written = [out_dir / "benchmark.json"]
+    if not args.no_plot:
+        try:
+            written += plot(cases, out_dir, env)
+        except ImportError:
+            print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+    print(f"wrote {', '.join(map(str, written))}")
+    errors = [c for c in cases if c.status == "error"]
+    for c in errors:
+        print(f"error in {c.model} {c.mode} {c.resolution}: {c.message}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
