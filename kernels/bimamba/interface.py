@@ -8,6 +8,12 @@ import torch
 from ..selective_scan.interface import resolve_backend
 from .naive import DirectionParams, bimamba_v2_ref
 
+try:  # registers the custom ops at import time, before any torch.compile trace reaches them
+    from .triton_bimamba import bimamba_v2_triton
+except ImportError as err:  # no triton on this platform: the reference backend still works
+    bimamba_v2_triton = None
+    _TRITON_ERROR = err
+
 
 def bimamba_v2_fn(x: torch.Tensor, z: torch.Tensor, fwd: DirectionParams, bwd: DirectionParams,
                   backend: Optional[str] = None) -> torch.Tensor:
@@ -16,4 +22,6 @@ def bimamba_v2_fn(x: torch.Tensor, z: torch.Tensor, fwd: DirectionParams, bwd: D
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         return bimamba_v2_ref(x, z, fwd, bwd)
-    raise NotImplementedError("the fused Triton bimamba backend is not built yet")
+    if bimamba_v2_triton is None:
+        raise RuntimeError(f"backend='triton' needs triton ({_TRITON_ERROR}); use backend='reference'")
+    return bimamba_v2_triton(x, z, fwd, bwd)

@@ -29,4 +29,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if backend == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state, reverse)
-    raise NotImplementedError("the Triton selective-scan backend is not built yet")
+    from .triton_scan import selective_scan_triton  # imports triton only when asked for
+
+    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 return_last_state, reverse)

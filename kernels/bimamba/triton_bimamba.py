@@ -1,0 +1,228 @@
+"""Fused bidirectional Vim v2 mixer core: one autograd function, no flips.
+
+Per direction: depthwise conv + SiLU (Triton; anti-causal for the backward direction), x_proj and
+dt_proj as matmuls (cuBLAS through torch), then the fused selective scan with softplus(delta + bias),
+D and the silu(z) gate in-kernel. The second direction's scan adds its half into the first's output
+(``out = y_f / 2 + y_b / 2``), so no separate average pass or flipped copy exists. Only x, z, the
+small x_proj outputs and per-chunk scan summaries are kept for backward; the conv outputs and delta
+are recomputed there.
+
+The forward and backward are registered as torch custom ops (``vim_kernels::bimamba_v2_fwd`` / ``_bwd``)
+with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces a model
+that calls them without graph breaks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..selective_scan import triton_scan
+from .naive import DirectionParams, depthwise_conv_silu_ref
+
+
+@triton.jit
+def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
+                      W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
+    pid_l = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    if HAS_BIAS:
+        acc = tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :] + tl.zeros(
+            [BLOCK_L, BLOCK_E], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
+    for k in tl.static_range(W):
+        if REVERSE:
+            src = offs_l + (W - 1 - k)
+        else:
+            src = offs_l - (W - 1) + k
+        m = ((src >= 0) & (src < L))[:, None] & mask_e[None, :]
+        xv = tl.load(x_ptr + pid_b * sx_b + src[:, None] * sx_l + offs_e[None, :] * sx_e, mask=m, other=0.0)
+        wk = tl.load(w_ptr + offs_e * W + k, mask=mask_e, other=0.0).to(tl.float32)
+        acc += xv.to(tl.float32) * wk[None, :]
+    out = acc * tl.sigmoid(acc)
+    m = (offs_l < L)[:, None] & mask_e[None, :]
+    tl.store(out_ptr + pid_b * so_b + offs_l[:, None] * so_l + offs_e[None, :] * so_e,
+             out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool) -> torch.Tensor:
+    """SiLU(depthwise conv over tokens) of x (B, L, E), any strides -> contiguous (B, L, E) in x's dtype."""
+    batch, L, E = x.shape
+    w = weight.reshape(E, -1).contiguous()
+    out = triton_scan._empty((batch, L, E), x.dtype, x.device)
+    BLOCK_L, BLOCK_E = 32, min(128, triton.next_power_of_2(E))
+    grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(E, BLOCK_E), batch)
+    _conv_silu_kernel[grid](x, w, bias if bias is not None else w, out, L, E, *x.stride(), *out.stride(),
+                            W=w.shape[1], BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, HAS_BIAS=bias is not None,
+                            REVERSE=reverse, num_warps=4)
+    return out
+
+
+def _direction_inputs(x, p: DirectionParams, reverse: bool, cdt):
+    """Recomputable pieces of one direction: conv output, x_proj output, delta (pre-bias)."""
+    xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
+    xdbl = F.linear(xc, p.x_proj_weight.to(cdt))
+    return xc, xdbl
+
+
+def _split(xdbl, rank, N):
+    dt = xdbl[..., :rank]
+    Bm = xdbl[..., rank:rank + N].transpose(1, 2)
+    Cm = xdbl[..., rank + N:rank + 2 * N].transpose(1, 2)
+    return dt, Bm, Cm
+
+
+def _none_if_empty(t):
+    return None if t is None or t.numel() == 0 else t
+
+
+def _forward_impl(x, z, flat):
+    """Returns out (B, L, E) and what backward needs: per direction (x_proj output, chunk states, delta sums);
+    absent chunk summaries (one chunk) come back as empty tensors so the op's outputs are all tensors."""
+    fwd, bwd = DirectionParams(*flat[:7]), DirectionParams(*flat[7:])
+    cdt = x.dtype
+    batch, L, E = x.shape
+    out = triton_scan._empty((batch, L, E), cdt, x.device)
+    saved = []
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        for i, (p, reverse) in enumerate(((fwd, False), (bwd, True))):
+            N = p.A_log.shape[1]
+            rank = p.dt_proj_weight.shape[1]
+            xc, xdbl = _direction_inputs(x, p, reverse, cdt)
+            dt, Bm, Cm = _split(xdbl, rank, N)
+            delta = F.linear(dt, p.dt_proj_weight.to(cdt))
+            A = -torch.exp(p.A_log.float())
+            _, _, hloc, S = triton_scan.scan_forward(
+                xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
+                p.dt_proj_bias.float(), True, reverse, out=out.transpose(1, 2), out_scale=0.5,
+                accumulate=(i == 1))
+            # distinct empty tensors: custom-op outputs must not alias each other
+            saved += [xdbl, hloc if hloc is not None else x.new_empty(0, dtype=torch.float32),
+                      S if S is not None else x.new_empty(0, dtype=torch.float32)]
+    return out, saved
+
+
+def _backward_impl(dout, x, z, flat, saved):
+    """Gradients of x, z and the 14 direction parameters (empty tensors for an absent conv bias)."""
+    params = (DirectionParams(*flat[:7]), DirectionParams(*flat[7:]))
+    cdt = x.dtype
+    dy = (dout.to(cdt) * 0.5).transpose(1, 2)   # each direction carries half the output; exact in fp
+    grads = []
+    dx = torch.zeros_like(x, dtype=torch.float32)
+    dz_total = None
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        for i, (p, reverse) in enumerate(zip(params, (False, True))):
+            xdbl, hloc, S = saved[3 * i], _none_if_empty(saved[3 * i + 1]), _none_if_empty(saved[3 * i + 2])
+            N = p.A_log.shape[1]
+            rank = p.dt_proj_weight.shape[1]
+            xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
+            dt, Bm, Cm = _split(xdbl, rank, N)
+            Wdt = p.dt_proj_weight.to(cdt)
+            delta = F.linear(dt, Wdt)
+            A = -torch.exp(p.A_log.float())
+            du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan.scan_backward(
+                dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
+                p.dt_proj_bias.float(), True, reverse, hloc, S)
+            dz_total = dz if dz_total is None else dz_total + dz
+            ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
+            d_dt = ddelta @ Wdt                                                # (B, L, R)
+            dWdt = ddelta.reshape(-1, ddelta.shape[-1]).t() @ dt.reshape(-1, rank)
+            dxdbl = torch.cat([d_dt, dB.transpose(1, 2).to(cdt), dC.transpose(1, 2).to(cdt)], dim=-1)
+            dxc = du.transpose(1, 2).float() + (dxdbl @ p.x_proj_weight.to(cdt)).float()
+            dWx = dxdbl.reshape(-1, dxdbl.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
+            # conv + SiLU backward through autograd of the (cuDNN) reference conv
+            with torch.enable_grad():
+                x_ = x.detach().float().requires_grad_()
+                w_ = p.conv_weight.detach().float().requires_grad_()
+                b_ = p.conv_bias.detach().float().requires_grad_() if p.conv_bias is not None else None
+                xc_ref = depthwise_conv_silu_ref(x_, w_, b_, reverse)
+                ins = [x_, w_] + ([b_] if b_ is not None else [])
+                g = torch.autograd.grad(xc_ref, ins, dxc.transpose(1, 2))
+            dx += g[0]
+            dconv_w = g[1].to(p.conv_weight.dtype)
+            dconv_b = g[2].to(p.conv_bias.dtype) if b_ is not None else x.new_empty(0, dtype=torch.float32)
+            dA_log = (dA.float() * A).to(p.A_log.dtype)                       # dA/dA_log = A
+            grads += [dconv_w, dconv_b, dWx.to(p.x_proj_weight.dtype), dWdt.to(p.dt_proj_weight.dtype),
+                      dbias.to(p.dt_proj_bias.dtype), dA_log, dD.to(p.D.dtype)]
+    return dx.to(x.dtype), dz_total.transpose(1, 2).to(z.dtype), grads
+
+
+# torch custom ops, so torch.compile sees one opaque node per call instead of breaking the graph.
+_PARAM_ARGS = ", ".join(f"Tensor{'?' if k == 1 else ''} {d}{k}" for d in "fb" for k in range(7))
+_lib = torch.library.Library("vim_kernels", "FRAGMENT")
+_lib.define(f"bimamba_v2_fwd(Tensor x, Tensor z, {_PARAM_ARGS}) -> Tensor[]")
+_lib.define(f"bimamba_v2_bwd(Tensor dout, Tensor x, Tensor z, {_PARAM_ARGS}, Tensor[] saved) -> Tensor[]")
+
+
+def _fwd_op(x, z, *flat):
+    out, saved = _forward_impl(x, z, flat)
+    return [out, *saved]
+
+
+def _bwd_op(dout, x, z, *rest):
+    *flat, saved = rest
+    dx, dz, grads = _backward_impl(dout, x, z, flat, saved)
+    return [dx, dz, *grads]
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("bimamba_v2_fwd", _fwd_op, _key)
+    _lib.impl("bimamba_v2_bwd", _bwd_op, _key)
+
+
+@torch.library.register_fake("vim_kernels::bimamba_v2_fwd")
+def _fwd_fake(x, z, *flat):
+    batch, L, E = x.shape
+    outs = [x.new_empty((batch, L, E))]
+    for p in (DirectionParams(*flat[:7]), DirectionParams(*flat[7:])):
+        N = p.A_log.shape[1]
+        outs.append(x.new_empty((batch, L, p.x_proj_weight.shape[0])))
+        _, _, _, nc, _ = triton_scan._plan(batch, E, L, 1)
+        if nc > 1:
+            outs += [x.new_empty((batch, nc, E, N), dtype=torch.float32),
+                     x.new_empty((batch, nc, E), dtype=torch.float32)]
+        else:
+            outs += [x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)]
+    return outs
+
+
+@torch.library.register_fake("vim_kernels::bimamba_v2_bwd")
+def _bwd_fake(dout, x, z, *rest):
+    *flat, saved = rest
+    return [torch.empty_like(x), torch.empty_like(z)] + [
+        torch.empty_like(p) if p is not None else x.new_empty(0, dtype=torch.float32) for p in flat]
+
+
+def _setup_context(ctx, inputs, output):
+    x, z, *flat = inputs
+    ctx.save_for_backward(x, z, *flat, *output[1:])
+    ctx.has_bias = (flat[1] is not None, flat[8] is not None)
+
+
+def _autograd_backward(ctx, grads):
+    x, z, *rest = ctx.saved_tensors
+    flat, saved = list(rest[:14]), list(rest[14:])
+    res = torch.ops.vim_kernels.bimamba_v2_bwd(grads[0].contiguous(), x, z, *flat, saved)
+    dx, dz, *pg = res
+    for i in (1, 8):
+        if not ctx.has_bias[i // 8]:
+            pg[i] = None
+    return (dx, dz, *pg)
+
+
+torch.library.register_autograd("vim_kernels::bimamba_v2_fwd", _autograd_backward, setup_context=_setup_context)
+
+
+def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams) -> torch.Tensor:
+    if x.dim() != 3 or z.shape != x.shape:
+        raise ValueError(f"x and z must both be (B, L, E); got {tuple(x.shape)} and {tuple(z.shape)}")
+    if z.dtype != x.dtype:
+        raise ValueError(f"x and z must share a dtype; got {x.dtype} and {z.dtype}")
+    return torch.ops.vim_kernels.bimamba_v2_fwd(x, z, *fwd, *bwd)[0]

@@ -1,0 +1,663 @@
+"""Fused Triton selective scan (forward and backward) behind one autograd function.
+
+Layout of the work: one program owns ``BLOCK_D`` channels x ``N`` states of one batch row and walks
+one chunk of the sequence token by token with the state in registers, loads of ``UNROLL`` tokens
+issued together so their latencies overlap. Long sequences are split into chunks so that enough
+programs exist; a first pass stores each chunk's local end state and delta sum, and each program of
+the main pass folds the earlier chunks' summaries into its initial state (a few [BLOCK_D, N] loads).
+
+Everything runs in "scan positions" p = 0..L-1; token t = p, or L-1-p when ``reverse``: the reverse
+scan reads the tensors backwards in place, no flipped copies.
+
+Backward without storing per-token states. With a_t = exp(delta_t A), b_t = delta_t u_t B_t and the
+adjoint g_t = dL/dh_t = dyp_t C_t + a_{t+1} g_{t+1}, the gradient of the log-decay w_t = delta_t A is
+``dw_t = g_t a_t h_{t-1} = RX_t - RY_t`` with reverse cumulative sums of X_t = dyp_t C_t h_t and
+Y_t = g_t b_t (the identity used by flash-linear-attention's GLA kernels). X needs only forward
+states and Y only adjoints, so one forward walk (dz, dC, dD, X sums) and one reverse walk (du, dB,
+ddelta, Y sums) cover every gradient; the walks meet through one float32 (B, L, D) buffer
+``F_t = sum_n A_n sum_{p'<p} X_p'`` and per-chunk sums.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Tuning knobs, read at launch; tools/benchmark_kernels.py sweeps them.
+# Defaults: the fastest combination measured on an H100 (docs/kernels.md, run 3).
+CONFIG = dict(BLOCK_D=16, UNROLL=8, NUM_WARPS=1, BLOCK_D_BWD=32, UNROLL_BWD=4, NUM_WARPS_BWD=1,
+              TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
+# Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
+# output buffers (to catch elements the kernels never write).
+CHUNK_OVERRIDE: Optional[int] = None
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
+               su_l, sd_l, sz_l, sB_l, sC_l, bias,
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Inputs of one token. Returns u, delta (processed; 0 where invalid so the step is a no-op),
+    the pre-softplus value, z, B, C (float32)."""
+    md = mask_d & ok
+    mn = mask_n & ok
+    u = tl.load(u_ptrs + t * su_l, mask=md, other=0.0).to(tl.float32)
+    raw = tl.load(dl_ptrs + t * sd_l, mask=md, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias
+    if SOFTPLUS:
+        dl = _softplus(raw)
+    else:
+        dl = raw
+    dl = tl.where(md, dl, 0.0)
+    if HAS_Z:
+        z = tl.load(z_ptrs + t * sz_l, mask=md, other=0.0).to(tl.float32)
+    else:
+        z = u
+    Bv = tl.load(B_ptrs + t * sB_l, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptrs + t * sC_l, mask=mn, other=0.0).to(tl.float32)
+    return u, dl, raw, z, Bv, Cv
+
+
+@triton.jit
+def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mask_d, Dm, NC, N,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """State entering chunk pid_c: fold the local end states of chunks 0..pid_c-1.
+    hloc: (B, NC, D, N) float32; S: (B, NC, D) float32 sum of delta over each chunk."""
+    h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for j in range(0, pid_c):
+        base = (pid_b * NC + j).to(tl.int64)
+        hl = tl.load(hloc_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], mask=mask2, other=0.0)
+        s = tl.load(S_ptr + base * Dm + offs_d, mask=mask_d, other=0.0)
+        h = tl.exp2(A2 * s[None, :]) * h + hl
+    return h
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hloc_ptr, S_ptr, last_ptr,
+    Dm, L, N, T, NC, CPG, out_scale,
+    su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, STATE_PASS: tl.constexpr, ACCUM: tl.constexpr, STORE_LAST: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    mask2 = mask_d[None, :] & mask_n[:, None]
+    A2 = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32) * 1.4426950408889634
+    group = (pid_d * BLOCK_D) // CPG
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
+    dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
+    z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
+    o_ptrs = out_ptr + pid_b * so_b + offs_d * so_d
+    B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
+    C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+
+    if STATE_PASS:
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    else:
+        h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mask_d, Dm, NC, N,
+                           BLOCK_D, BLOCK_N)
+    ssum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    p_start = pid_c * T
+    p_end = tl.minimum(p_start + T, L)
+    rows = tl.arange(0, UNROLL)
+    for p0 in range(p_start, p_end, UNROLL):
+        # Outputs of the group are collected and written after it: a store between two tokens' loads
+        # would keep the compiler from issuing the group's loads together (it cannot rule out aliasing).
+        y_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(UNROLL):
+            p = p0 + j
+            ok = p < p_end
+            if REVERSE:
+                t = L - 1 - p
+            else:
+                t = p
+            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
+                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
+            h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bv[:, None]
+            if STATE_PASS:
+                ssum += dl
+            else:
+                y = tl.sum(h * Cv[:, None], axis=0)
+                if HAS_D:
+                    y += Dv * u
+                if HAS_Z:
+                    y = y * z * tl.sigmoid(z)
+                y_tile = tl.where(rows[:, None] == j, y[None, :], y_tile)
+        if not STATE_PASS:
+            pp = p0 + rows
+            if REVERSE:
+                tt = L - 1 - pp
+            else:
+                tt = pp
+            m = (pp < p_end)[:, None] & mask_d[None, :]
+            optr = o_ptrs[None, :] + tt[:, None] * so_l
+            y_tile = y_tile * out_scale
+            if ACCUM:
+                y_tile += tl.load(optr, mask=m, other=0.0).to(tl.float32)
+            tl.store(optr, y_tile.to(out_ptr.dtype.element_ty), mask=m)
+    if STATE_PASS:
+        base = (pid_b * NC + pid_c).to(tl.int64)
+        tl.store(hloc_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], h, mask=mask2)
+        tl.store(S_ptr + base * Dm + offs_d, ssum, mask=mask_d)
+    if STORE_LAST:
+        if pid_c == NC - 1:
+            tl.store(last_ptr + (pid_b * Dm + offs_d[None, :]) * N + offs_n[:, None], h, mask=mask2)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_adjoint_state_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, gout_ptr, tyloc_ptr,
+    Dm, L, N, T, NC, CPG,
+    su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """Per chunk, the adjoint walked from zero at the chunk's end: stores a_s*g_s at the chunk's first
+    position (Gout) and sum_t g_t*b_t (TYloc), both (B, NC, D, N) float32."""
+    pid_d = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    mask2 = mask_d[None, :] & mask_n[:, None]
+    A2 = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32) * 1.4426950408889634
+    group = (pid_d * BLOCK_D) // CPG
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
+    dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
+    z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
+    g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
+    B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
+    C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+    gnext = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    ty = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    p_start = pid_c * T
+    p_end = tl.minimum(p_start + T, L)
+    n_steps = p_end - p_start
+    for q0 in range(0, n_steps, UNROLL):
+        for j in tl.static_range(UNROLL):
+            q = q0 + j
+            ok = q < n_steps
+            p = p_end - 1 - q
+            if REVERSE:
+                t = L - 1 - p
+            else:
+                t = p
+            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
+                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
+            dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32)
+            if HAS_Z:
+                dy = dy * z * tl.sigmoid(z)
+            g = gnext + dy[None, :] * Cv[:, None]
+            ty += g * ((dl * u)[None, :] * Bv[:, None])
+            gnext = tl.exp2(dl[None, :] * A2) * g
+    base = (pid_b * NC + pid_c).to(tl.int64)
+    tl.store(gout_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], gnext, mask=mask2)
+    tl.store(tyloc_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], ty, mask=mask2)
+
+
+@triton.jit
+def _bwd_forward_walk_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, hloc_ptr, S_ptr,
+    dz_ptr, dC_ptr, dD_ptr, F_ptr, tx_ptr, qx_ptr,
+    Dm, L, N, T, NC, CPG, G,
+    su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
+    sdz_b, sdz_d, sdz_l,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
+    float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start)."""
+    pid_d = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    mask2 = mask_d[None, :] & mask_n[:, None]
+    A = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    group = (pid_d * BLOCK_D) // CPG
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
+    dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
+    z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
+    g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
+    dz_ptrs = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
+    F_ptrs = F_ptr + pid_b * L * Dm + offs_d
+    B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
+    C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+    dC_ptrs = dC_ptr + ((pid_b * G + group) * N + offs_n) * L
+
+    h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mask_d, Dm, NC, N,
+                       BLOCK_D, BLOCK_N)
+    px = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qx = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dcum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    p_start = pid_c * T
+    p_end = tl.minimum(p_start + T, L)
+    rows = tl.arange(0, UNROLL)
+    for p0 in range(p_start, p_end, UNROLL):
+        dz_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
+        F_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
+        dC_tile = tl.zeros([BLOCK_N, UNROLL], dtype=tl.float32)
+        for j in tl.static_range(UNROLL):
+            p = p0 + j
+            ok = p < p_end
+            if REVERSE:
+                t = L - 1 - p
+            else:
+                t = p
+            md = mask_d & ok
+            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
+                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
+            dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32)
+            h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bv[:, None]
+            if HAS_Z:
+                ypre = tl.sum(h * Cv[:, None], axis=0)
+                if HAS_D:
+                    ypre += Dv * u
+                sig = tl.sigmoid(z)
+                dz = dy * ypre * sig * (1.0 + z * (1.0 - sig))
+                dz_tile = tl.where(rows[:, None] == j, dz[None, :], dz_tile)
+                dy = dy * z * sig
+            if HAS_D:
+                dD_acc += dy * u
+            F_tile = tl.where(rows[:, None] == j, tl.sum(A * px, axis=0)[None, :], F_tile)
+            X = (dy[None, :] * Cv[:, None]) * h
+            px += X
+            dcum += dl
+            qx += X * dcum[None, :]
+            dC = tl.sum(dy[None, :] * h, axis=1)
+            dC_tile = tl.where(rows[None, :] == j, dC[:, None], dC_tile)
+        pp = p0 + rows
+        if REVERSE:
+            tt = L - 1 - pp
+        else:
+            tt = pp
+        okv = pp < p_end
+        m = okv[:, None] & mask_d[None, :]
+        if HAS_Z:
+            tl.store(dz_ptrs[None, :] + tt[:, None] * sdz_l, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(F_ptrs[None, :] + tt[:, None] * Dm, F_tile, mask=m)
+        tl.atomic_add(dC_ptrs[:, None] + tt[None, :], dC_tile, mask=mask_n[:, None] & okv[None, :])
+    if HAS_D:
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
+    base = (pid_b * NC + pid_c).to(tl.int64)
+    tl.store(tx_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], px, mask=mask2)
+    tl.store(qx_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], qx, mask=mask2)
+
+
+@triton.jit
+def _bwd_reverse_walk_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, F_ptr,
+    hloc_ptr, S_ptr, gout_ptr, tyloc_ptr, tx_ptr, qx_ptr,
+    du_ptr, ddl_ptr, dB_ptr, dA_ptr, dbias_ptr,
+    Dm, L, N, T, NC, CPG, G,
+    su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
+    sdu_b, sdu_d, sdu_l, sdd_b, sdd_d, sdd_l,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
+    dA and ddelta_bias (atomic)."""
+    pid_d = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    mask2 = mask_d[None, :] & mask_n[:, None]
+    A = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    group = (pid_d * BLOCK_D) // CPG
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
+    dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
+    z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
+    g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
+    du_ptrs = du_ptr + pid_b * sdu_b + offs_d * sdu_d
+    ddl_ptrs = ddl_ptr + pid_b * sdd_b + offs_d * sdd_d
+    F_ptrs = F_ptr + pid_b * L * Dm + offs_d
+    B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
+    C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+    dB_ptrs = dB_ptr + ((pid_b * G + group) * N + offs_n) * L
+    st_off = offs_d[None, :] * N + offs_n[:, None]
+
+    # Fold the later chunks: incoming adjoint and the X / Y sums after this chunk.
+    gin = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    ry_after = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    rx_after = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for jj in range(0, NC - 1 - pid_c):
+        base = (pid_b * NC + (NC - 1 - jj)).to(tl.int64) * Dm * N
+        hl = tl.load(hloc_ptr + base + st_off, mask=mask2, other=0.0)
+        ry_after += tl.load(tyloc_ptr + base + st_off, mask=mask2, other=0.0) + gin * hl
+        rx_after += tl.load(tx_ptr + base + st_off, mask=mask2, other=0.0)
+        s = tl.load(S_ptr + (pid_b * NC + (NC - 1 - jj)).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
+        gin = tl.load(gout_ptr + base + st_off, mask=mask2, other=0.0) + tl.exp2(A2 * s[None, :]) * gin
+    base_c = (pid_b * NC + pid_c).to(tl.int64) * Dm * N
+    tx_c = tl.load(tx_ptr + base_c + st_off, mask=mask2, other=0.0)
+    K = tl.sum(A * (tx_c + rx_after - ry_after), axis=0)
+
+    gnext = gin
+    ry = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qys = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    suf = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    p_start = pid_c * T
+    p_end = tl.minimum(p_start + T, L)
+    n_steps = p_end - p_start
+    rows = tl.arange(0, UNROLL)
+    for q0 in range(0, n_steps, UNROLL):
+        du_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
+        ddl_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
+        dB_tile = tl.zeros([BLOCK_N, UNROLL], dtype=tl.float32)
+        for j in tl.static_range(UNROLL):
+            q = q0 + j
+            ok = q < n_steps
+            p = p_end - 1 - q
+            if REVERSE:
+                t = L - 1 - p
+            else:
+                t = p
+            md = mask_d & ok
+            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
+                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
+            dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32)
+            Ft = tl.load(F_ptrs + t * Dm, mask=md, other=0.0)
+            if HAS_Z:
+                dy = dy * z * tl.sigmoid(z)
+            g = gnext + dy[None, :] * Cv[:, None]
+            du_ = dl * u
+            Y = g * (du_[None, :] * Bv[:, None])
+            ry += Y
+            qys += Y * suf[None, :]
+            suf += dl
+            gB = tl.sum(g * Bv[:, None], axis=0)
+            du = dl * gB
+            if HAS_D:
+                du += dy * Dv
+            ddl = u * gB + K - Ft - tl.sum(A * ry, axis=0)
+            if SOFTPLUS:
+                ddl = ddl * tl.sigmoid(raw)
+            ddl = tl.where(md, ddl, 0.0)
+            dbias_acc += ddl
+            du_tile = tl.where(rows[:, None] == j, du[None, :], du_tile)
+            ddl_tile = tl.where(rows[:, None] == j, ddl[None, :], ddl_tile)
+            dB = tl.sum(g * du_[None, :], axis=1)
+            dB_tile = tl.where(rows[None, :] == j, dB[:, None], dB_tile)
+            gnext = tl.exp2(dl[None, :] * A2) * g
+        qq = q0 + rows
+        pp = p_end - 1 - qq
+        if REVERSE:
+            tt = L - 1 - pp
+        else:
+            tt = pp
+        okv = qq < n_steps
+        m = okv[:, None] & mask_d[None, :]
+        tl.store(du_ptrs[None, :] + tt[:, None] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddl_ptrs[None, :] + tt[:, None] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
+        tl.atomic_add(dB_ptrs[:, None] + tt[None, :], dB_tile, mask=mask_n[:, None] & okv[None, :])
+    qx_c = tl.load(qx_ptr + base_c + st_off, mask=mask2, other=0.0)
+    # sum_t delta_t * dw_t over this chunk; suf now holds the chunk's delta sum
+    dA = qx_c - (suf[None, :] * ry - qys) + suf[None, :] * (rx_after - ry_after)
+    tl.atomic_add(dA_ptr + offs_d[None, :] * N + offs_n[:, None], dA, mask=mask2)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+def _block_d(Dm: int, G: int, cap: int) -> int:
+    cpg = Dm // G
+    if G == 1:
+        return min(cap, triton.next_power_of_2(Dm))
+    # a block must sit inside one group of B/C: the largest power of two dividing the group size
+    return min(cap, cpg & -cpg)
+
+
+def _plan(batch: int, Dm: int, L: int, G: int, backward: bool = False):
+    """Block of channels, chunk length and chunk count. The chunking depends on the forward block
+    only, so the backward reads the forward's chunk states whatever its own block is."""
+    cpg = Dm // G
+    block_f = _block_d(Dm, G, CONFIG["BLOCK_D"])
+    if CHUNK_OVERRIDE is not None:
+        T = CHUNK_OVERRIDE
+    else:
+        units = batch * triton.cdiv(Dm, block_f)
+        want = 1 if units >= CONFIG["SINGLE_CHUNK_UNITS"] else triton.cdiv(CONFIG["TARGET_PROGRAMS"], units)
+        T = max(CONFIG["MIN_CHUNK"], triton.cdiv(L, want))
+        T = triton.cdiv(T, 16) * 16
+    T = max(1, min(T, L))
+    nc = triton.cdiv(L, T)
+    block_d = _block_d(Dm, G, CONFIG["BLOCK_D_BWD"]) if backward else block_f
+    return block_d, triton.cdiv(Dm, block_d), T, nc, cpg
+
+
+def _bc_strides(M: torch.Tensor):
+    """(b, g, n, l) strides of B or C given as (B, N, L) or (B, G, N, L)."""
+    if M.dim() == 3:
+        return M.stride(0), 0, M.stride(1), M.stride(2)
+    return M.stride(0), M.stride(1), M.stride(2), M.stride(3)
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, channels, L), got shape {tuple(u.shape)}")
+    batch, Dm, L = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if A.dim() != 2 or A.shape[0] != Dm:
+        raise ValueError(f"A must be (channels={Dm}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, M in (("B", B), ("C", C)):
+        if M.dim() not in (3, 4) or M.shape[0] != batch or M.shape[-2] != N or M.shape[-1] != L:
+            raise ValueError(f"{name} must be (batch, N, L) or (batch, groups, N, L) = ({batch}, [G,] {N}, {L}); "
+                             f"got {tuple(M.shape)}")
+        if M.dim() == 4 and Dm % M.shape[1]:
+            raise ValueError(f"{Dm} channels cannot be split into {M.shape[1]} groups of {name}")
+    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
+        raise ValueError("B and C must have the same number of groups")
+    if B.dim() != C.dim():
+        raise ValueError("B and C must both be 3-D (variable) or both 4-D (grouped)")
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None and v.shape != (Dm,):
+            raise ValueError(f"{name} must be ({Dm},), got {tuple(v.shape)}")
+    if u.device.type != "cuda" and "TRITON_INTERPRET" not in __import__("os").environ:
+        raise ValueError("the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1); use backend='reference'")
+
+
+def _common_args(u, delta, A, B, C, z):
+    sBb, sBg, sBn, sBl = _bc_strides(B)
+    sCb, sCg, sCn, sCl = _bc_strides(C)
+    zz = z if z is not None else u
+    return [*u.stride(), *delta.stride(), *A.stride(), sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl, *zz.stride()]
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *, out=None,
+                 out_scale=1.0, accumulate=False, want_last=False, keep_chunk_states=True):
+    """Launch the forward. Returns (out, last_state or None, hloc, S, plan). ``out`` may be given
+    (any strides, e.g. a token-major view); with ``accumulate`` the result is added into it."""
+    batch, Dm, L = u.shape
+    N = A.shape[1]
+    G = 1 if B.dim() == 3 else B.shape[1]
+    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G)
+    dev = u.device
+    if out is None:
+        out = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
+    BLOCK_N = triton.next_power_of_2(N)
+    hloc = S = None
+    if nc > 1:
+        hloc = _empty((batch, nc, Dm, N), torch.float32, dev)
+        S = _empty((batch, nc, Dm), torch.float32, dev)
+    last = _empty((batch, Dm, N), torch.float32, dev) if want_last else None
+    dummy = u
+    common = _common_args(u, delta, A, B, C, z)
+    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL"], HAS_D=D is not None,
+                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                 REVERSE=bool(reverse), num_warps=CONFIG["NUM_WARPS"])
+    grid = (n_d, nc, batch)
+    zz = z if z is not None else u
+    if nc > 1:
+        _fwd_kernel[grid](u, delta, A, B, C, D if D is not None else dummy, zz,
+                          delta_bias if delta_bias is not None else dummy, out, hloc, S, dummy,
+                          Dm, L, N, T, nc, cpg, out_scale, *common, *out.stride(),
+                          STATE_PASS=True, ACCUM=False, STORE_LAST=False, **flags)
+    _fwd_kernel[grid](u, delta, A, B, C, D if D is not None else dummy, zz,
+                      delta_bias if delta_bias is not None else dummy, out,
+                      hloc if hloc is not None else dummy, S if S is not None else dummy,
+                      last if last is not None else dummy,
+                      Dm, L, N, T, nc, cpg, out_scale, *common, *out.stride(),
+                      STATE_PASS=False, ACCUM=bool(accumulate), STORE_LAST=want_last, **flags)
+    return out, last, hloc, S
+
+
+def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
+                  dz_out=None, dz_accumulate=False):
+    """All gradients. ``dout`` is the gradient of the (scaled) output. Returns
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (None where the input is None)."""
+    batch, Dm, L = u.shape
+    N = A.shape[1]
+    G = 1 if B.dim() == 3 else B.shape[1]
+    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True)
+    dev = u.device
+    BLOCK_N = triton.next_power_of_2(N)
+    f32 = torch.float32
+    dummy = u
+    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL_BWD"], HAS_Z=z is not None,
+                 HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
+                 num_warps=CONFIG["NUM_WARPS_BWD"])
+    grid = (n_d, nc, batch)
+    common = _common_args(u, delta, A, B, C, z)
+    zz = z if z is not None else u
+    bias = delta_bias if delta_bias is not None else dummy
+    Dp = D if D is not None else dummy
+    if nc > 1:
+        gout = _empty((batch, nc, Dm, N), f32, dev)
+        tyloc = _empty((batch, nc, Dm, N), f32, dev)
+        _bwd_adjoint_state_kernel[grid](u, delta, A, B, C, zz, bias, dout, gout, tyloc,
+                                        Dm, L, N, T, nc, cpg, *common, *dout.stride(), **flags)
+    else:
+        gout = tyloc = hloc = S = dummy
+    # token-major gradients: the layout the inputs come in from the model
+    dz = None
+    if z is not None:
+        dz = _empty((batch, L, Dm), z.dtype, dev).transpose(1, 2)
+    dC = torch.zeros((batch, G, N, L), dtype=f32, device=dev)
+    dB = torch.zeros((batch, G, N, L), dtype=f32, device=dev)
+    dD = torch.zeros((Dm,), dtype=f32, device=dev)
+    dA = torch.zeros((Dm, N), dtype=f32, device=dev)
+    dbias = torch.zeros((Dm,), dtype=f32, device=dev)
+    F = _empty((batch, L, Dm), f32, dev)
+    tx = _empty((batch, nc, Dm, N), f32, dev)
+    qx = _empty((batch, nc, Dm, N), f32, dev)
+    dzz = dz if dz is not None else F
+    _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
+                                   dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg, G,
+                                   *common, *dout.stride(), *dzz.stride(), HAS_D=D is not None, **flags)
+    du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
+    ddelta = _empty((batch, L, Dm), delta.dtype, dev).transpose(1, 2)
+    _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tyloc, tx, qx,
+                                   du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg, G,
+                                   *common, *dout.stride(), *du.stride(), *ddelta.stride(),
+                                   HAS_D=D is not None, **flags)
+    dB = dB.to(B.dtype).reshape(B.shape) if B.dim() == 3 else dB.to(B.dtype)
+    dC = dC.to(C.dtype).reshape(C.shape) if C.dim() == 3 else dC.to(C.dtype)
+    return (du, ddelta, dA.to(A.dtype), dB, dC, dD.to(D.dtype) if D is not None else None, dz,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None)
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
+        out, last, hloc, S = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                                          want_last=return_last_state)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hloc, S)
+        ctx.flags = (delta_softplus, reverse)
+        if return_last_state:
+            last = last.to(torch.float64) if u.dtype == torch.float64 else last
+            ctx.mark_non_differentiable(last)
+            return out, last
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *unused):
+        u, delta, A, B, C, D, z, delta_bias, hloc, S = ctx.saved_tensors
+        delta_softplus, reverse = ctx.flags
+        du, ddelta, dA, dB, dC, dD, dz, dbias = scan_backward(
+            dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S)
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, reverse=False):
+    """Fused Triton selective scan; arguments and semantics as ``selective_scan_ref``."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 return_last_state, reverse)

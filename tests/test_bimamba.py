@@ -1,0 +1,124 @@
+"""The fused bidirectional Triton mixer core against the float64 reference: output and all gradients."""
+import math
+
+import pytest
+import torch
+
+from vim.kernels import DirectionParams, bimamba_v2_fn, bimamba_v2_ref
+from vim.kernels.selective_scan import triton_scan
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    triton_scan.POISON_OUTPUTS = True
+    yield
+    triton_scan.POISON_OUTPUTS = False
+    triton_scan.CHUNK_OVERRIDE = None
+
+
+def make_params(E, N, R, conv_bias=True):
+    return DirectionParams(
+        conv_weight=torch.randn(E, 1, 4) * 0.4,
+        conv_bias=torch.randn(E) * 0.1 if conv_bias else None,
+        x_proj_weight=torch.randn(R + 2 * N, E) / math.sqrt(E),
+        dt_proj_weight=torch.randn(E, R) / math.sqrt(R),
+        dt_proj_bias=torch.randn(E) * 0.5 - 1.0,
+        A_log=torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1) + 0.1 * torch.randn(E, N),
+        D=torch.randn(E),
+    )
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def run_both(batch, L, E, N, R, dtype=torch.float32, autocast=False, tol=2e-5, gtol=1e-4, conv_bias=True):
+    fwd, bwd = make_params(E, N, R, conv_bias), make_params(E, N, R, conv_bias)
+    xz = torch.randn(batch, L, 2 * E)
+
+    def leaves(dt):
+        xz_ = xz.clone().to(DEV, dt).requires_grad_()
+        ps = [p.clone().to(DEV, torch.float64 if dt == torch.float64 else torch.float32).requires_grad_()
+              if p is not None else None for p in (*fwd, *bwd)]
+        return xz_, ps
+
+    xz_t, ps_t = leaves(dtype if not autocast else torch.float32)
+    xz_r, ps_r = leaves(torch.float64)
+    x, z = xz_t.split([E, E], dim=-1)      # strided halves of in_proj's output, as the model passes them
+    with torch.autocast(device_type=DEV, dtype=dtype, enabled=autocast):
+        if autocast:
+            x, z = x.to(dtype), z.to(dtype)
+        y = bimamba_v2_fn(x, z, DirectionParams(*ps_t[:7]), DirectionParams(*ps_t[7:]), backend="triton")
+    xr, zr = xz_r.split([E, E], dim=-1)
+    if dtype != torch.float32:
+        # the reference sees the same rounded activations
+        xr, zr = xr.to(dtype).double(), zr.to(dtype).double()
+    yr = bimamba_v2_ref(xr, zr, DirectionParams(*ps_r[:7]), DirectionParams(*ps_r[7:]))
+    assert y.shape == (batch, L, E) and torch.isfinite(y).all()
+    assert rel(y, yr) < tol, f"out rel err {rel(y, yr):.2e}"
+    g = torch.randn_like(yr)
+    y.backward(g.to(y.dtype))
+    yr.backward(g)
+    assert rel(xz_t.grad, xz_r.grad) < gtol, f"dx/dz rel err {rel(xz_t.grad, xz_r.grad):.2e}"
+    names = [f"{d}.{f}" for d in ("fwd", "bwd") for f in DirectionParams._fields]
+    for name, a, b in zip(names, ps_t, ps_r):
+        if a is None:
+            continue
+        assert a.grad is not None and torch.isfinite(a.grad).all(), f"{name} grad missing"
+        assert rel(a.grad, b.grad) < gtol, f"{name} grad rel err {rel(a.grad, b.grad):.2e}"
+
+
+def test_fused_matches_reference():
+    run_both(2, 11, 8, 4, 2)
+
+
+def test_fused_across_chunks_no_conv_bias():
+    triton_scan.CHUNK_OVERRIDE = 6
+    run_both(1, 19, 8, 16, 1, conv_bias=False)
+
+
+def test_fused_single_token():
+    run_both(1, 1, 4, 1, 1)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fused_autocast(dtype):
+    run_both(2, 197, 192, 16, 12, dtype=dtype, autocast=True, tol=2e-2, gtol=3e-2)
+
+
+@gpu_only
+def test_gpu_fused_fp32_long():
+    # dA comes from differences of whole-sequence sums (docs/kernels.md): its float32 error grows with L
+    run_both(1, 700, 64, 16, 4, tol=1e-4, gtol=5e-3)
+
+
+def test_compiles_without_graph_breaks():
+    """The op is a torch custom op with a fake and an autograd formula: fullgraph compile must trace it."""
+    E, N, R = 8, 4, 2
+    fwd, bwd = make_params(E, N, R), make_params(E, N, R)
+    for p in (*fwd, *bwd):
+        p.requires_grad_(True)
+    xz = torch.randn(2, 9, 2 * E, device=DEV)
+    fwd = DirectionParams(*[p.detach().to(DEV).requires_grad_() for p in fwd])
+    bwd = DirectionParams(*[p.detach().to(DEV).requires_grad_() for p in bwd])
+
+    def fn(xz):
+        x, z = xz.split([E, E], dim=-1)
+        return bimamba_v2_fn(x, z, fwd, bwd, backend="triton").square().sum()
+
+    eager = fn(xz)
+    eager.backward()
+    g_eager = [p.grad.clone() for p in fwd]
+    for p in fwd:
+        p.grad = None
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(xz)
+    compiled.backward()
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    for a, p in zip(g_eager, fwd):
+        assert torch.allclose(p.grad, a, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,85 @@
+"""The model's CUDA path (fused Triton mixer) against the float32 reference path. GPU only."""
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import vim
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DATA = Path(__file__).parent / "data"
+ORACLES = {"vim_tiny_depth4_official.pt": "vim_tiny", "vim_tiny_stride8_depth2_official.pt": "vim_tiny_stride8"}
+
+
+def rel_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def oracle_models(name):
+    oracle = torch.load(DATA / name, weights_only=False)
+    models = {}
+    for backend in ("reference", "triton"):
+        m = timm.create_model(ORACLES[name], scan_backend=backend, **oracle["overrides"])
+        m.load_state_dict(vim.checkpoint_filter_fn(oracle["state_dict"], m))
+        models[backend] = m.cuda().eval()
+    return oracle, models
+
+
+@pytest.mark.parametrize("name", sorted(ORACLES))
+def test_cuda_fp32_and_bf16_match_official(name):
+    oracle, models = oracle_models(name)
+    x = oracle["input"].cuda()
+    with torch.no_grad():
+        fp32 = models["triton"](x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = models["triton"](x)
+            bf16_ref = models["reference"](x)
+    # fp32 Triton path vs the official float32 outputs
+    assert rel_err(fp32, oracle["logits"]) < 1e-3
+    # bf16 autocast: within bf16 tolerance of the official float32 logits, same top-1 on the real photo
+    assert rel_err(bf16, oracle["logits"]) < 3e-2
+    assert rel_err(bf16, bf16_ref) < 3e-2
+    assert bf16[-1].argmax().item() == oracle["logits"][-1].argmax().item()
+
+
+def test_cuda_gradients_match_reference():
+    oracle, models = oracle_models("vim_tiny_depth4_official.pt")
+    x = oracle["input"].cuda()
+    grads = {}
+    for backend, m in models.items():
+        m.train()
+        m.zero_grad()
+        m(x).float().pow(2).mean().backward()
+        grads[backend] = {k: p.grad.clone() for k, p in m.named_parameters()}
+    for k, g in grads["reference"].items():
+        assert rel_err(grads["triton"][k], g) < 1e-3, k
+
+
+def test_cuda_bf16_training_step_is_finite():
+    model = timm.create_model("vim_tiny", depth=4, num_classes=10).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        x = torch.randn(8, 3, 224, 224, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (8,), device="cuda"))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(loss)
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all(), n
+
+
+def test_torch_compile_has_no_graph_breaks_in_blocks():
+    model = timm.create_model("vim_tiny", depth=2).cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    explanation = torch._dynamo.explain(model.blocks[0])(torch.randn(2, 197, 192, device="cuda"))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(x)
+        out = compiled(x)
+    assert rel_err(out, eager) < 3e-2

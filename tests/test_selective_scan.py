@@ -1,0 +1,178 @@
+"""The fused Triton selective scan against the float64 reference (outputs and every gradient).
+
+On a machine without a GPU the kernels run through the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so the CPU shapes stay tiny; the GPU-only tests cover bf16/fp16 and long L.
+"""
+import pytest
+import torch
+
+from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref
+from vim.kernels.selective_scan import triton_scan
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every preallocated kernel output starts as NaN, so an unwritten element fails the comparison."""
+    triton_scan.POISON_OUTPUTS = True
+    yield
+    triton_scan.POISON_OUTPUTS = False
+    triton_scan.CHUNK_OVERRIDE = None
+
+
+def make_inputs(batch, dim, L, N, groups=0, has_D=True, has_z=True, has_bias=True, dtype=torch.float32,
+                device=DEV, token_major=True, seed=None):
+    """Fresh random inputs. token_major: u/delta/z are (B, L, D) storage viewed as (B, D, L) and B/C
+    are slices of one (B, L, 2N + 3) tensor, as the model passes them."""
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dtype)
+
+    def seq(scale=1.0, shift=0.0):
+        if token_major:
+            return rnd(batch, L, dim, scale=scale, shift=shift).transpose(1, 2)
+        return rnd(batch, dim, L, scale=scale, shift=shift)
+
+    u, delta = seq(), seq(0.5, -0.5)
+    A = -torch.exp(torch.randn(dim, N, generator=g) * 0.5).to(device)
+    if groups:
+        shape = (batch, groups, N, L)
+        if token_major:
+            BC = rnd(batch, L, groups, 2 * N + 3)
+            Bm = BC[..., :N].permute(0, 2, 3, 1)
+            Cm = BC[..., N + 3:].permute(0, 2, 3, 1)
+        else:
+            Bm, Cm = rnd(*shape), rnd(*shape)
+    else:
+        if token_major:
+            BC = rnd(batch, L, 2 * N + 3)
+            Bm, Cm = BC[..., :N].transpose(1, 2), BC[..., N + 3:].transpose(1, 2)
+        else:
+            Bm, Cm = rnd(batch, N, L), rnd(batch, N, L)
+    D = torch.randn(dim, generator=g).to(device) if has_D else None
+    z = seq() if has_z else None
+    bias = (torch.randn(dim, generator=g) * 0.5).to(device) if has_bias else None
+    return [u, delta, A, Bm, Cm, D, z, bias]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def run_both(inputs, softplus=True, reverse=False, grads=True, tol=2e-5, gtol=1e-4):
+    """Triton on the inputs vs the float64 reference on their upcast copies; checks out, last state
+    and the gradient of every tensor input."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    y, last = selective_scan_fn(*leaves, delta_softplus=softplus, return_last_state=True, reverse=reverse,
+                                backend="triton")
+    yr, lastr = selective_scan_ref(*leaves64, delta_softplus=softplus, return_last_state=True, reverse=reverse)
+    assert y.dtype == inputs[0].dtype and y.shape == yr.shape
+    assert torch.isfinite(y).all() and torch.isfinite(last).all()
+    assert rel(y, yr) < tol, f"out rel err {rel(y, yr):.2e}"
+    assert rel(last, lastr) < tol, f"last state rel err {rel(last, lastr):.2e}"
+    if not grads:
+        return
+    gy = torch.randn_like(yr)
+    y.backward(gy.to(y.dtype))
+    yr.backward(gy)
+    for name, a, b in zip(NAMES, leaves, leaves64):
+        if a is None:
+            continue
+        assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{name} missing or not finite"
+        assert a.grad.shape == a.shape
+        # dA is exactly 0 at L=1 (no earlier state to decay): compare absolutely there
+        if b.grad.norm() < 1e-9:
+            assert a.grad.abs().max() < 1e-6, f"d{name} should be 0"
+        else:
+            assert rel(a.grad, b.grad) < gtol, f"d{name} rel err {rel(a.grad, b.grad):.2e}"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_all_features_one_chunk(reverse):
+    run_both(make_inputs(2, 6, 13, 4), reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_no_optional_inputs(reverse):
+    run_both(make_inputs(2, 5, 9, 3, has_D=False, has_z=False, has_bias=False), softplus=False, reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_prime_length_across_chunks_n16(reverse):
+    triton_scan.CHUNK_OVERRIDE = 8                    # 37 tokens -> 5 chunks, last one partial
+    run_both(make_inputs(1, 8, 37, 16), reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grouped_BC_across_chunks(reverse):
+    triton_scan.CHUNK_OVERRIDE = 5
+    run_both(make_inputs(2, 8, 17, 4, groups=2), reverse=reverse)
+
+
+def test_length_one_single_state():
+    run_both(make_inputs(1, 3, 1, 1))
+
+
+def test_contiguous_channel_major_inputs():
+    run_both(make_inputs(2, 4, 10, 2, token_major=False, has_bias=False))
+
+
+def test_reverse_equals_flipped_forward():
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(2, 4, 11, 4)
+    kw = dict(delta_softplus=True, backend="triton")
+    y_rev = selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias, reverse=True, **kw)
+    f = lambda t: t.flip(-1)  # noqa: E731
+    y_flip = f(selective_scan_fn(f(u), f(delta), A, f(Bm), f(Cm), D, f(z), bias, **kw))
+    assert rel(y_rev, y_flip) < 1e-5
+
+
+def test_token_major_output_layout_and_no_copy():
+    """The kernel writes token-major output (what out_proj wants) and takes token-major views as is."""
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 2)
+    y = selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, backend="triton")
+    assert y.transpose(1, 2).is_contiguous()
+
+
+def test_bad_shapes_raise_clear_errors():
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 2)
+    with pytest.raises(ValueError, match="delta"):
+        selective_scan_fn(u, delta[:, :, :5], A, Bm, Cm, backend="triton")
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan_fn(u, delta, A, Bm[:, :1], Cm, backend="triton")
+    with pytest.raises(ValueError, match="groups"):
+        selective_scan_fn(u, delta, A, Bm.unsqueeze(1).expand(-1, 3, -1, -1), Cm.unsqueeze(1).expand(-1, 3, -1, -1),
+                          backend="triton")
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_half_precision(dtype, reverse):
+    # the reference sees the same (rounded) half inputs in float64; error is the output rounding
+    run_both(make_inputs(2, 64, 197, 16, dtype=dtype), reverse=reverse, tol=1e-2, gtol=2e-2)
+
+
+@gpu_only
+@pytest.mark.parametrize("groups", [0, 2])
+def test_gpu_fp32_default_chunking(groups):
+    run_both(make_inputs(3, 96, 500, 16, groups=groups), tol=1e-4, gtol=1e-3)
+
+
+@gpu_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_long_6085(reverse):
+    run_both(make_inputs(1, 64, 6085, 16), reverse=reverse, tol=1e-4, gtol=5e-3)
+
+
+@gpu_only
+def test_gpu_long_65536_forward_bf16():
+    run_both(make_inputs(1, 32, 65536, 16, dtype=torch.bfloat16), reverse=True, grads=False, tol=1e-2)

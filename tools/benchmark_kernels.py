@@ -1,0 +1,280 @@
+"""Time the selective-scan kernels against the pure-PyTorch reference (and mamba_ssm when importable).
+
+    python tools/benchmark_kernels.py --out kernels.json            # GPU: the issue's shapes, bf16
+    python tools/benchmark_kernels.py --out /tmp/k.json             # CPU: tiny shapes (smoke test)
+    python tools/benchmark_kernels.py --sweep --out sweep.json      # GPU: also sweep kernel configs
+
+Inputs are token-major, as in the model: u, delta, z are (B, L, E) storage viewed as (B, E, L), and
+B, C are slices of the x_proj output (B, L, R + 2N). Timings are medians of triton.testing.do_bench
+on fresh random data; achieved GB/s counts the bytes that must move (each input read once, each
+output written once) and is printed next to the device's measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from vim.kernels import DirectionParams, bimamba_v2_fn, bimamba_v2_ref  # noqa: E402
+from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
+from vim.kernels.selective_scan import triton_scan  # noqa: E402
+
+SWEEP_FWD = [(32, 16, 1), (16, 8, 1), (64, 8, 2)]
+SWEEP_BWD = [(32, 8, 1), (64, 4, 1)]
+SWEEP_CHUNK = [(16384, 64)]
+GPU_SHAPES = [(128, 384, 197, 16), (128, 768, 197, 16), (8, 384, 6085, 16)]
+CPU_SHAPES = [(2, 8, 24, 4)]
+# mamba_ssm 2.3.2 CUDA kernel on an H100, bf16 (shared/anchors), ms: (fwd, fwd+bwd)
+ANCHORS = {(128, 384, 197, 16): (0.403, 1.70), (128, 768, 197, 16): (0.789, 3.29), (8, 384, 6085, 16): (0.581, 3.13)}
+
+
+def _bench(fn, cuda: bool, rep_ms: int = 100):
+    if cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def copy_bandwidth_gbs(cuda: bool) -> float:
+    n = (1 << 28) if cuda else (1 << 20)
+    src = torch.randn(n, device="cuda" if cuda else "cpu")
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src), cuda)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def make_inputs(batch, E, L, N, dtype, device, requires_grad=False):
+    R = math.ceil(E / 32)
+    x = torch.randn(batch, L, E, device=device, dtype=dtype)
+    z = torch.randn(batch, L, E, device=device, dtype=dtype)
+    dl = (torch.randn(batch, L, E, device=device) * 0.5 - 1.0).to(dtype)
+    xdbl = torch.randn(batch, L, R + 2 * N, device=device, dtype=dtype)
+    A = -torch.exp(torch.rand(E, N, device=device) * 2)
+    D = torch.randn(E, device=device)
+    bias = torch.randn(E, device=device) * 0.5
+    leaves = [x, dl, A, xdbl, D, z, bias]
+    for t in leaves:
+        t.requires_grad_(requires_grad)
+    u = x.transpose(1, 2)
+    Bm = xdbl[..., R:R + N].transpose(1, 2)
+    Cm = xdbl[..., R + N:].transpose(1, 2)
+    args = (u, dl.transpose(1, 2), A, Bm, Cm, D, z.transpose(1, 2), bias)
+    return args, leaves
+
+
+def min_bytes(batch, E, L, N, itemsize, backward):
+    per_elem = 4 + (7 if backward else 0)   # fwd: u, delta, z, out; bwd: + dy, u, delta, z read, du, ddelta, dz
+    per_tok = 2 * N * (1 + (3 if backward else 0))
+    return batch * L * (E * per_elem + per_tok) * itemsize
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_scan(batch, E, L, N, device, reverse):
+    """fp32 Triton vs float64 reference: output and every gradient (relative norm error)."""
+    args, leaves = make_inputs(batch, E, L, N, torch.float32, device, requires_grad=True)
+    y = selective_scan_fn(*args, delta_softplus=True, reverse=reverse, backend="triton")
+    g = torch.randn_like(y)
+    y.backward(g)
+    grads = [t.grad.clone() for t in leaves]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    R = math.ceil(E / 32)
+    x, dl, A, xdbl, D, z, bias = leaves64
+    args64 = (x.transpose(1, 2), dl.transpose(1, 2), A, xdbl[..., R:R + N].transpose(1, 2),
+              xdbl[..., R + N:].transpose(1, 2), D, z.transpose(1, 2), bias)
+    yr = selective_scan_ref(*args64, delta_softplus=True, reverse=reverse)
+    yr.backward(g.double())
+    errs = {"out": rel_err(y, yr)}
+    for name, a, b in zip(["u", "delta", "A", "BC", "D", "z", "delta_bias"], grads, leaves64):
+        errs["d" + name] = rel_err(a, b.grad)
+    return errs
+
+
+def time_scan(shape, device, cuda, reverse, dtype, with_ref=True):
+    batch, E, L, N = shape
+    args, leaves = make_inputs(batch, E, L, N, dtype, device, requires_grad=True)
+    kw = dict(delta_softplus=True, reverse=reverse)
+    res = {}
+    fns = {"triton": lambda *a: selective_scan_fn(*a, backend="triton", **kw)}
+    if with_ref:
+        fns["reference"] = lambda *a: selective_scan_ref(*a, **kw)
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan  # type: ignore
+
+        if not reverse:
+            fns["mamba_ssm"] = lambda *a: mamba_scan(*a, delta_softplus=True)
+    except Exception:
+        pass
+    g = torch.randn(batch, E, L, device=device, dtype=dtype)
+    for name, fn in fns.items():
+        with torch.no_grad():
+            fwd = _bench(lambda: fn(*args), cuda)
+
+        def step():
+            for t in leaves:
+                t.grad = None
+            fn(*args).backward(g)
+
+        big = name == "reference" and batch * E * L * N > 2e8
+        res[name] = {"fwd_ms": fwd, "fwd_bwd_ms": None if big else _bench(step, cuda)}
+    return res
+
+
+def bimamba_params(E, N, R, device):
+    def one():
+        return DirectionParams(
+            conv_weight=torch.randn(E, 1, 4, device=device) * 0.3, conv_bias=torch.randn(E, device=device) * 0.1,
+            x_proj_weight=torch.randn(R + 2 * N, E, device=device) / math.sqrt(E),
+            dt_proj_weight=torch.randn(E, R, device=device) / math.sqrt(R),
+            dt_proj_bias=torch.randn(E, device=device) * 0.5 - 3,
+            A_log=torch.log(torch.arange(1, N + 1, device=device, dtype=torch.float32)).repeat(E, 1),
+            D=torch.ones(E, device=device))
+    return one(), one()
+
+
+def time_bimamba(batch, E, L, N, device, cuda, dtype):
+    R = math.ceil(E / 2 / 16)
+    fwd, bwd = bimamba_params(E, N, R, device)
+    params = [p for p in (*fwd, *bwd) if p is not None]
+    for p in params:
+        p.requires_grad_(True)
+    xz = torch.randn(batch, L, 2 * E, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(batch, L, E, device=device, dtype=dtype)
+
+    amp = dict(device_type=device, dtype=dtype, enabled=cuda)   # as the model runs it: bf16 autocast
+
+    def fused():
+        x, z = xz.split([E, E], dim=-1)
+        with torch.autocast(**amp):
+            return bimamba_v2_fn(x, z, fwd, bwd, backend="triton")
+
+    def unfused():   # two one-direction fused scans with flips, as the official code runs
+        x, z = xz.split([E, E], dim=-1)
+        with torch.autocast(**amp):
+            return _unfused(x, z)
+
+    def _unfused(x, z):
+        from vim.kernels.bimamba.naive import mamba_direction_ref
+        scan = lambda *a, **k: selective_scan_fn(*a, backend="triton", **{**k, "reverse": False})  # noqa: E731
+        y_f = mamba_direction_ref(x, z, fwd, reverse=False, scan=scan)
+        y_b = mamba_direction_ref(x.flip(1), z.flip(1), bwd, reverse=False, scan=scan).flip(-1)
+        return ((y_f + y_b) / 2).transpose(1, 2)
+
+    res = {}
+    for name, fn in (("fused_triton", fused), ("two_scans_with_flips", unfused)):
+        with torch.no_grad():
+            f = _bench(fn, cuda)
+
+        def step():
+            for p in params + [xz]:
+                p.grad = None
+            fn().backward(g)
+        fb = _bench(step, cuda)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            y = fn()
+            mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+            del y
+        else:
+            mem = None
+        res[name] = {"fwd_ms": f, "fwd_bwd_ms": fb, "fwd_peak_extra_MiB": mem}
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--sweep", action="store_true", help="also time kernel configs (BLOCK_D, UNROLL, warps)")
+    ap.add_argument("--no-check", action="store_true", help="skip the fp32-vs-float64 correctness check")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    report = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "dtype": str(dtype), "config": dict(triton_scan.CONFIG)}
+    bw = copy_bandwidth_gbs(cuda)
+    report["copy_GBps"] = bw
+    print(f"device {report['device']}  copy bandwidth {bw:.0f} GB/s")
+    if not args.no_check:
+        checks = {}
+        for rev in (False, True):
+            for shp in ([(2, 64, 300, 16), (1, 48, 1000, 16)] if cuda else [(1, 8, 20, 4)]):
+                checks[f"{shp} reverse={rev}"] = check_scan(*shp, device, rev)
+        report["check_fp32_vs_fp64"] = checks
+        worst = max(v for c in checks.values() for v in c.values())
+        print(f"check: worst relative error (fp32 triton vs fp64 reference, out + all grads) = {worst:.2e}")
+    rows = []
+    report["scan"] = {}
+    for shp in shapes:
+        for rev in (False, True):
+            r = time_scan(shp, device, cuda, rev, dtype, with_ref=(not rev and shp == shapes[0]))
+            report["scan"][f"{shp} reverse={rev}"] = r
+            tr = r["triton"]
+            gbs_f = min_bytes(*shp, 2 if cuda else 4, False) / tr["fwd_ms"] / 1e6
+            gbs_b = min_bytes(*shp, 2 if cuda else 4, True) / tr["fwd_bwd_ms"] / 1e6
+            anc = ANCHORS.get(shp)
+            rows.append((shp, rev, tr["fwd_ms"], tr["fwd_bwd_ms"], gbs_f, gbs_b,
+                         r.get("reference", {}).get("fwd_ms"), anc))
+    if args.sweep and cuda:
+        report["sweep"] = {}
+        base = dict(triton_scan.CONFIG)
+        fwd_cfgs = [dict(BLOCK_D=bd, UNROLL=un, NUM_WARPS=nw) for bd, un, nw in SWEEP_FWD]
+        bwd_cfgs = [dict(BLOCK_D_BWD=bd, UNROLL_BWD=un, NUM_WARPS_BWD=nw) for bd, un, nw in SWEEP_BWD]
+        tgt_cfgs = [dict(TARGET_PROGRAMS=tp, MIN_CHUNK=mc) for tp, mc in SWEEP_CHUNK]
+        for kind, cfgs, sweep_shapes in (("fwd", fwd_cfgs, shapes), ("bwd", bwd_cfgs, shapes),
+                                         ("chunk", tgt_cfgs, shapes[-1:])):
+            for cfg in cfgs:
+                triton_scan.CONFIG.update(base)
+                triton_scan.CONFIG.update(cfg)
+                key = f"{kind} " + " ".join(f"{k}={v}" for k, v in cfg.items())
+                report["sweep"][key] = {}
+                for shp in sweep_shapes:
+                    r = time_scan(shp, device, cuda, False, dtype, with_ref=False)["triton"]
+                    report["sweep"][key][str(shp)] = r
+                    print(f"sweep {key:48s} {str(shp):20s} fwd {r['fwd_ms']:.4f} ms  fwd+bwd {r['fwd_bwd_ms']:.4f} ms",
+                          flush=True)
+        triton_scan.CONFIG.update(base)
+    report["bimamba"] = {}
+    for shp in (shapes[:1] if cuda else shapes):
+        b, E, L, N = shp
+        try:
+            report["bimamba"][str(shp)] = time_bimamba(b, E, L, N, device, cuda, dtype)
+        except NotImplementedError as e:
+            print(f"bimamba skipped: {e}")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"\n{'shape (B,E,L,N)':22s} {'rev':5s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd GB/s':>9s} {'f+b GB/s':>9s}"
+          f" {'ref fwd':>8s} {'mamba fwd/f+b (anchor)':>24s} {'speedup fwd/f+b':>16s}")
+    for shp, rev, f, fb, gf, gb, ref, anc in rows:
+        sp = f"{anc[0] / f:.1f}x / {anc[1] / fb:.1f}x" if anc else "-"
+        ancs = f"{anc[0]:.3f} / {anc[1]:.2f}" if anc else "-"
+        print(f"{str(shp):22s} {str(rev):5s} {f:8.4f} {fb:8.4f} {gf:9.0f} {gb:9.0f} "
+              f"{(ref or float('nan')):8.3f} {ancs:>24s} {sp:>16s}")
+    for shp, r in report["bimamba"].items():
+        for name, v in r.items():
+            print(f"bimamba {shp} {name:22s} fwd {v['fwd_ms']:.4f} ms  fwd+bwd {v['fwd_bwd_ms']:.4f} ms"
+                  f"  fwd extra MiB {v['fwd_peak_extra_MiB']}")
+    print(f"copy bandwidth {bw:.0f} GB/s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
