@@ -55,7 +55,10 @@ def test_cuda_gradients_match_reference():
         m(x).float().pow(2).mean().backward()
         grads[backend] = {k: p.grad.clone() for k, p in m.named_parameters()}
     for k, g in grads["reference"].items():
-        assert rel_err(grads["triton"][k], g) < 1e-3, k
+        # the Triton backward forms dA from differences of whole-sequence sums, which costs float32
+        # precision on A_log (1.1e-3 measured on an H100; docs/kernels.md); everything else is ~1e-6
+        tol = 3e-3 if k.endswith(("A_log", "A_b_log")) else 1e-3
+        assert rel_err(grads["triton"][k], g) < tol, k
 
 
 def test_cuda_bf16_training_step_is_finite():
