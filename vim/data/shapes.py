@@ -90,9 +90,22 @@ def _contrasting_colour(rng: np.random.Generator, against: Sequence[np.ndarray],
     return best
 
 
-def _background(rng: np.random.Generator, size: int, clutter: bool) -> Tuple[Image.Image, np.ndarray]:
+def _dark_colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, size=3) * rng.uniform(0.15, 0.45)
+
+
+def _bright_colour(rng: np.random.Generator) -> np.ndarray:
+    """A light colour of random hue: one channel near full, the others anywhere above a floor."""
+    c = rng.uniform(110, 256, size=3)
+    c[rng.integers(3)] = rng.uniform(220, 256)
+    return c.astype(np.int64)
+
+
+def _background(rng: np.random.Generator, size: int, clutter: bool, dark: bool = False
+                ) -> Tuple[Image.Image, np.ndarray]:
     """A two-colour linear gradient, optionally with random thin lines and specks (unlabelled clutter)."""
-    c0, c1 = _random_colour(rng).astype(np.float32), _random_colour(rng).astype(np.float32)
+    pick = _dark_colour if dark else _random_colour
+    c0, c1 = pick(rng).astype(np.float32), pick(rng).astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
     t = (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)) * 0.7 + 0.5
@@ -103,12 +116,12 @@ def _background(rng: np.random.Generator, size: int, clutter: bool) -> Tuple[Ima
         draw = ImageDraw.Draw(img)
         for _ in range(int(rng.integers(1, 5))):
             p = rng.uniform(0, size, size=4)
-            draw.line([tuple(p[:2]), tuple(p[2:])], fill=tuple(int(v) for v in _random_colour(rng)),
+            draw.line([tuple(p[:2]), tuple(p[2:])], fill=tuple(int(v) for v in pick(rng)),
                       width=int(rng.integers(1, max(2, size // 64) + 1)))
         for _ in range(int(rng.integers(0, 6))):
             x, y = rng.uniform(0, size, size=2)
             r = rng.uniform(0.01, 0.03) * size
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in _random_colour(rng)))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in pick(rng)))
     return img, mean
 
 
@@ -122,6 +135,7 @@ def draw_shapes(
         dominant_scale: Tuple[float, float] = (0.28, 0.45),
         clutter: bool = True,
         noise: float = 6.0,
+        bright_shapes: bool = False,
 ) -> Tuple[Image.Image, np.ndarray]:
     """Draw random shapes on a cluttered gradient background.
 
@@ -136,6 +150,8 @@ def draw_shapes(
             (so it is fully visible), with a radius in ``dominant_scale``.
         clutter: add unlabelled random lines and specks to the background.
         noise: standard deviation of additive per-pixel Gaussian noise (0 = none); not in the mask.
+        bright_shapes: light shapes of random hue on a dark background and dark clutter (an easier,
+            fixed contrast polarity); otherwise any colours, with a minimum luma contrast.
 
     Returns:
         ``(image, mask)``: a PIL RGB image and a ``(size, size)`` uint8 array (0 = background). Later
@@ -154,7 +170,7 @@ def draw_shapes(
     n = int(num_shapes) if np.isscalar(num_shapes) else int(rng.integers(num_shapes[0], num_shapes[1] + 1))
 
     big = size * _SUPERSAMPLE
-    bg, bg_mean = _background(rng, big, clutter)
+    bg, bg_mean = _background(rng, big, clutter, dark=bright_shapes)
     mask = Image.new("L", (big, big), 0)
     draw, mdraw = ImageDraw.Draw(bg), ImageDraw.Draw(mask)
 
@@ -166,7 +182,8 @@ def draw_shapes(
         margin = radius * 0.9
         cx, cy = rng.uniform(margin, big - margin, size=2) if big > 2 * margin else (big / 2, big / 2)
         rotation = rng.uniform(0, 2 * math.pi)
-        colour = tuple(int(v) for v in _contrasting_colour(rng, [bg_mean], 70.0))
+        colour = tuple(int(v) for v in (_bright_colour(rng) if bright_shapes
+                                        else _contrasting_colour(rng, [bg_mean], 70.0)))
         polys = shape_polygon(kinds[k], radius, rotation)
         for j, poly in enumerate(polys):
             pts = [tuple(p) for p in (poly + np.array([cx, cy]))]
@@ -205,18 +222,25 @@ def write_shapes_imagefolder(
         val_per_class: int = 100,
         seed: int = 0,
         distractors: Tuple[int, int] = (0, 2),
+        distractor_scale: Tuple[float, float] = (0.08, 0.2),
+        dominant_scale: Tuple[float, float] = (0.28, 0.45),
+        bright_shapes: bool = False,
 ) -> Path:
     """Write (once) and return the root of a shapes classification data set in ImageFolder layout.
 
     ``<root>/train/<kind>/<index>.png`` and ``<root>/val/<kind>/<index>.png``. Each image holds one
-    dominant shape of its class (drawn on top, radius 28-45% of the image) and ``distractors`` smaller
-    shapes of random kinds, on a cluttered background, with random colours, positions and rotations.
+    dominant shape of its class (drawn on top, radius ``dominant_scale`` of the image size) and
+    ``distractors`` (an inclusive count range) smaller shapes of random kinds (radius
+    ``distractor_scale``), on a cluttered background, with random colours, positions and rotations.
     The folder name encodes every generation parameter, so a changed spec makes a new data set; an
     existing complete data set is reused. Generation goes to a temporary sibling folder which is then
     renamed into place, so concurrent writers (data-loader workers, DDP ranks) never see a partial set.
     """
     spec = dict(kinds=list(kinds), img_size=int(img_size), train_per_class=int(train_per_class),
-                val_per_class=int(val_per_class), seed=int(seed), distractors=list(distractors), version=1)
+                val_per_class=int(val_per_class), seed=int(seed), distractors=list(distractors),
+                distractor_scale=list(distractor_scale), dominant_scale=list(dominant_scale), version=1)
+    if bright_shapes:  # only in the spec when set, so existing data sets keep their names
+        spec["bright_shapes"] = True
     base = cache_root(cache_dir)
     root = base / _spec_name(spec)
     if (root / "spec.json").is_file():
@@ -231,8 +255,9 @@ def write_shapes_imagefolder(
                 # One generator per (split, class): images don't depend on how many other classes exist.
                 rng = np.random.default_rng([seed, split_seed, k])
                 for i in range(per_class):
-                    img, _ = draw_shapes(rng, img_size, kinds, num_shapes=tuple(distractors), scale=(0.08, 0.2),
-                                        dominant=k)
+                    img, _ = draw_shapes(rng, img_size, kinds, num_shapes=tuple(distractors),
+                                        scale=tuple(distractor_scale), dominant=k,
+                                        dominant_scale=tuple(dominant_scale), bright_shapes=bright_shapes)
                     img.save(folder / f"{i:05d}.png")
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
         try:

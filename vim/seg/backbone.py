@@ -34,11 +34,13 @@ class VimSegBackbone(nn.Module):
             model_name, pretrained=False, num_classes=0, global_pool="", class_token=False,
             dynamic_img_size=True, img_size=img_size, drop_path_rate=drop_path_rate, **model_kwargs)
         depth = len(self.model.blocks)
-        self.out_indices = tuple(int(i) for i in out_indices)
-        bad = [i for i in self.out_indices if not -depth <= i < depth]
+        bad = [i for i in out_indices if not -depth <= int(i) < depth]
         if bad:
             raise ValueError(f"out_indices {bad} out of range for a {depth}-block {model_name}; "
                              f"pick block indices in [0, {depth - 1}]")
+        # A block may feed several outputs (shallow demo models); timm's call takes each index once.
+        self.out_indices = tuple(int(i) % depth for i in out_indices)
+        self._taken = sorted(set(self.out_indices))
         self.embed_dim = self.model.embed_dim
         self.patch_size = int(self.model.patch_embed.patch_size[0])
         self.stride = int(self.model.patch_embed.stride[0])
@@ -70,5 +72,7 @@ class VimSegBackbone(nn.Module):
         pass
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return self.model.forward_intermediates(x, indices=list(self.out_indices), norm=False,
-                                                output_fmt="NCHW", intermediates_only=True)
+        feats = self.model.forward_intermediates(x, indices=self._taken, norm=False, output_fmt="NCHW",
+                                                 intermediates_only=True)
+        by_block = dict(zip(self._taken, feats))
+        return [by_block[i] for i in self.out_indices]

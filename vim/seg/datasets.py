@@ -174,3 +174,18 @@ class ShapesSegDataset(SegFolderDataset):
         kwargs.setdefault("metainfo", dict(classes=("background",) + kinds))
         super().__init__(data_root=str(root), split=split, img_suffix=".png", seg_map_suffix=".png",
                          reduce_zero_label=False, **kwargs)
+
+
+def dataset_classes(dataset_cfg: dict) -> tuple:
+    """Class names a data-set config stands for, without reading the data (for inference tools)."""
+    cfg = dict(dataset_cfg)
+    meta = cfg.get("metainfo") or {}
+    if meta.get("classes"):
+        return tuple(meta["classes"])
+    cls = DATASETS.get(cfg.get("type"))
+    if cls is ShapesSegDataset or (isinstance(cls, type) and issubclass(cls, ShapesSegDataset)):
+        return ("background",) + tuple((cfg.get("generator") or {}).get("kinds", SHAPES_SEG_KINDS))
+    classes = getattr(cls, "METAINFO", {}).get("classes")
+    if not classes:
+        raise ValueError(f"cannot tell the classes of data set {cfg.get('type')!r}; give it metainfo=dict(classes=...)")
+    return tuple(classes)

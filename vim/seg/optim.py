@@ -11,6 +11,8 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 from timm.optim import param_groups_layer_decay
 
+from vim.engine.optim import collect_no_weight_decay
+
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module(name="VimLayerDecayOptimWrapperConstructor")
 class LayerDecayOptimWrapperConstructor:
@@ -18,7 +20,7 @@ class LayerDecayOptimWrapperConstructor:
     (the segmentor's puts the backbone stem at layer 0, block i at i + 1 and everything else, neck and
     heads, at the top layer depth + 1, as the official constructor does), each group's lr set to
     ``lr * layer_decay_rate ** (top - layer)``. No weight decay on 1-D parameters and on the model's
-    ``no_weight_decay()`` names.
+    ``no_weight_decay()`` names (of every submodule).
 
     Config: ``optim_wrapper=dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
     constructor='VimLayerDecayOptimWrapperConstructor', paramwise_cfg=dict(layer_decay_rate=0.92))``.
@@ -42,9 +44,7 @@ class LayerDecayOptimWrapperConstructor:
         cfg.setdefault("type", "OptimWrapper")
         optimizer_cfg = cfg.pop("optimizer")
         lr = optimizer_cfg["lr"]
-        no_decay = set(self.extra_no_decay)
-        if hasattr(model, "no_weight_decay"):
-            no_decay |= set(model.no_weight_decay())
+        no_decay = set(self.extra_no_decay) | collect_no_weight_decay(model)
         groups = param_groups_layer_decay(model, weight_decay=optimizer_cfg.get("weight_decay", 0.0),
                                           no_weight_decay_list=sorted(no_decay),
                                           layer_decay=self.layer_decay_rate)

@@ -151,11 +151,6 @@ class UperNetSegmentor(BaseModel):
         # with the decoder at the top layer, which is what leaving it unmatched does.
         return dict(stem=prefix(inner["stem"]), blocks=[(prefix(p), s) for p, s in blocks if s is None])
 
-    def no_weight_decay(self) -> set:
-        model = self.backbone.model
-        names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-        return {f"backbone.model.{n}" for n in names}
-
     # ---------------------------------------------------------------- BaseModel interface
     def forward(self, inputs: torch.Tensor, data_samples: Optional[List[BaseDataElement]] = None,
                 mode: str = "tensor") -> Union[Dict[str, torch.Tensor], List[BaseDataElement], torch.Tensor]:

@@ -174,7 +174,9 @@ class RandomFlip:
 @TRANSFORMS.register_module(name="SegPhotoMetricDistortion")
 class PhotoMetricDistortion:
     """mmseg's photometric distortion, each step with probability 1/2: brightness shift (+-32), contrast
-    (x0.5-1.5, before or after the colour steps), saturation (x0.5-1.5), hue shift (+-18 of 180)."""
+    (x0.5-1.5, before or after the colour steps), saturation (x0.5-1.5), hue shift (+-18 of 180).
+    Saturation blends with the grey image (torchvision) where mmseg scales the HSV S channel: the same
+    range of effect, not bit-identical."""
 
     def __init__(self, brightness_delta: int = 32, contrast_range: Tuple[float, float] = (0.5, 1.5),
                  saturation_range: Tuple[float, float] = (0.5, 1.5), hue_delta: int = 18):

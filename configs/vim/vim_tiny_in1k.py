@@ -1,0 +1,11 @@
+# Vim-Tiny on ImageNet-1k from scratch, the official recipe (official: 8 GPUs x 128, lr 1e-3, wd 0.1, drop path 0.0; 76.1% top-1 (EMA)).
+#   torchrun --nproc-per-node 8 tools/train.py configs/vim/vim_tiny_in1k.py --launcher pytorch \
+#       --cfg-options train_dataloader.dataset.data_root=/data/imagenet val_dataloader.dataset.data_root=/data/imagenet
+_base_ = [
+    '../_base_/models/vim_classifier.py',
+    '../_base_/datasets/imagenet_bs128.py',
+    '../_base_/schedules/vim_in1k_300e.py',
+    '../_base_/default_runtime.py',
+]
+model = dict(model_name='vim_tiny', model_kwargs=dict(drop_path_rate=0.0))
+optim_wrapper = dict(optimizer=dict(weight_decay=0.1))

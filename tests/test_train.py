@@ -1,0 +1,280 @@
+"""End-to-end training on the CPU: the demo learns, resume reproduces the uninterrupted run, the
+non-finite-loss guard, tools/test.py on an official-format checkpoint."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ORACLE = REPO / "tests" / "data" / "vim_tiny_depth4_official.pt"
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"_vim_tool_{name}", REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def train_tool():
+    return _load_tool("train")
+
+
+@pytest.fixture(scope="module")
+def test_tool():
+    return _load_tool("test")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    # the CI box has 2 cores; one intra-op thread plus one data worker uses them without oversubscription
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _final_metrics(out: str) -> dict:
+    line = [ln for ln in out.strip().splitlines() if ln.startswith("top-1:")][-1]
+    return {k: float(v) for k, v in re.findall(r"(\S+): ([0-9.]+)", line)}
+
+
+# A tiny shapes set and model: 6 classes x 24 images of 16 px, 2 x 2 tokens, ~9 steps per epoch.
+def _tiny_options(cache: Path, epochs: int, workers: int = 1):
+    opts = [f"train_cfg.max_epochs={epochs}", f"train_cfg.val_interval={epochs}",
+            "train_dataloader.batch_size=16", f"train_dataloader.num_workers={workers}",
+            "train_dataloader.dataset.transform.input_size=16", "val_dataloader.dataset.transform.input_size=16",
+            "model.model_kwargs.img_size=16", "model.model_kwargs.embed_dim=16", "model.model_kwargs.depth=1",
+            "model.model_kwargs.drop_path_rate=0.1",  # exercises the RNG in the model too
+            f"param_scheduler.1.end={epochs}", f"param_scheduler.1.T_max={epochs - 1}",
+            "default_hooks.logger.interval=5"]
+    for loader in ("train_dataloader", "val_dataloader"):
+        opts += [f"{loader}.dataset.shapes.img_size=16", f"{loader}.dataset.shapes.train_per_class=24",
+                 f"{loader}.dataset.shapes.val_per_class=4", f"{loader}.dataset.shapes.cache_dir={cache}"]
+    return opts
+
+
+def _as_argv(options):
+    return ["--cfg-options", *options]
+
+
+def test_demo_learns_shapes(train_tool, tmp_path, capsys):
+    """The demo config, shortened: a real accuracy bar on the generated shapes."""
+    cache = tmp_path / "cache"
+    epochs = 6
+    opts = [f"train_cfg.max_epochs={epochs}", f"train_cfg.val_interval={epochs}", f"param_scheduler.1.end={epochs}",
+            f"param_scheduler.1.T_max={epochs - 1}", "train_dataloader.batch_size=32",
+            "default_hooks.logger.interval=20"]
+    for loader in ("train_dataloader", "val_dataloader"):
+        opts += [f"{loader}.dataset.shapes.train_per_class=200", f"{loader}.dataset.shapes.val_per_class=50",
+                 f"{loader}.dataset.shapes.cache_dir={cache}"]
+    rc = train_tool.main(["--work-dir", str(tmp_path / "work"), *_as_argv(opts)])
+    assert rc == 0
+    metrics = _final_metrics(capsys.readouterr().out)
+    assert set(metrics) == {"top-1", "top-5", "ema/top-1", "ema/top-5"}
+    # ~220 steps of 32 images (the full demo reaches >= 90%); chance is 16.7%
+    assert metrics["top-1"] >= 50.0, metrics
+    assert (tmp_path / "work" / f"epoch_{epochs}.pth").is_file()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_reproduces_uninterrupted_run(train_tool, tmp_path, capsys):
+    from mmengine.hooks import Hook
+    from mmengine.registry import HOOKS
+
+    @HOOKS.register_module(name="_TestInterruptAfterEpoch", force=True)
+    class InterruptAfterEpoch(Hook):
+        priority = "LOWEST"  # after the CheckpointHook has saved
+
+        def __init__(self, epoch):
+            self.epoch = epoch
+
+        def after_train_epoch(self, runner):
+            if runner.epoch + 1 == self.epoch:
+                raise _Interrupt()
+
+    cache = tmp_path / "cache"
+    opts = _tiny_options(cache, epochs=3)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train_tool.main(["--work-dir", str(full), *_as_argv(opts)]) == 0
+    ensure_hooks = train_tool.cli.ensure_hooks
+
+    def ensure_hooks_and_interrupt(cfg, types):
+        ensure_hooks(cfg, types)
+        cfg.custom_hooks = cfg.custom_hooks + [dict(type="_TestInterruptAfterEpoch", epoch=2)]
+
+    train_tool.cli.ensure_hooks = ensure_hooks_and_interrupt
+    try:
+        with pytest.raises(_Interrupt):
+            train_tool.main(["--work-dir", str(part), *_as_argv(opts)])
+    finally:
+        train_tool.cli.ensure_hooks = ensure_hooks
+    assert (part / "epoch_2.pth").is_file() and not (part / "epoch_3.pth").exists()
+    # our checkpoints load with torch's default weights_only=True and nothing allow-listed
+    torch.load(part / "epoch_2.pth", weights_only=True)
+    assert train_tool.main(["--work-dir", str(part), "--resume", *_as_argv(opts)]) == 0
+
+    a = torch.load(full / "epoch_3.pth", weights_only=True)
+    b = torch.load(part / "epoch_3.pth", weights_only=True)
+    for key in ("state_dict", "ema_state_dict"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=0, msg=f"{key}/{k}")
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        torch.testing.assert_close(sa[i]["exp_avg"], sb[i]["exp_avg"], rtol=0, atol=0)
+    out = capsys.readouterr().out
+    finals = [ln for ln in out.splitlines() if ln.startswith("top-1:")]
+    assert len(finals) == 2 and finals[0] == finals[1]
+
+
+def test_non_finite_loss_is_skipped_then_stops():
+    import vim.engine  # noqa: F401
+    from mmengine.registry import OPTIM_WRAPPERS
+
+    model = torch.nn.Linear(3, 2)
+    ow = OPTIM_WRAPPERS.build(dict(type="GuardedOptimWrapper", max_nonfinite=3,
+                                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+    before = model.weight.detach().clone()
+    ow.update_params(model(torch.full((1, 3), float("nan"))).sum())
+    torch.testing.assert_close(model.weight.detach(), before)  # skipped
+    assert model.weight.grad is None or not model.weight.grad.abs().sum()
+    ow.update_params(model(torch.ones(1, 3)).sum())  # a good step resets the count
+    assert ow.nonfinite_in_row == 0 and not torch.equal(model.weight.detach(), before)
+    ow.update_params(model(torch.full((1, 3), float("inf"))).sum())
+    ow.update_params(model(torch.full((1, 3), float("inf"))).sum())
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        ow.update_params(model(torch.full((1, 3), float("nan"))).sum())
+
+
+def test_cfg_option_typo_is_a_clear_error(train_tool, capsys):
+    assert train_tool.main(["--cfg-options", "train_cfg.max_epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "no key 'max_epoch'" in err and "max_epochs" in err
+
+
+def test_missing_data_dir_is_a_clear_error(train_tool, tmp_path, capsys):
+    cfg = REPO / "configs" / "vim" / "vim_tiny_in1k.py"
+    rc = train_tool.main([str(cfg), "--work-dir", str(tmp_path / "w"), "--cfg-options",
+                          f"train_dataloader.dataset.data_root={tmp_path / 'nowhere'}",
+                          "model.model_kwargs.depth=1"])
+    assert rc == 2
+    assert "data folder not found" in capsys.readouterr().err
+
+
+def _photo_from_oracle(oracle):
+    """The oracle's last input (a real photo, ImageNet-normalised 224x224) back to an RGB image."""
+    from PIL import Image
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    x = (oracle["input"][-1] * std + mean).clamp(0, 1)
+    return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def test_test_tool_on_official_checkpoint(test_tool, tmp_path, capsys):
+    """tools/test.py evaluates an official-format {'model': state_dict} file on a tiny ImageFolder whose
+    labels are the official model's own top-1 and 5th-ranked class for the photo."""
+    oracle = torch.load(ORACLE, weights_only=False)
+    ckpt = tmp_path / "vim_t_depth4_official.pth"
+    torch.save({"model": oracle["state_dict"], "epoch": 299}, ckpt)
+    ranked = oracle["logits"][-1].topk(5).indices.tolist()
+    photo = _photo_from_oracle(oracle)
+    for name in ("top1", "fifth"):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        photo.save(tmp_path / "data" / "val" / name / "photo.png")
+    cfg = tmp_path / "eval_cfg.py"
+    cfg.write_text(
+        f"_base_ = [{str(REPO / 'configs' / 'vim' / 'vim_tiny_in1k.py')!r}]\n"
+        "model = dict(model_kwargs=dict(depth=4))\n"
+        "test_dataloader = dict(batch_size=2, num_workers=0, dataset=dict(\n"
+        f"    data_root={str(tmp_path / 'data')!r}, classes={{'top1': {ranked[0]}, 'fifth': {ranked[4]}}},\n"
+        "    transform=dict(input_size=224, is_training=False, crop_pct=1.0, interpolation='bicubic')))\n")
+    rc = test_tool.main([str(cfg), str(ckpt), "--work-dir", str(tmp_path / "w")])
+    assert rc == 0
+    metrics = _final_metrics(capsys.readouterr().out)
+    assert metrics == {"top-1": 50.0, "top-5": 100.0}
+
+
+def test_test_tool_rejects_other_architecture(test_tool, tmp_path, capsys):
+    oracle = torch.load(ORACLE, weights_only=False)
+    ckpt = tmp_path / "official.pth"
+    torch.save({"model": oracle["state_dict"]}, ckpt)
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    _photo_from_oracle(oracle).save(tmp_path / "data" / "val" / "a" / "x.png")
+    rc = test_tool.main([str(REPO / "configs" / "vim" / "vim_small_in1k.py"), str(ckpt), "--work-dir",
+                         str(tmp_path / "w"), "--cfg-options", "model.model_kwargs.depth=4",
+                         f"test_dataloader.dataset.data_root={tmp_path / 'data'}"])
+    assert rc == 2
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """The demo pipeline under torchrun with 2 gloo processes: repeated-augmentation sampler, the
+    all-reduced non-finite guard, rank-0 data generation with the others waiting, metric gathering."""
+    import subprocess
+    cache = tmp_path / "cache"
+    opts = _tiny_options(cache, epochs=2, workers=0) + ["train_dataloader.batch_size=8",
+                                                         "train_dataloader.sampler.num_repeats=3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29617",
+           str(REPO / "tools" / "train.py"), "--launcher", "pytorch", "--work-dir", str(tmp_path / "w"),
+           *_as_argv(opts)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = _final_metrics(proc.stdout)
+    assert 0.0 <= metrics["top-1"] <= 100.0 and (tmp_path / "w" / "epoch_2.pth").is_file()
+    assert "VimRepeatAugSampler" in (tmp_path / "w" / "shapes_cls.py").read_text()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A write that dies midway leaves the previous file whole and no temporary file behind."""
+    from mmengine.fileio.backends import LocalBackend
+
+    import vim.engine  # noqa: F401  (installs the atomic put)
+    target = tmp_path / "epoch_1.pth"
+    LocalBackend().put(b"old checkpoint", str(target))
+
+    def crash(fd):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        LocalBackend().put(b"new, half written", str(target))
+    assert target.read_bytes() == b"old checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch_1.pth"]
+
+
+def test_cli_errors(train_tool, tmp_path, capsys):
+    assert train_tool.main(["--work-dir", str(tmp_path), "--resume"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train_tool.main(["--amp", "bf16"]) == 2
+        assert "needs a GPU" in capsys.readouterr().err
+    assert train_tool.main([str(tmp_path / "nope.py")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_amp_flag_switches_any_optim_wrapper(monkeypatch):
+    from mmengine.config import Config
+
+    from vim.engine import cli
+    cfg = Config(dict(optim_wrapper=dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3))))
+    assert cli.apply_amp(cfg, "off") == "off" and cfg.optim_wrapper.type == "GuardedOptimWrapper"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.apply_amp(cfg, "auto") == "bf16"
+    assert cfg.optim_wrapper.type == "GuardedAmpOptimWrapper" and cfg.optim_wrapper.dtype == "bfloat16"
+    cli.apply_amp(cfg, "fp16")
+    assert cfg.optim_wrapper.dtype == "float16"
+    cli.apply_amp(cfg, "off")
+    assert cfg.optim_wrapper.type == "GuardedOptimWrapper" and "dtype" not in cfg.optim_wrapper
