@@ -1,12 +1,12 @@
 """tools/benchmark.py on the CPU: a tiny end-to-end run (JSON, table, PNGs, no mmengine import) and
 the batch-size search backing off from out-of-memory."""
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from tool_loading import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,14 +21,6 @@ for tool in ("extract_features", "predict"):
 sys.argv[0] = f"{root}/tools/benchmark.py"
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_cpu_smoke_run_writes_json_and_plots(tmp_path):
@@ -61,7 +53,7 @@ def test_cpu_smoke_run_writes_json_and_plots(tmp_path):
 
 
 def test_batch_search_backs_off_from_oom(tmp_path, monkeypatch, capsys):
-    bench = _load_tool("benchmark")
+    bench = load_tool("benchmark")
     real_call = bench.Step.__call__
 
     def fake_oom_above_2(self):

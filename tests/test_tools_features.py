@@ -1,7 +1,5 @@
 """tools/extract_features.py: features equal the model's own pooled embedding, --layers shapes,
 bad inputs reported and skipped, output and checkpoint errors."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +10,14 @@ from PIL import Image
 
 import vim  # noqa: F401  (registers vim_*)
 from vim import inference as inf
+from tool_loading import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, embed_dim=64, patch_size=8, stride=8)
 KW = ["--model-kwargs"] + [f"{k}={v}" for k, v in TINY.items()]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tool = _load_tool("extract_features")
+tool = load_tool("extract_features")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vim.kernels import DirectionParams, bimamba_v2_fn, bimamba_v2_ref  # noqa: E402
+from vim.kernels import DirectionParams, bimamba_v2_fn  # noqa: E402
 from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
 from vim.kernels.selective_scan import triton_scan  # noqa: E402
 

@@ -19,7 +19,6 @@ ddelta, Y sums) cover every gradient; the walks meet through one float32 (B, L, 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

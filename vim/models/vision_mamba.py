@@ -7,7 +7,6 @@ bimamba_type='v2', use_middle_cls_token=True, if_devide_out=True``), in timm's m
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
