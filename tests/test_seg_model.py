@@ -1,4 +1,6 @@
 """Segmentation model: shapes through every stage, slide vs whole inference, layer-decay groups, weights."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,7 +129,7 @@ def test_layer_decay_groups():
 
 
 def test_pretrained_official_checkpoint(tmp_path):
-    oracle = torch.load('tests/data/vim_tiny_depth4_official.pt', weights_only=False)
+    oracle = torch.load(Path(__file__).parent / 'data' / 'vim_tiny_depth4_official.pt', weights_only=False)
     path = tmp_path / 'official.pth'
     torch.save({'model': oracle['state_dict']}, path)
     bb = MODELS.build(dict(type='VimSegBackbone', model_name='vim_tiny', depth=4, img_size=512,
@@ -139,6 +141,9 @@ def test_pretrained_official_checkpoint(tmp_path):
     torch.testing.assert_close(bb.model.blocks[2].mixer.A_b_log, sd['layers.2.mixer.A_b_log'])
     with pytest.raises(ValueError, match='out_indices'):
         MODELS.build(dict(type='VimSegBackbone', depth=4, out_indices=(5, 11)))
+    with pytest.raises(RuntimeError, match=r'missing keys: blocks\.4\.'):
+        MODELS.build(dict(type='VimSegBackbone', model_name='vim_tiny', depth=6, out_indices=(0, 5),
+                          pretrained=str(path)))
 
 
 def test_backbone_repeated_out_index():

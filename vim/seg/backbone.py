@@ -1,7 +1,6 @@
 """The registered timm Vim as a segmentation backbone: no class token, maps after chosen blocks."""
 from __future__ import annotations
 
-import logging
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -53,18 +52,12 @@ class VimSegBackbone(nn.Module):
         return tuple(p if s <= p else p + math.ceil((s - p) / st) * st for s in size)
 
     def load_pretrained(self, path: str) -> None:
+        """Classification weights in: classifier and class token dropped, position embedding resized;
+        anything else that does not fit is an error listing the keys."""
         import vim
 
-        state_dict = vim.checkpoint_filter_fn(vim.load_official_checkpoint(path), self.model)
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if not k.startswith("head")]
-        unexpected = [k for k in unexpected if not k.startswith(("head", "cls_token"))]
-        print_log(f"loaded backbone weights from {path}; missing: {missing or 'none'}; "
-                  f"unexpected: {unexpected or 'none'}", logger="current",
-                  level=logging.WARNING if missing or unexpected else logging.INFO)
-        if len(missing) > len(state_dict) // 2:
-            raise RuntimeError(f"{path} matched almost none of {type(self.model).__name__}'s weights "
-                               f"(missing: {missing[:5]}...); is it a Vim checkpoint of the same size?")
+        vim.load_checkpoint(self.model, path)
+        print_log(f"loaded backbone weights from {path}", logger="current")
 
     def init_weights(self) -> None:
         # The Runner calls init_weights on children after construction; the timm model is already
