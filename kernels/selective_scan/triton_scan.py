@@ -78,6 +78,29 @@ def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
 
 
 @triton.jit
+def _program_setup(A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    """What every scan kernel starts with: its (channel block, chunk, batch) indices and masks, A as an
+    [N, BLOCK_D] tile (also pre-scaled by log2(e) for exp2), the B/C group and the delta bias."""
+    pid_d = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    mask2 = mask_d[None, :] & mask_n[:, None]
+    A = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    group = (pid_d * BLOCK_D) // CPG
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    return pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias
+
+
+@triton.jit
 def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mask_d, Dm, NC, N,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """State entering chunk pid_c: fold the local end states of chunks 0..pid_c-1.
@@ -104,20 +127,8 @@ def _fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_PASS: tl.constexpr, ACCUM: tl.constexpr, STORE_LAST: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < Dm
-    mask_n = offs_n < N
-    mask2 = mask_d[None, :] & mask_n[:, None]
-    A2 = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32) * 1.4426950408889634
-    group = (pid_d * BLOCK_D) // CPG
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = 0.0
+    pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias = _program_setup(
+        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
@@ -194,20 +205,8 @@ def _bwd_adjoint_state_kernel(
 ):
     """Per chunk, the adjoint walked from zero at the chunk's end: stores a_s*g_s at the chunk's first
     position (Gout) and sum_t g_t*b_t (TYloc), both (B, NC, D, N) float32."""
-    pid_d = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < Dm
-    mask_n = offs_n < N
-    mask2 = mask_d[None, :] & mask_n[:, None]
-    A2 = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32) * 1.4426950408889634
-    group = (pid_d * BLOCK_D) // CPG
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = 0.0
+    pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias = _program_setup(
+        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, HAS_BIAS)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
@@ -255,21 +254,8 @@ def _bwd_forward_walk_kernel(
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start)."""
-    pid_d = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < Dm
-    mask_n = offs_n < N
-    mask2 = mask_d[None, :] & mask_n[:, None]
-    A = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
-    group = (pid_d * BLOCK_D) // CPG
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = 0.0
+    pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias = _program_setup(
+        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
@@ -357,21 +343,8 @@ def _bwd_reverse_walk_kernel(
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA and ddelta_bias (atomic)."""
-    pid_d = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < Dm
-    mask_n = offs_n < N
-    mask2 = mask_d[None, :] & mask_n[:, None]
-    A = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
-    group = (pid_d * BLOCK_D) // CPG
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = 0.0
+    pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias = _program_setup(
+        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
