@@ -26,9 +26,10 @@ def poisoned_outputs():
 
 
 def make_inputs(batch, dim, L, N, groups=0, has_D=True, has_z=True, has_bias=True, dtype=torch.float32,
-                device=DEV, token_major=True, seed=None):
+                device=DEV, token_major=True, seed=None, model_rows=False):
     """Fresh random inputs. token_major: u/delta/z are (B, L, D) storage viewed as (B, D, L) and B/C
-    are slices of one (B, L, 2N + 3) tensor, as the model passes them."""
+    are slices of one (B, L, 2N + 3) tensor with a gap between them (rows not 8-byte aligned).
+    model_rows: B/C are slices of a (B, L, 12 + 2N) x_proj output instead, as the model passes them."""
     g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
 
     def rnd(*shape, scale=1.0, shift=0.0):
@@ -49,6 +50,9 @@ def make_inputs(batch, dim, L, N, groups=0, has_D=True, has_z=True, has_bias=Tru
             Cm = BC[..., N + 3:].permute(0, 2, 3, 1)
         else:
             Bm, Cm = rnd(*shape), rnd(*shape)
+    elif model_rows:
+        BC = rnd(batch, L, 12 + 2 * N)
+        Bm, Cm = BC[..., 12:12 + N].transpose(1, 2), BC[..., 12 + N:].transpose(1, 2)
     else:
         if token_major:
             BC = rnd(batch, L, 2 * N + 3)
@@ -134,6 +138,37 @@ def test_reverse_equals_flipped_forward():
     assert rel(y_rev, y_flip) < 1e-5
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_bf16_model_rows_read_packed(reverse, monkeypatch):
+    """bf16 B/C rows of the x_proj output are read four states per int64 word; the output equals the
+    one-state-per-load path exactly (the unpacking is exact), and both match the float64 reference."""
+    triton_scan.CHUNK_OVERRIDE = 8
+    inputs = make_inputs(2, 8, 21, 8, dtype=torch.bfloat16, model_rows=True)
+    inputs[2] = inputs[2].float()
+    assert triton_scan._bc_packable(inputs[3], inputs[4], 8)
+    run_both(inputs, reverse=reverse, tol=1e-2, gtol=2e-2)
+
+    def outputs():
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+        y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
+        y.float().sum().backward()
+        return [y] + [t.grad for t in leaves if t is not None]
+
+    packed = outputs()
+    monkeypatch.setattr(triton_scan, "_bc_packable", lambda *a: False)
+    unpacked = outputs()
+    assert torch.equal(packed[0], unpacked[0])
+    for a, b in zip(packed[1:], unpacked[1:]):   # atomics sum some gradients in no fixed order
+        assert rel(a, b) < 1e-5
+
+
+def test_unaligned_or_fp32_rows_are_not_packed():
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 4, dtype=torch.bfloat16)   # C starts 2 bytes off
+    assert not triton_scan._bc_packable(Bm, Cm, 4)
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 4, model_rows=True)        # float32
+    assert not triton_scan._bc_packable(Bm, Cm, 4)
+
+
 def test_token_major_output_layout_and_no_copy():
     """The kernel writes token-major output (what out_proj wants) and takes token-major views as is."""
     u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 2)
@@ -158,6 +193,7 @@ def test_bad_shapes_raise_clear_errors():
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_half_precision(dtype, reverse):
     # the reference sees the same (rounded) half inputs in float64; error is the output rounding
+    run_both(make_inputs(2, 64, 197, 16, dtype=dtype, model_rows=True), reverse=reverse, tol=1e-2, gtol=2e-2)
     run_both(make_inputs(2, 64, 197, 16, dtype=dtype), reverse=reverse, tol=1e-2, gtol=2e-2)
 
 

@@ -28,9 +28,9 @@ from vim.kernels import DirectionParams, bimamba_v2_fn  # noqa: E402
 from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
 from vim.kernels.selective_scan import triton_scan  # noqa: E402
 
-SWEEP_FWD = [(32, 16, 1), (16, 8, 1), (64, 8, 2)]
-SWEEP_BWD = [(32, 8, 1), (64, 4, 1)]
-SWEEP_CHUNK = [(16384, 64)]
+SWEEP_FWD = [(32, 1, 2, 1), (32, 1, 4, 1), (16, 2, 1, 1), (16, 2, 4, 1), (32, 2, 2, 2), (8, 4, 2, 1)]
+SWEEP_BWD = [(32, 4, 1), (64, 2, 1), (64, 1, 1)]
+SWEEP_CHUNK = [(16384, 64), (2048, 64)]
 GPU_SHAPES = [(128, 384, 197, 16), (128, 768, 197, 16), (8, 384, 6085, 16)]
 CPU_SHAPES = [(2, 8, 24, 4)]
 # mamba_ssm 2.3.2 CUDA kernel on an H100, bf16 (shared/anchors), ms: (fwd, fwd+bwd)
@@ -62,7 +62,7 @@ def make_inputs(batch, E, L, N, dtype, device, requires_grad=False):
     z = torch.randn(batch, L, E, device=device, dtype=dtype)
     dl = (torch.randn(batch, L, E, device=device) * 0.5 - 1.0).to(dtype)
     xdbl = torch.randn(batch, L, R + 2 * N, device=device, dtype=dtype)
-    A = -torch.exp(torch.rand(E, N, device=device) * 2)
+    A = -torch.exp(torch.rand(N, E, device=device) * 2).t()   # channel-contiguous, as the model keeps it
     D = torch.randn(E, device=device)
     bias = torch.randn(E, device=device) * 0.5
     leaves = [x, dl, A, xdbl, D, z, bias]
@@ -237,7 +237,7 @@ def main(argv=None):
     if args.sweep and cuda:
         report["sweep"] = {}
         base = dict(triton_scan.CONFIG)
-        fwd_cfgs = [dict(BLOCK_D=bd, UNROLL=un, NUM_WARPS=nw) for bd, un, nw in SWEEP_FWD]
+        fwd_cfgs = [dict(BLOCK_D=bd, SPLIT=sp, UNROLL=un, NUM_WARPS=nw) for bd, sp, un, nw in SWEEP_FWD]
         bwd_cfgs = [dict(BLOCK_D_BWD=bd, UNROLL_BWD=un, NUM_WARPS_BWD=nw) for bd, un, nw in SWEEP_BWD]
         tgt_cfgs = [dict(TARGET_PROGRAMS=tp, MIN_CHUNK=mc) for tp, mc in SWEEP_CHUNK]
         for kind, cfgs, sweep_shapes in (("fwd", fwd_cfgs, shapes), ("bwd", bwd_cfgs, shapes),

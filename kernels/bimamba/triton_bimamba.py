@@ -98,7 +98,7 @@ def _forward_impl(x, z, flat):
             xc, xdbl = _direction_inputs(x, p, reverse, cdt)
             dt, Bm, Cm = _split(xdbl, rank, N)
             delta = F.linear(dt, p.dt_proj_weight.to(cdt))
-            A = -torch.exp(p.A_log.float())
+            A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
             _, _, hloc, S = triton_scan.scan_forward(
                 xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
                 p.dt_proj_bias.float(), True, reverse, out=out.transpose(1, 2), out_scale=0.5,
@@ -126,7 +126,7 @@ def _backward_impl(dout, x, z, flat, saved):
             dt, Bm, Cm = _split(xdbl, rank, N)
             Wdt = p.dt_proj_weight.to(cdt)
             delta = F.linear(dt, Wdt)
-            A = -torch.exp(p.A_log.float())
+            A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
             du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan.scan_backward(
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
                 p.dt_proj_bias.float(), True, reverse, hloc, S)
@@ -186,7 +186,7 @@ def _fwd_fake(x, z, *flat):
         outs.append(x.new_empty((batch, L, p.x_proj_weight.shape[0])))
         _, _, _, nc, _ = triton_scan._plan(batch, E, L, 1)
         if nc > 1:
-            outs += [x.new_empty((batch, nc, E, N), dtype=torch.float32),
+            outs += [x.new_empty((batch, nc, N, E), dtype=torch.float32),
                      x.new_empty((batch, nc, E), dtype=torch.float32)]
         else:
             outs += [x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)]

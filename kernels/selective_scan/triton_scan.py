@@ -2,7 +2,9 @@
 
 Layout of the work: one program owns ``BLOCK_D`` channels x ``N`` states of one batch row and walks
 one chunk of the sequence token by token with the state in registers, loads of ``UNROLL`` tokens
-issued together so their latencies overlap. Long sequences are split into chunks so that enough
+issued together so their latencies overlap. Each thread holds whole channel rows (in the forward, a
+channel's states split over ``SPLIT`` threads); docs/kernels.md says how that layout is pinned and why
+it decides the speed. Long sequences are split into chunks so that enough
 programs exist; a first pass stores each chunk's local end state and delta sum, and each program of
 the main pass folds the earlier chunks' summaries into its initial state (a few [BLOCK_D, N] loads).
 
@@ -28,8 +30,8 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 # Tuning knobs, read at launch; tools/benchmark_kernels.py sweeps them.
-# Defaults: the fastest combination measured on an H100 (docs/kernels.md, run 3).
-CONFIG = dict(BLOCK_D=16, UNROLL=8, NUM_WARPS=1, BLOCK_D_BWD=32, UNROLL_BWD=4, NUM_WARPS_BWD=1,
+# Defaults: the fastest combination measured on an H100 (docs/kernels.md, v4 sweep).
+CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, BLOCK_D_BWD=32, UNROLL_BWD=2, NUM_WARPS_BWD=1,
               TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -52,45 +54,83 @@ def _softplus(x):
 
 
 @triton.jit
+def _unpack_bf16x4(x):
+    """int64 words holding four bf16 each -> float32 vector of 4x the length, in memory order."""
+    lo = x.to(tl.int32)
+    hi = (x >> 32).to(tl.int32)
+    v0 = (lo << 16).to(tl.float32, bitcast=True)
+    v1 = (lo & -65536).to(tl.float32, bitcast=True)
+    v2 = (hi << 16).to(tl.float32, bitcast=True)
+    v3 = (hi & -65536).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [x.shape[0] * 4])
+
+
+@triton.jit
+def _bc_pointers(M_ptr, pid_b, group, s_b, s_g, s_n, BLOCK_N: tl.constexpr, BC_PACK: tl.constexpr):
+    """Pointers to the N values of B or C at token 0. With BC_PACK (bf16, state-contiguous, 8-byte
+    aligned rows) they point at int64 words of four states: every thread of a program reads the same
+    row, so a quarter of the loads is a quarter of the load-unit work, which otherwise rivals the exps."""
+    if BC_PACK:
+        return M_ptr.to(tl.pointer_type(tl.int64)) + (pid_b * s_b + group * s_g) // 4 + tl.arange(0, BLOCK_N // 4)
+    else:
+        return M_ptr + pid_b * s_b + group * s_g + tl.arange(0, BLOCK_N) * s_n
+
+
+@triton.jit
+def _load_bc(ptrs, t, s_l, mask_n, BC_PACK: tl.constexpr):
+    if BC_PACK:
+        return _unpack_bf16x4(tl.load(ptrs + t * (s_l // 4)))
+    else:
+        return tl.load(ptrs + t * s_l, mask=mask_n, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
                su_l, sd_l, sz_l, sB_l, sC_l, bias,
-               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Inputs of one token. Returns u, delta (processed; 0 where invalid so the step is a no-op),
-    the pre-softplus value, z, B, C (float32)."""
-    md = mask_d & ok
-    mn = mask_n & ok
-    u = tl.load(u_ptrs + t * su_l, mask=md, other=0.0).to(tl.float32)
-    raw = tl.load(dl_ptrs + t * sd_l, mask=md, other=0.0).to(tl.float32)
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_PACK: tl.constexpr):
+    """Inputs of one token. ``t`` is always a valid token (the callers clamp the tail of a chunk to its
+    last token, so no load needs a per-token predicate); ``ok`` says whether the step is real.
+    Returns u, delta (processed; 0 where not ok or masked, so the step is a no-op), the pre-softplus
+    value, z, B, C (float32)."""
+    u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
+    raw = tl.load(dl_ptrs + t * sd_l, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias
     if SOFTPLUS:
         dl = _softplus(raw)
     else:
         dl = raw
-    dl = tl.where(md, dl, 0.0)
+    dl = tl.where(mask_d & ok, dl, 0.0)
     if HAS_Z:
-        z = tl.load(z_ptrs + t * sz_l, mask=md, other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
     else:
         z = u
-    Bv = tl.load(B_ptrs + t * sB_l, mask=mn, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptrs + t * sC_l, mask=mn, other=0.0).to(tl.float32)
+    Bv = _load_bc(B_ptrs, t, sB_l, mask_n, BC_PACK)
+    Cv = _load_bc(C_ptrs, t, sC_l, mask_n, BC_PACK)
     return u, dl, raw, z, Bv, Cv
 
 
 @triton.jit
 def _program_setup(A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr):
-    """What every scan kernel starts with: its (channel block, chunk, batch) indices and masks, A as an
-    [N, BLOCK_D] tile (also pre-scaled by log2(e) for exp2), the B/C group and the delta bias."""
+    """What every scan kernel starts with: its (channel block, chunk, batch) indices and masks, A as a
+    [BLOCK_D, N] tile (also pre-scaled by log2(e) for exp2), the B/C group and the delta bias.
+
+    Triton lays out every [channel, state] tile of a kernel the way this load of A is coalesced. The
+    host hands A over channel-contiguous, so each thread owns whole channels with all their states in
+    registers: sums over states (the output, the gradients through B and C) need no shuffles and no
+    tile changes layout inside the token loop."""
     pid_d = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    # Divisibility 1 on purpose: vectorised channel loads would give each thread several channels and
+    # spread a channel's states over threads (shuffles and layout changes in the token loop).
+    offs_d = tl.multiple_of(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Dm
     mask_n = offs_n < N
-    mask2 = mask_d[None, :] & mask_n[:, None]
-    A = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n, mask=mask2, other=0.0).to(tl.float32)
+    mask2 = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask2, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
     group = (pid_d * BLOCK_D) // CPG
     if HAS_BIAS:
@@ -101,16 +141,23 @@ def _program_setup(A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D: tl.constexp
 
 
 @triton.jit
+def _state_offsets(pid_b, chunk, NC, Dm, N, offs_d, offs_n):
+    """Element offsets of one chunk's [BLOCK_D, N] tile in a (B, NC, N, D) float32 summary buffer;
+    channel-contiguous like A, so loads and stores keep the tiles' layout."""
+    base = (pid_b * NC + chunk).to(tl.int64) * N
+    return (base + offs_n[None, :]) * Dm + offs_d[:, None]
+
+
+@triton.jit
 def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mask_d, Dm, NC, N,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """State entering chunk pid_c: fold the local end states of chunks 0..pid_c-1.
-    hloc: (B, NC, D, N) float32; S: (B, NC, D) float32 sum of delta over each chunk."""
-    h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    hloc: (B, NC, N, D) float32; S: (B, NC, D) float32 sum of delta over each chunk."""
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     for j in range(0, pid_c):
-        base = (pid_b * NC + j).to(tl.int64)
-        hl = tl.load(hloc_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], mask=mask2, other=0.0)
-        s = tl.load(S_ptr + base * Dm + offs_d, mask=mask_d, other=0.0)
-        h = tl.exp2(A2 * s[None, :]) * h + hl
+        hl = tl.load(hloc_ptr + _state_offsets(pid_b, j, NC, Dm, N, offs_d, offs_n), mask=mask2, other=0.0)
+        s = tl.load(S_ptr + (pid_b * NC + j).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
+        h = tl.exp2(A2 * s[:, None]) * h + hl
     return h
 
 
@@ -118,77 +165,140 @@ def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mas
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _load_state_part(ptrs, t, s_l, s_n, N, part, NS: tl.constexpr, BC_PACK: tl.constexpr):
+    """States [part * NS, (part + 1) * NS) of B or C at token t, float32 [NS] (the same for every thread)."""
+    if BC_PACK:
+        return _unpack_bf16x4(tl.load(ptrs + t * (s_l // 4) + part * (NS // 4)))
+    else:
+        n = part * NS + tl.arange(0, NS)
+        return tl.load(ptrs + t * s_l + part * NS * s_n, mask=n < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_state_rows(ptrs, t, s_l, s_n, N, half, NS: tl.constexpr, SPLIT: tl.constexpr, BC_PACK: tl.constexpr):
+    """B or C at token t for every row: [R, NS] (row r gets the states of its part half[r]), or [1, NS]
+    without a split. Built from uniform row loads and selects, not a 2-D load, so that the tile keeps
+    the layout A gave it (a 2-D load here would be coalesced along the states)."""
+    v = _load_state_part(ptrs, t, s_l, s_n, N, 0, NS, BC_PACK)[None, :]
+    for part in tl.static_range(1, SPLIT):
+        v = tl.where(half[:, None] == part, _load_state_part(ptrs, t, s_l, s_n, N, part, NS, BC_PACK)[None, :], v)
+    return v
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hloc_ptr, S_ptr, last_ptr,
     Dm, L, N, T, NC, CPG, out_scale,
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_PASS: tl.constexpr, ACCUM: tl.constexpr, STORE_LAST: tl.constexpr,
 ):
-    pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias = _program_setup(
-        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, HAS_BIAS)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    """Forward walk. A program owns BLOCK_D channels as SPLIT * BLOCK_D rows, one per thread: row
+    r = s * BLOCK_D + c holds states [s * NS, (s + 1) * NS) of channel c. Splitting a channel's states
+    over SPLIT threads multiplies the threads in flight (the walk is latency-bound: one thread per
+    channel leaves most of the GPU idle at vision batch sizes) for one shuffle per token to add the
+    parts of the output."""
+    NS: tl.constexpr = BLOCK_N // SPLIT
+    R: tl.constexpr = SPLIT * BLOCK_D
+    pid_d = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = tl.arange(0, R)
+    # divisibility 1 on purpose: see _program_setup
+    offs_d = tl.multiple_of(pid_d * BLOCK_D + rows % BLOCK_D, 1)
+    half = rows // BLOCK_D
+    n_idx = half[:, None] * NS + tl.arange(0, NS)[None, :]
+    mask_d = offs_d < Dm
+    mask2 = mask_d[:, None] & (n_idx < N)
+    A2 = tl.load(A_ptr + offs_d[:, None] * sA_d + n_idx * sA_n, mask=mask2, other=0.0).to(tl.float32) * 1.4426950408889634
+    group = (pid_d * BLOCK_D) // CPG
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    if HAS_D:   # D * u enters once per channel: on the rows of the first state part
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d & (half == 0), other=0.0).to(tl.float32)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
-    o_ptrs = out_ptr + pid_b * so_b + offs_d * so_d
-    B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
-    C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
-
-    if STATE_PASS:
-        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if BC_PACK:
+        B_ptrs = B_ptr.to(tl.pointer_type(tl.int64)) + (pid_b * sB_b + group * sB_g) // 4 + tl.arange(0, NS // 4)
+        C_ptrs = C_ptr.to(tl.pointer_type(tl.int64)) + (pid_b * sC_b + group * sC_g) // 4 + tl.arange(0, NS // 4)
     else:
-        h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mask_d, Dm, NC, N,
-                           BLOCK_D, BLOCK_N)
-    ssum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + tl.arange(0, NS) * sB_n
+        C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + tl.arange(0, NS) * sC_n
+    offs_o = tl.multiple_of(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)   # as offs_d: the layout of A
+    o_ptrs = out_ptr + pid_b * so_b + offs_o * so_d
+    mask_o = offs_o < Dm
+
+    h = tl.zeros([R, NS], dtype=tl.float32)
+    if not STATE_PASS:
+        for jc in range(0, pid_c):     # fold the earlier chunks' end states
+            base = (pid_b * NC + jc).to(tl.int64)
+            hl = tl.load(hloc_ptr + (base * N + n_idx) * Dm + offs_d[:, None], mask=mask2, other=0.0)
+            s = tl.load(S_ptr + base * Dm + offs_d, mask=mask_d, other=0.0)
+            h = tl.exp2(A2 * s[:, None]) * h + hl
+    ssum = tl.zeros([R], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
-    rows = tl.arange(0, UNROLL)
+    cols = tl.arange(0, UNROLL)
     for p0 in range(p_start, p_end, UNROLL):
         # Outputs of the group are collected and written after it: a store between two tokens' loads
         # would keep the compiler from issuing the group's loads together (it cannot rule out aliasing).
-        y_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
+        y_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         for j in tl.static_range(UNROLL):
             p = p0 + j
             ok = p < p_end
             if REVERSE:
-                t = L - 1 - p
+                t = L - 1 - tl.minimum(p, p_end - 1)
             else:
-                t = p
-            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
-                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
-            h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bv[:, None]
+                t = tl.minimum(p, p_end - 1)
+            u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
+            raw = tl.load(dl_ptrs + t * sd_l, mask=mask_d, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw = raw + bias
+            if SOFTPLUS:
+                dl = _softplus(raw)
+            else:
+                dl = raw
+            dl = tl.where(mask_d & ok, dl, 0.0)
+            Bv = _load_state_rows(B_ptrs, t, sB_l, sB_n, N, half, NS, SPLIT, BC_PACK)
+            Cv = _load_state_rows(C_ptrs, t, sC_l, sC_n, N, half, NS, SPLIT, BC_PACK)
+            h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if STATE_PASS:
                 ssum += dl
             else:
-                y = tl.sum(h * Cv[:, None], axis=0)
+                y = tl.sum(h * Cv, axis=1)
                 if HAS_D:
                     y += Dv * u
                 if HAS_Z:
+                    z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
                     y = y * z * tl.sigmoid(z)
-                y_tile = tl.where(rows[:, None] == j, y[None, :], y_tile)
+                if SPLIT > 1:
+                    y = tl.sum(tl.reshape(y, [SPLIT, BLOCK_D]), axis=0)
+                y_tile = tl.where(cols[None, :] == j, y[:, None], y_tile)
         if not STATE_PASS:
-            pp = p0 + rows
+            pp = p0 + cols
             if REVERSE:
                 tt = L - 1 - pp
             else:
                 tt = pp
-            m = (pp < p_end)[:, None] & mask_d[None, :]
-            optr = o_ptrs[None, :] + tt[:, None] * so_l
+            m = mask_o[:, None] & (pp < p_end)[None, :]
+            optr = o_ptrs[:, None] + tt[None, :] * so_l
             y_tile = y_tile * out_scale
             if ACCUM:
                 y_tile += tl.load(optr, mask=m, other=0.0).to(tl.float32)
             tl.store(optr, y_tile.to(out_ptr.dtype.element_ty), mask=m)
     if STATE_PASS:
         base = (pid_b * NC + pid_c).to(tl.int64)
-        tl.store(hloc_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], h, mask=mask2)
-        tl.store(S_ptr + base * Dm + offs_d, ssum, mask=mask_d)
+        tl.store(hloc_ptr + (base * N + n_idx) * Dm + offs_d[:, None], h, mask=mask2)
+        tl.store(S_ptr + base * Dm + offs_d, ssum, mask=mask_d & (half == 0))
     if STORE_LAST:
         if pid_c == NC - 1:
-            tl.store(last_ptr + (pid_b * Dm + offs_d[None, :]) * N + offs_n[:, None], h, mask=mask2)
+            tl.store(last_ptr + (pid_b * Dm + offs_d[:, None]) * N + n_idx, h, mask=mask2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,21 +310,21 @@ def _bwd_adjoint_state_kernel(
     Dm, L, N, T, NC, CPG,
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Per chunk, the adjoint walked from zero at the chunk's end: stores a_s*g_s at the chunk's first
-    position (Gout) and sum_t g_t*b_t (TYloc), both (B, NC, D, N) float32."""
+    position (Gout) and sum_t g_t*b_t (TYloc), both (B, NC, N, D) float32."""
     pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias = _program_setup(
         A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, HAS_BIAS)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
     g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
-    B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
-    C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
-    gnext = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    ty = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, BLOCK_N, BC_PACK)
+    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, BLOCK_N, BC_PACK)
+    gnext = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    ty = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
     n_steps = p_end - p_start
@@ -222,22 +332,22 @@ def _bwd_adjoint_state_kernel(
         for j in tl.static_range(UNROLL):
             q = q0 + j
             ok = q < n_steps
-            p = p_end - 1 - q
+            p = p_end - 1 - tl.minimum(q, n_steps - 1)
             if REVERSE:
                 t = L - 1 - p
             else:
                 t = p
             u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
-                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
+                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
             dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32)
             if HAS_Z:
                 dy = dy * z * tl.sigmoid(z)
-            g = gnext + dy[None, :] * Cv[:, None]
-            ty += g * ((dl * u)[None, :] * Bv[:, None])
-            gnext = tl.exp2(dl[None, :] * A2) * g
-    base = (pid_b * NC + pid_c).to(tl.int64)
-    tl.store(gout_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], gnext, mask=mask2)
-    tl.store(tyloc_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], ty, mask=mask2)
+            g = gnext + dy[:, None] * Cv[None, :]
+            ty += g * ((dl * u)[:, None] * Bv[None, :])
+            gnext = tl.exp2(dl[:, None] * A2) * g
+    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n)
+    tl.store(gout_ptr + st, gnext, mask=mask2)
+    tl.store(tyloc_ptr + st, ty, mask=mask2)
 
 
 @triton.jit
@@ -248,7 +358,7 @@ def _bwd_forward_walk_kernel(
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sdz_b, sdz_d, sdz_l,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
@@ -264,68 +374,68 @@ def _bwd_forward_walk_kernel(
     g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
     dz_ptrs = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
     F_ptrs = F_ptr + pid_b * L * Dm + offs_d
-    B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
-    C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, BLOCK_N, BC_PACK)
+    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, BLOCK_N, BC_PACK)
     dC_ptrs = dC_ptr + ((pid_b * G + group) * N + offs_n) * L
 
     h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mask_d, Dm, NC, N,
                        BLOCK_D, BLOCK_N)
-    px = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qx = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    px = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    qx = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dcum = tl.zeros([BLOCK_D], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
-    rows = tl.arange(0, UNROLL)
+    cols = tl.arange(0, UNROLL)
     for p0 in range(p_start, p_end, UNROLL):
-        dz_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
-        F_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
+        dz_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
+        F_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         dC_tile = tl.zeros([BLOCK_N, UNROLL], dtype=tl.float32)
         for j in tl.static_range(UNROLL):
             p = p0 + j
             ok = p < p_end
             if REVERSE:
-                t = L - 1 - p
+                t = L - 1 - tl.minimum(p, p_end - 1)
             else:
-                t = p
+                t = tl.minimum(p, p_end - 1)
             md = mask_d & ok
             u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
-                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
+                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
             dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32)
-            h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bv[:, None]
+            h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv[None, :]
             if HAS_Z:
-                ypre = tl.sum(h * Cv[:, None], axis=0)
+                ypre = tl.sum(h * Cv[None, :], axis=1)
                 if HAS_D:
                     ypre += Dv * u
                 sig = tl.sigmoid(z)
                 dz = dy * ypre * sig * (1.0 + z * (1.0 - sig))
-                dz_tile = tl.where(rows[:, None] == j, dz[None, :], dz_tile)
+                dz_tile = tl.where(cols[None, :] == j, dz[:, None], dz_tile)
                 dy = dy * z * sig
             if HAS_D:
                 dD_acc += dy * u
-            F_tile = tl.where(rows[:, None] == j, tl.sum(A * px, axis=0)[None, :], F_tile)
-            X = (dy[None, :] * Cv[:, None]) * h
+            F_tile = tl.where(cols[None, :] == j, tl.sum(A * px, axis=1)[:, None], F_tile)
+            X = (dy[:, None] * Cv[None, :]) * h
             px += X
             dcum += dl
-            qx += X * dcum[None, :]
-            dC = tl.sum(dy[None, :] * h, axis=1)
-            dC_tile = tl.where(rows[None, :] == j, dC[:, None], dC_tile)
-        pp = p0 + rows
+            qx += X * dcum[:, None]
+            dC = tl.sum(dy[:, None] * h, axis=0)
+            dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
+        pp = p0 + cols
         if REVERSE:
             tt = L - 1 - pp
         else:
             tt = pp
         okv = pp < p_end
-        m = okv[:, None] & mask_d[None, :]
+        m = mask_d[:, None] & okv[None, :]
         if HAS_Z:
-            tl.store(dz_ptrs[None, :] + tt[:, None] * sdz_l, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
-        tl.store(F_ptrs[None, :] + tt[:, None] * Dm, F_tile, mask=m)
+            tl.store(dz_ptrs[:, None] + tt[None, :] * sdz_l, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(F_ptrs[:, None] + tt[None, :] * Dm, F_tile, mask=m)
         tl.atomic_add(dC_ptrs[:, None] + tt[None, :], dC_tile, mask=mask_n[:, None] & okv[None, :])
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
-    base = (pid_b * NC + pid_c).to(tl.int64)
-    tl.store(tx_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], px, mask=mask2)
-    tl.store(qx_ptr + (base * Dm + offs_d[None, :]) * N + offs_n[:, None], qx, mask=mask2)
+    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n)
+    tl.store(tx_ptr + st, px, mask=mask2)
+    tl.store(qx_ptr + st, qx, mask=mask2)
 
 
 @triton.jit
@@ -337,7 +447,7 @@ def _bwd_reverse_walk_kernel(
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sdu_b, sdu_d, sdu_l, sdd_b, sdd_d, sdd_l,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
@@ -354,89 +464,89 @@ def _bwd_reverse_walk_kernel(
     du_ptrs = du_ptr + pid_b * sdu_b + offs_d * sdu_d
     ddl_ptrs = ddl_ptr + pid_b * sdd_b + offs_d * sdd_d
     F_ptrs = F_ptr + pid_b * L * Dm + offs_d
-    B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
-    C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, BLOCK_N, BC_PACK)
+    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, BLOCK_N, BC_PACK)
     dB_ptrs = dB_ptr + ((pid_b * G + group) * N + offs_n) * L
-    st_off = offs_d[None, :] * N + offs_n[:, None]
 
     # Fold the later chunks: incoming adjoint and the X / Y sums after this chunk.
-    gin = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    ry_after = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    rx_after = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    gin = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    ry_after = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    rx_after = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     for jj in range(0, NC - 1 - pid_c):
-        base = (pid_b * NC + (NC - 1 - jj)).to(tl.int64) * Dm * N
-        hl = tl.load(hloc_ptr + base + st_off, mask=mask2, other=0.0)
-        ry_after += tl.load(tyloc_ptr + base + st_off, mask=mask2, other=0.0) + gin * hl
-        rx_after += tl.load(tx_ptr + base + st_off, mask=mask2, other=0.0)
-        s = tl.load(S_ptr + (pid_b * NC + (NC - 1 - jj)).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
-        gin = tl.load(gout_ptr + base + st_off, mask=mask2, other=0.0) + tl.exp2(A2 * s[None, :]) * gin
-    base_c = (pid_b * NC + pid_c).to(tl.int64) * Dm * N
-    tx_c = tl.load(tx_ptr + base_c + st_off, mask=mask2, other=0.0)
-    K = tl.sum(A * (tx_c + rx_after - ry_after), axis=0)
+        c = NC - 1 - jj
+        st_c = _state_offsets(pid_b, c, NC, Dm, N, offs_d, offs_n)
+        hl = tl.load(hloc_ptr + st_c, mask=mask2, other=0.0)
+        ry_after += tl.load(tyloc_ptr + st_c, mask=mask2, other=0.0) + gin * hl
+        rx_after += tl.load(tx_ptr + st_c, mask=mask2, other=0.0)
+        s = tl.load(S_ptr + (pid_b * NC + c).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
+        gin = tl.load(gout_ptr + st_c, mask=mask2, other=0.0) + tl.exp2(A2 * s[:, None]) * gin
+    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n)
+    tx_c = tl.load(tx_ptr + st, mask=mask2, other=0.0)
+    K = tl.sum(A * (tx_c + rx_after - ry_after), axis=1)
 
     gnext = gin
-    ry = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qys = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    ry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    qys = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     suf = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
     n_steps = p_end - p_start
-    rows = tl.arange(0, UNROLL)
+    cols = tl.arange(0, UNROLL)
     for q0 in range(0, n_steps, UNROLL):
-        du_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
-        ddl_tile = tl.zeros([UNROLL, BLOCK_D], dtype=tl.float32)
+        du_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
+        ddl_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         dB_tile = tl.zeros([BLOCK_N, UNROLL], dtype=tl.float32)
         for j in tl.static_range(UNROLL):
             q = q0 + j
             ok = q < n_steps
-            p = p_end - 1 - q
+            p = p_end - 1 - tl.minimum(q, n_steps - 1)
             if REVERSE:
                 t = L - 1 - p
             else:
                 t = p
             md = mask_d & ok
             u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
-                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
+                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
             dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32)
             Ft = tl.load(F_ptrs + t * Dm, mask=md, other=0.0)
             if HAS_Z:
                 dy = dy * z * tl.sigmoid(z)
-            g = gnext + dy[None, :] * Cv[:, None]
+            g = gnext + dy[:, None] * Cv[None, :]
             du_ = dl * u
-            Y = g * (du_[None, :] * Bv[:, None])
+            Y = g * (du_[:, None] * Bv[None, :])
             ry += Y
-            qys += Y * suf[None, :]
+            qys += Y * suf[:, None]
             suf += dl
-            gB = tl.sum(g * Bv[:, None], axis=0)
+            gB = tl.sum(g * Bv[None, :], axis=1)
             du = dl * gB
             if HAS_D:
                 du += dy * Dv
-            ddl = u * gB + K - Ft - tl.sum(A * ry, axis=0)
+            ddl = u * gB + K - Ft - tl.sum(A * ry, axis=1)
             if SOFTPLUS:
                 ddl = ddl * tl.sigmoid(raw)
             ddl = tl.where(md, ddl, 0.0)
             dbias_acc += ddl
-            du_tile = tl.where(rows[:, None] == j, du[None, :], du_tile)
-            ddl_tile = tl.where(rows[:, None] == j, ddl[None, :], ddl_tile)
-            dB = tl.sum(g * du_[None, :], axis=1)
-            dB_tile = tl.where(rows[None, :] == j, dB[:, None], dB_tile)
-            gnext = tl.exp2(dl[None, :] * A2) * g
-        qq = q0 + rows
+            du_tile = tl.where(cols[None, :] == j, du[:, None], du_tile)
+            ddl_tile = tl.where(cols[None, :] == j, ddl[:, None], ddl_tile)
+            dB = tl.sum(g * du_[:, None], axis=0)
+            dB_tile = tl.where(cols[None, :] == j, dB[:, None], dB_tile)
+            gnext = tl.exp2(dl[:, None] * A2) * g
+        qq = q0 + cols
         pp = p_end - 1 - qq
         if REVERSE:
             tt = L - 1 - pp
         else:
             tt = pp
         okv = qq < n_steps
-        m = okv[:, None] & mask_d[None, :]
-        tl.store(du_ptrs[None, :] + tt[:, None] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
-        tl.store(ddl_ptrs[None, :] + tt[:, None] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
+        m = mask_d[:, None] & okv[None, :]
+        tl.store(du_ptrs[:, None] + tt[None, :] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddl_ptrs[:, None] + tt[None, :] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
         tl.atomic_add(dB_ptrs[:, None] + tt[None, :], dB_tile, mask=mask_n[:, None] & okv[None, :])
-    qx_c = tl.load(qx_ptr + base_c + st_off, mask=mask2, other=0.0)
+    qx_c = tl.load(qx_ptr + st, mask=mask2, other=0.0)
     # sum_t delta_t * dw_t over this chunk; suf now holds the chunk's delta sum
-    dA = qx_c - (suf[None, :] * ry - qys) + suf[None, :] * (rx_after - ry_after)
-    tl.atomic_add(dA_ptr + offs_d[None, :] * N + offs_n[:, None], dA, mask=mask2)
+    dA = qx_c - (suf[:, None] * ry - qys) + suf[:, None] * (rx_after - ry_after)
+    tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA, mask=mask2)
     if HAS_BIAS:
         tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
 
@@ -505,6 +615,24 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError("the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1); use backend='reference'")
 
 
+def channel_major(A: torch.Tensor) -> torch.Tensor:
+    """A (D, N) stored channel-contiguous, the layout the kernels want it in (see ``_program_setup``)."""
+    return A if A.stride(0) == 1 else A.t().contiguous().t()
+
+
+def _bc_packable(B: torch.Tensor, C: torch.Tensor, N: int) -> bool:
+    """Whether B and C can be read four bf16 states per int64 word (see ``_bc_pointers``)."""
+    if N % 4 or triton.next_power_of_2(N) != N:
+        return False
+    for M in (B, C):
+        strides = _bc_strides(M)
+        if M.dtype != torch.bfloat16 or strides[2] != 1 or M.data_ptr() % 8:
+            return False
+        if any(s % 4 for s in (strides[0], strides[1], strides[3])):
+            return False
+    return True
+
+
 def _common_args(u, delta, A, B, C, z):
     sBb, sBg, sBn, sBl = _bc_strides(B)
     sCb, sCg, sCn, sCl = _bc_strides(C)
@@ -519,6 +647,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
+    A = channel_major(A)
     block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G)
     dev = u.device
     if out is None:
@@ -526,12 +655,14 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     BLOCK_N = triton.next_power_of_2(N)
     hloc = S = None
     if nc > 1:
-        hloc = _empty((batch, nc, Dm, N), torch.float32, dev)
+        hloc = _empty((batch, nc, N, Dm), torch.float32, dev)
         S = _empty((batch, nc, Dm), torch.float32, dev)
     last = _empty((batch, Dm, N), torch.float32, dev) if want_last else None
     dummy = u
     common = _common_args(u, delta, A, B, C, z)
-    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL"], HAS_D=D is not None,
+    split = min(CONFIG["SPLIT"], BLOCK_N)
+    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL"], SPLIT=split,
+                 BC_PACK=_bc_packable(B, C, N) and (BLOCK_N // split) % 4 == 0, HAS_D=D is not None,
                  HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                  REVERSE=bool(reverse), num_warps=CONFIG["NUM_WARPS"])
     grid = (n_d, nc, batch)
@@ -557,12 +688,14 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
+    A = channel_major(A)
     block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True)
     dev = u.device
     BLOCK_N = triton.next_power_of_2(N)
     f32 = torch.float32
     dummy = u
-    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL_BWD"], HAS_Z=z is not None,
+    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL_BWD"], BC_PACK=_bc_packable(B, C, N),
+                 HAS_Z=z is not None,
                  HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
                  num_warps=CONFIG["NUM_WARPS_BWD"])
     grid = (n_d, nc, batch)
@@ -571,8 +704,8 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     bias = delta_bias if delta_bias is not None else dummy
     Dp = D if D is not None else dummy
     if nc > 1:
-        gout = _empty((batch, nc, Dm, N), f32, dev)
-        tyloc = _empty((batch, nc, Dm, N), f32, dev)
+        gout = _empty((batch, nc, N, Dm), f32, dev)
+        tyloc = _empty((batch, nc, N, Dm), f32, dev)
         _bwd_adjoint_state_kernel[grid](u, delta, A, B, C, zz, bias, dout, gout, tyloc,
                                         Dm, L, N, T, nc, cpg, *common, *dout.stride(), **flags)
     else:
@@ -587,8 +720,8 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     dA = torch.zeros((Dm, N), dtype=f32, device=dev)
     dbias = torch.zeros((Dm,), dtype=f32, device=dev)
     F = _empty((batch, L, Dm), f32, dev)
-    tx = _empty((batch, nc, Dm, N), f32, dev)
-    qx = _empty((batch, nc, Dm, N), f32, dev)
+    tx = _empty((batch, nc, N, Dm), f32, dev)
+    qx = _empty((batch, nc, N, Dm), f32, dev)
     dzz = dz if dz is not None else F
     _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
                                    dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg, G,
