@@ -141,22 +141,24 @@ def _program_setup(A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D: tl.constexp
 
 
 @triton.jit
-def _state_offsets(pid_b, chunk, NC, Dm, N, offs_d, offs_n):
-    """Element offsets of one chunk's [BLOCK_D, N] tile in a (B, NC, N, D) float32 summary buffer;
-    channel-contiguous like A, so loads and stores keep the tiles' layout."""
+def _state_offsets(pid_b, chunk, NC, Dm, N, offs_d, n_idx):
+    """Element offsets of one chunk's tile in a (B, NC, N, D) float32 summary buffer: row r of the tile
+    is channel offs_d[r] and holds states n_idx[r, :] ([1, N] when every row has all states).
+    Channel-contiguous like A, so loads and stores keep the tiles' layout."""
     base = (pid_b * NC + chunk).to(tl.int64) * N
-    return (base + offs_n[None, :]) * Dm + offs_d[:, None]
+    return (base + n_idx) * Dm + offs_d[:, None]
 
 
 @triton.jit
-def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mask_d, Dm, NC, N,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """State entering chunk pid_c: fold the local end states of chunks 0..pid_c-1.
+def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N,
+                   ROWS: tl.constexpr, COLS: tl.constexpr):
+    """State entering chunk pid_c, a [ROWS, COLS] tile laid out as in ``_state_offsets``: fold the
+    local end states of chunks 0..pid_c-1.
     hloc: (B, NC, N, D) float32; S: (B, NC, D) float32 sum of delta over each chunk."""
-    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    for j in range(0, pid_c):
-        hl = tl.load(hloc_ptr + _state_offsets(pid_b, j, NC, Dm, N, offs_d, offs_n), mask=mask2, other=0.0)
-        s = tl.load(S_ptr + (pid_b * NC + j).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
+    h = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    for jc in range(0, pid_c):
+        hl = tl.load(hloc_ptr + _state_offsets(pid_b, jc, NC, Dm, N, offs_d, n_idx), mask=mask2, other=0.0)
+        s = tl.load(S_ptr + (pid_b * NC + jc).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
         h = tl.exp2(A2 * s[:, None]) * h + hl
     return h
 
@@ -166,12 +168,13 @@ def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mas
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _load_state_part(ptrs, t, s_l, s_n, N, part, NS: tl.constexpr, BC_PACK: tl.constexpr):
-    """States [part * NS, (part + 1) * NS) of B or C at token t, float32 [NS] (the same for every thread)."""
+    """States [part * NS, (part + 1) * NS) of B or C at token t, float32 [NS] (the same for every
+    thread); ``ptrs`` from ``_bc_pointers`` with NS states."""
     if BC_PACK:
-        return _unpack_bf16x4(tl.load(ptrs + t * (s_l // 4) + part * (NS // 4)))
+        part_ptrs = ptrs + part * (NS // 4)
     else:
-        n = part * NS + tl.arange(0, NS)
-        return tl.load(ptrs + t * s_l + part * NS * s_n, mask=n < N, other=0.0).to(tl.float32)
+        part_ptrs = ptrs + part * NS * s_n
+    return _load_bc(part_ptrs, t, s_l, part * NS + tl.arange(0, NS) < N, BC_PACK)
 
 
 @triton.jit
@@ -224,23 +227,16 @@ def _fwd_kernel(
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
-    if BC_PACK:
-        B_ptrs = B_ptr.to(tl.pointer_type(tl.int64)) + (pid_b * sB_b + group * sB_g) // 4 + tl.arange(0, NS // 4)
-        C_ptrs = C_ptr.to(tl.pointer_type(tl.int64)) + (pid_b * sC_b + group * sC_g) // 4 + tl.arange(0, NS // 4)
-    else:
-        B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + tl.arange(0, NS) * sB_n
-        C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + tl.arange(0, NS) * sC_n
+    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, NS, BC_PACK)   # one part's states
+    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, NS, BC_PACK)
     offs_o = tl.multiple_of(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)   # as offs_d: the layout of A
     o_ptrs = out_ptr + pid_b * so_b + offs_o * so_d
     mask_o = offs_o < Dm
 
-    h = tl.zeros([R, NS], dtype=tl.float32)
-    if not STATE_PASS:
-        for jc in range(0, pid_c):     # fold the earlier chunks' end states
-            base = (pid_b * NC + jc).to(tl.int64)
-            hl = tl.load(hloc_ptr + (base * N + n_idx) * Dm + offs_d[:, None], mask=mask2, other=0.0)
-            s = tl.load(S_ptr + base * Dm + offs_d, mask=mask_d, other=0.0)
-            h = tl.exp2(A2 * s[:, None]) * h + hl
+    if STATE_PASS:
+        h = tl.zeros([R, NS], dtype=tl.float32)
+    else:
+        h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N, R, NS)
     ssum = tl.zeros([R], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
@@ -293,9 +289,8 @@ def _fwd_kernel(
                 y_tile += tl.load(optr, mask=m, other=0.0).to(tl.float32)
             tl.store(optr, y_tile.to(out_ptr.dtype.element_ty), mask=m)
     if STATE_PASS:
-        base = (pid_b * NC + pid_c).to(tl.int64)
-        tl.store(hloc_ptr + (base * N + n_idx) * Dm + offs_d[:, None], h, mask=mask2)
-        tl.store(S_ptr + base * Dm + offs_d, ssum, mask=mask_d & (half == 0))
+        tl.store(hloc_ptr + _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx), h, mask=mask2)
+        tl.store(S_ptr + (pid_b * NC + pid_c).to(tl.int64) * Dm + offs_d, ssum, mask=mask_d & (half == 0))
     if STORE_LAST:
         if pid_c == NC - 1:
             tl.store(last_ptr + (pid_b * Dm + offs_d[:, None]) * N + n_idx, h, mask=mask2)
@@ -345,7 +340,7 @@ def _bwd_adjoint_state_kernel(
             g = gnext + dy[:, None] * Cv[None, :]
             ty += g * ((dl * u)[:, None] * Bv[None, :])
             gnext = tl.exp2(dl[:, None] * A2) * g
-    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n)
+    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n[None, :])
     tl.store(gout_ptr + st, gnext, mask=mask2)
     tl.store(tyloc_ptr + st, ty, mask=mask2)
 
@@ -378,7 +373,7 @@ def _bwd_forward_walk_kernel(
     C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, BLOCK_N, BC_PACK)
     dC_ptrs = dC_ptr + ((pid_b * G + group) * N + offs_n) * L
 
-    h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n, mask2, mask_d, Dm, NC, N,
+    h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n[None, :], mask2, mask_d, Dm, NC, N,
                        BLOCK_D, BLOCK_N)
     px = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     qx = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
@@ -433,7 +428,7 @@ def _bwd_forward_walk_kernel(
         tl.atomic_add(dC_ptrs[:, None] + tt[None, :], dC_tile, mask=mask_n[:, None] & okv[None, :])
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
-    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n)
+    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n[None, :])
     tl.store(tx_ptr + st, px, mask=mask2)
     tl.store(qx_ptr + st, qx, mask=mask2)
 
@@ -474,13 +469,13 @@ def _bwd_reverse_walk_kernel(
     rx_after = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     for jj in range(0, NC - 1 - pid_c):
         c = NC - 1 - jj
-        st_c = _state_offsets(pid_b, c, NC, Dm, N, offs_d, offs_n)
+        st_c = _state_offsets(pid_b, c, NC, Dm, N, offs_d, offs_n[None, :])
         hl = tl.load(hloc_ptr + st_c, mask=mask2, other=0.0)
         ry_after += tl.load(tyloc_ptr + st_c, mask=mask2, other=0.0) + gin * hl
         rx_after += tl.load(tx_ptr + st_c, mask=mask2, other=0.0)
         s = tl.load(S_ptr + (pid_b * NC + c).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
         gin = tl.load(gout_ptr + st_c, mask=mask2, other=0.0) + tl.exp2(A2 * s[:, None]) * gin
-    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n)
+    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n[None, :])
     tx_c = tl.load(tx_ptr + st, mask=mask2, other=0.0)
     K = tl.sum(A * (tx_c + rx_after - ry_after), axis=1)
 
