@@ -1,11 +1,13 @@
-"""Selective-scan kernels for Vision Mamba, shipped as ``vim.kernels``.
+"""Selective-scan and RMSNorm kernels for Vision Mamba, shipped as ``vim.kernels``.
 
 Each op has a readable pure-PyTorch reference (``naive.py``), fused Triton kernels, and one
 interface that picks the backend (Triton on CUDA, the reference elsewhere).
 """
 from .bimamba import DirectionParams, bimamba_v2_fn, bimamba_v2_ref
+from .norm import rms_norm_fn, rms_norm_ref
 from .selective_scan import selective_scan_fn, selective_scan_ref
 
 __all__ = [
-    "DirectionParams", "bimamba_v2_fn", "bimamba_v2_ref", "selective_scan_fn", "selective_scan_ref",
+    "DirectionParams", "bimamba_v2_fn", "bimamba_v2_ref", "rms_norm_fn", "rms_norm_ref", "selective_scan_fn",
+    "selective_scan_ref",
 ]

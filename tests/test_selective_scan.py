@@ -121,6 +121,18 @@ def test_grouped_BC_across_chunks(reverse):
     run_both(make_inputs(2, 8, 17, 4, groups=2), reverse=reverse)
 
 
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_state_split_configs(split, reverse, monkeypatch):
+    """Every kernel with a channel's states on 1 or 4 threads (the default is 2), a channel block that
+    overhangs the channels, several chunks, and states that do not fill the padded block (N=3)."""
+    for key, value in (("SPLIT", split), ("SPLIT_BWD", split), ("BLOCK_D", 8), ("BLOCK_D_BWD", 8)):
+        monkeypatch.setitem(triton_scan.CONFIG, key, value)
+    triton_scan.CHUNK_OVERRIDE = 6
+    run_both(make_inputs(2, 12, 17, 16), reverse=reverse)
+    run_both(make_inputs(1, 12, 9, 3, groups=2), reverse=reverse)
+
+
 def test_length_one_single_state():
     run_both(make_inputs(1, 3, 1, 1))
 

@@ -28,8 +28,9 @@ from vim.kernels import DirectionParams, bimamba_v2_fn  # noqa: E402
 from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
 from vim.kernels.selective_scan import triton_scan  # noqa: E402
 
-SWEEP_FWD = [(32, 1, 2, 1), (32, 1, 4, 1), (16, 2, 1, 1), (16, 2, 4, 1), (32, 2, 2, 2), (8, 4, 2, 1)]
-SWEEP_BWD = [(32, 4, 1), (64, 2, 1), (64, 1, 1)]
+SWEEP_FWD = [(16, 2, 1, 1), (32, 1, 2, 1)]
+# (BLOCK_D_BWD, SPLIT_BWD, UNROLL_BWD, NUM_WARPS_BWD)
+SWEEP_BWD = [(16, 2, 2, 1), (16, 2, 1, 1), (8, 4, 2, 1)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
 GPU_SHAPES = [(128, 384, 197, 16), (128, 768, 197, 16), (8, 384, 6085, 16)]
 CPU_SHAPES = [(2, 8, 24, 4)]
@@ -200,7 +201,7 @@ def time_bimamba(batch, E, L, N, device, cuda, dtype):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--sweep", action="store_true", help="also time kernel configs (BLOCK_D, UNROLL, warps)")
+    ap.add_argument("--sweep", action="store_true", help="also time kernel configs (BLOCK_D, SPLIT, UNROLL, warps)")
     ap.add_argument("--no-check", action="store_true", help="skip the fp32-vs-float64 correctness check")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -238,7 +239,7 @@ def main(argv=None):
         report["sweep"] = {}
         base = dict(triton_scan.CONFIG)
         fwd_cfgs = [dict(BLOCK_D=bd, SPLIT=sp, UNROLL=un, NUM_WARPS=nw) for bd, sp, un, nw in SWEEP_FWD]
-        bwd_cfgs = [dict(BLOCK_D_BWD=bd, UNROLL_BWD=un, NUM_WARPS_BWD=nw) for bd, un, nw in SWEEP_BWD]
+        bwd_cfgs = [dict(BLOCK_D_BWD=bd, SPLIT_BWD=sp, UNROLL_BWD=un, NUM_WARPS_BWD=nw) for bd, sp, un, nw in SWEEP_BWD]
         tgt_cfgs = [dict(TARGET_PROGRAMS=tp, MIN_CHUNK=mc) for tp, mc in SWEEP_CHUNK]
         for kind, cfgs, sweep_shapes in (("fwd", fwd_cfgs, shapes), ("bwd", bwd_cfgs, shapes),
                                          ("chunk", tgt_cfgs, shapes[-1:])):
@@ -264,11 +265,12 @@ def main(argv=None):
         json.dump(report, f, indent=1, default=str)
     print(f"\n{'shape (B,E,L,N)':22s} {'rev':5s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd GB/s':>9s} {'f+b GB/s':>9s}"
           f" {'ref fwd':>8s} {'mamba fwd/f+b (anchor)':>24s} {'speedup fwd/f+b':>16s}")
+    nan = float("nan")
     for shp, rev, f, fb, gf, gb, ref, anc in rows:
         sp = f"{anc[0] / f:.1f}x / {anc[1] / fb:.1f}x" if anc else "-"
         ancs = f"{anc[0]:.3f} / {anc[1]:.2f}" if anc else "-"
         print(f"{str(shp):22s} {str(rev):5s} {f:8.4f} {fb:8.4f} {gf:9.0f} {gb:9.0f} "
-              f"{(ref or float('nan')):8.3f} {ancs:>24s} {sp:>16s}")
+              f"{(ref or nan):8.3f} {ancs:>24s} {sp:>16s}")
     for shp, r in report["bimamba"].items():
         for name, v in r.items():
             print(f"bimamba {shp} {name:22s} fwd {v['fwd_ms']:.4f} ms  fwd+bwd {v['fwd_bwd_ms']:.4f} ms"

@@ -1,6 +1,6 @@
 """Fused bidirectional Vim v2 mixer core: one autograd function, no flips.
 
-Per direction: depthwise conv + SiLU (Triton; anti-causal for the backward direction), x_proj and
+Per direction: depthwise conv + SiLU (Triton, conv.py; anti-causal for the backward direction), x_proj and
 dt_proj as matmuls (cuBLAS through torch), then the fused selective scan with softplus(delta + bias),
 D and the silu(z) gate in-kernel. The second direction's scan adds its half into the first's output
 (``out = y_f / 2 + y_b / 2``), so no separate average pass or flipped copy exists. Only x, z, the
@@ -15,54 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from ..selective_scan import triton_scan
-from .naive import DirectionParams, depthwise_conv_silu_ref
-
-
-@triton.jit
-def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
-                      W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
-    pid_l = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    mask_e = offs_e < E
-    if HAS_BIAS:
-        acc = tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :] + tl.zeros(
-            [BLOCK_L, BLOCK_E], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
-    for k in tl.static_range(W):
-        if REVERSE:
-            src = offs_l + (W - 1 - k)
-        else:
-            src = offs_l - (W - 1) + k
-        m = ((src >= 0) & (src < L))[:, None] & mask_e[None, :]
-        xv = tl.load(x_ptr + pid_b * sx_b + src[:, None] * sx_l + offs_e[None, :] * sx_e, mask=m, other=0.0)
-        wk = tl.load(w_ptr + offs_e * W + k, mask=mask_e, other=0.0).to(tl.float32)
-        acc += xv.to(tl.float32) * wk[None, :]
-    out = acc * tl.sigmoid(acc)
-    m = (offs_l < L)[:, None] & mask_e[None, :]
-    tl.store(out_ptr + pid_b * so_b + offs_l[:, None] * so_l + offs_e[None, :] * so_e,
-             out.to(out_ptr.dtype.element_ty), mask=m)
-
-
-def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool) -> torch.Tensor:
-    """SiLU(depthwise conv over tokens) of x (B, L, E), any strides -> contiguous (B, L, E) in x's dtype."""
-    batch, L, E = x.shape
-    w = weight.reshape(E, -1).contiguous()
-    out = triton_scan._empty((batch, L, E), x.dtype, x.device)
-    BLOCK_L, BLOCK_E = 32, min(128, triton.next_power_of_2(E))
-    grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(E, BLOCK_E), batch)
-    _conv_silu_kernel[grid](x, w, bias if bias is not None else w, out, L, E, *x.stride(), *out.stride(),
-                            W=w.shape[1], BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, HAS_BIAS=bias is not None,
-                            REVERSE=reverse, num_warps=4)
-    return out
+from .conv import conv_silu, conv_silu_backward
+from .naive import DirectionParams
 
 
 def _direction_inputs(x, p: DirectionParams, reverse: bool, cdt):
@@ -115,7 +71,7 @@ def _backward_impl(dout, x, z, flat, saved):
     cdt = x.dtype
     dy = (dout.to(cdt) * 0.5).transpose(1, 2)   # each direction carries half the output; exact in fp
     grads = []
-    dx = torch.zeros_like(x, dtype=torch.float32)
+    dx = None
     dz_total = None
     with torch.autocast(device_type=x.device.type, enabled=False):
         for i, (p, reverse) in enumerate(zip(params, (False, True))):
@@ -135,23 +91,18 @@ def _backward_impl(dout, x, z, flat, saved):
             d_dt = ddelta @ Wdt                                                # (B, L, R)
             dWdt = ddelta.reshape(-1, ddelta.shape[-1]).t() @ dt.reshape(-1, rank)
             dxdbl = torch.cat([d_dt, dB.transpose(1, 2).to(cdt), dC.transpose(1, 2).to(cdt)], dim=-1)
-            dxc = du.transpose(1, 2).float() + (dxdbl @ p.x_proj_weight.to(cdt)).float()
+            # conv input gradient = du + dxdbl @ Wx, summed inside the conv backward; the first direction
+            # leaves dx in a float32 buffer that the second reads and finishes in x's dtype
+            dx, dconv_w, dconv_b = conv_silu_backward(
+                (du.transpose(1, 2), dxdbl @ p.x_proj_weight.to(cdt)), x, p.conv_weight, p.conv_bias, reverse,
+                dx_accum=dx, dx_dtype=torch.float32 if i == 0 else x.dtype)
             dWx = dxdbl.reshape(-1, dxdbl.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
-            # conv + SiLU backward through autograd of the (cuDNN) reference conv
-            with torch.enable_grad():
-                x_ = x.detach().float().requires_grad_()
-                w_ = p.conv_weight.detach().float().requires_grad_()
-                b_ = p.conv_bias.detach().float().requires_grad_() if p.conv_bias is not None else None
-                xc_ref = depthwise_conv_silu_ref(x_, w_, b_, reverse)
-                ins = [x_, w_] + ([b_] if b_ is not None else [])
-                g = torch.autograd.grad(xc_ref, ins, dxc.transpose(1, 2))
-            dx += g[0]
-            dconv_w = g[1].to(p.conv_weight.dtype)
-            dconv_b = g[2].to(p.conv_bias.dtype) if b_ is not None else x.new_empty(0, dtype=torch.float32)
+            dconv_w = dconv_w.to(p.conv_weight.dtype)
+            dconv_b = dconv_b.to(p.conv_bias.dtype) if dconv_b is not None else x.new_empty(0, dtype=torch.float32)
             dA_log = (dA.float() * A).to(p.A_log.dtype)                       # dA/dA_log = A
             grads += [dconv_w, dconv_b, dWx.to(p.x_proj_weight.dtype), dWdt.to(p.dt_proj_weight.dtype),
                       dbias.to(p.dt_proj_bias.dtype), dA_log, dD.to(p.D.dtype)]
-    return dx.to(x.dtype), dz_total.transpose(1, 2).to(z.dtype), grads
+    return dx, dz_total.transpose(1, 2).to(z.dtype), grads
 
 
 # torch custom ops, so torch.compile sees one opaque node per call instead of breaking the graph.

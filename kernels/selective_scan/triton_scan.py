@@ -2,7 +2,7 @@
 
 Layout of the work: one program owns ``BLOCK_D`` channels x ``N`` states of one batch row and walks
 one chunk of the sequence token by token with the state in registers, loads of ``UNROLL`` tokens
-issued together so their latencies overlap. Each thread holds whole channel rows (in the forward, a
+issued together so their latencies overlap. Each thread holds one part of a channel's states (a
 channel's states split over ``SPLIT`` threads); docs/kernels.md says how that layout is pinned and why
 it decides the speed. Long sequences are split into chunks so that enough
 programs exist; a first pass stores each chunk's local end state and delta sum, and each program of
@@ -21,18 +21,21 @@ ddelta, Y sums) cover every gradient; the walks meet through one float32 (B, L, 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+# exp(x) = exp2(x * LOG2E): the kernels keep A * LOG2E only; sums of A * x are rescaled by LN2
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Tuning knobs, read at launch; tools/benchmark_kernels.py sweeps them.
 # Defaults: the fastest combination measured on an H100 (docs/kernels.md, v4 sweep).
-CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, BLOCK_D_BWD=32, UNROLL_BWD=2, NUM_WARPS_BWD=1,
-              TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
+CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, BLOCK_D_BWD=32, SPLIT_BWD=1, UNROLL_BWD=2,
+              NUM_WARPS_BWD=1, TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -85,13 +88,35 @@ def _load_bc(ptrs, t, s_l, mask_n, BC_PACK: tl.constexpr):
 
 
 @triton.jit
-def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
-               su_l, sd_l, sz_l, sB_l, sC_l, bias,
+def _load_state_part(ptrs, t, s_l, s_n, N, part, NS: tl.constexpr, BC_PACK: tl.constexpr):
+    """States [part * NS, (part + 1) * NS) of B or C at token t, float32 [NS] (the same for every
+    thread); ``ptrs`` from ``_bc_pointers`` with NS states."""
+    if BC_PACK:
+        part_ptrs = ptrs + part * (NS // 4)
+    else:
+        part_ptrs = ptrs + part * NS * s_n
+    return _load_bc(part_ptrs, t, s_l, part * NS + tl.arange(0, NS) < N, BC_PACK)
+
+
+@triton.jit
+def _load_state_rows(ptrs, t, s_l, s_n, N, part, NS: tl.constexpr, SPLIT: tl.constexpr, BC_PACK: tl.constexpr):
+    """B or C at token t for every row: [R, NS] (row r gets the states of its part part[r]), or [1, NS]
+    without a split. Built from uniform row loads and selects, not a 2-D load, so that the tile keeps
+    the layout A gave it (a 2-D load here would be coalesced along the states)."""
+    v = _load_state_part(ptrs, t, s_l, s_n, N, 0, NS, BC_PACK)[None, :]
+    for k in tl.static_range(1, SPLIT):
+        v = tl.where(part[:, None] == k, _load_state_part(ptrs, t, s_l, s_n, N, k, NS, BC_PACK)[None, :], v)
+    return v
+
+
+@triton.jit
+def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+               su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS: tl.constexpr, SPLIT: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_PACK: tl.constexpr):
-    """Inputs of one token. ``t`` is always a valid token (the callers clamp the tail of a chunk to its
-    last token, so no load needs a per-token predicate); ``ok`` says whether the step is real.
-    Returns u, delta (processed; 0 where not ok or masked, so the step is a no-op), the pre-softplus
-    value, z, B, C (float32)."""
+    """Inputs of one token for every row. ``t`` is always a valid token (the callers clamp the tail of a
+    chunk to its last token, so no load needs a per-token predicate); ``ok`` says whether the step is
+    real. Returns u, delta (processed; 0 where not ok or masked, so the step is a no-op), the
+    pre-softplus value, z ([R] each), B, C ([R, NS] or [1, NS]; float32)."""
     u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
     raw = tl.load(dl_ptrs + t * sd_l, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -105,46 +130,73 @@ def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
         z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
     else:
         z = u
-    Bv = _load_bc(B_ptrs, t, sB_l, mask_n, BC_PACK)
-    Cv = _load_bc(C_ptrs, t, sC_l, mask_n, BC_PACK)
+    Bv = _load_state_rows(B_ptrs, t, sB_l, sB_n, N, part, NS, SPLIT, BC_PACK)
+    Cv = _load_state_rows(C_ptrs, t, sC_l, sC_n, N, part, NS, SPLIT, BC_PACK)
     return u, dl, raw, z, Bv, Cv
 
 
 @triton.jit
 def _program_setup(A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_BIAS: tl.constexpr):
-    """What every scan kernel starts with: its (channel block, chunk, batch) indices and masks, A as a
-    [BLOCK_D, N] tile (also pre-scaled by log2(e) for exp2), the B/C group and the delta bias.
+                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """What every scan kernel starts with: its (channel block, chunk, batch) indices, the program's rows
+    and their masks, A as an [R, NS] tile (also pre-scaled by log2(e) for exp2), the B/C group and the
+    delta bias (per row).
 
-    Triton lays out every [channel, state] tile of a kernel the way this load of A is coalesced. The
-    host hands A over channel-contiguous, so each thread owns whole channels with all their states in
-    registers: sums over states (the output, the gradients through B and C) need no shuffles and no
-    tile changes layout inside the token loop."""
+    A program owns BLOCK_D channels as R = SPLIT * BLOCK_D rows: row r = s * BLOCK_D + c holds states
+    [s * NS, (s + 1) * NS) of channel c (NS = BLOCK_N / SPLIT). Triton lays out every [row, state] tile
+    of a kernel the way this load of A is coalesced. The host hands A over channel-contiguous, so each
+    thread owns whole rows with their states in registers: sums over a row's states need no shuffles and
+    no tile changes layout inside the token loop. Splitting a channel's states over SPLIT threads puts
+    SPLIT times more recurrences in flight (the walks are latency-bound: one thread per channel leaves
+    most of the GPU idle at vision batch sizes) for a few shuffles per token (``_sum_parts``)."""
+    NS: tl.constexpr = BLOCK_N // SPLIT
+    R: tl.constexpr = SPLIT * BLOCK_D
     pid_d = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
+    rows = tl.arange(0, R)
     # Divisibility 1 on purpose: vectorised channel loads would give each thread several channels and
     # spread a channel's states over threads (shuffles and layout changes in the token loop).
-    offs_d = tl.multiple_of(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.multiple_of(pid_d * BLOCK_D + rows % BLOCK_D, 1)
+    part = rows // BLOCK_D
+    n_idx = part[:, None] * NS + tl.arange(0, NS)[None, :]
     mask_d = offs_d < Dm
-    mask_n = offs_n < N
-    mask2 = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask2, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
+    mask2 = mask_d[:, None] & (n_idx < N)
+    A = tl.load(A_ptr + offs_d[:, None] * sA_d + n_idx * sA_n, mask=mask2, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
     group = (pid_d * BLOCK_D) // CPG
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    return pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias
+    # per-channel outputs ([BLOCK_D] after _sum_parts), laid out as offs_d
+    offs_o = tl.multiple_of(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)
+    return pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, offs_o < Dm
+
+
+@triton.jit
+def _sum_parts(x, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[R] row values -> [BLOCK_D]: per channel, the sum over its SPLIT state parts."""
+    if SPLIT > 1:
+        return tl.sum(tl.reshape(x, [SPLIT, BLOCK_D]), axis=0)
+    else:
+        return x
+
+
+@triton.jit
+def _sum_channels(x, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr):
+    """[R, NS] -> [SPLIT * NS] in state order: per state, the sum over the program's channels (dB, dC)."""
+    if SPLIT > 1:
+        return tl.reshape(tl.sum(tl.reshape(x, [SPLIT, BLOCK_D, NS]), axis=1), [SPLIT * NS])
+    else:
+        return tl.sum(x, axis=0)
 
 
 @triton.jit
 def _state_offsets(pid_b, chunk, NC, Dm, N, offs_d, n_idx):
     """Element offsets of one chunk's tile in a (B, NC, N, D) float32 summary buffer: row r of the tile
-    is channel offs_d[r] and holds states n_idx[r, :] ([1, N] when every row has all states).
-    Channel-contiguous like A, so loads and stores keep the tiles' layout."""
+    is channel offs_d[r] and holds states n_idx[r, :]. Channel-contiguous like A, so loads and stores
+    keep the tiles' layout."""
     base = (pid_b * NC + chunk).to(tl.int64) * N
     return (base + n_idx) * Dm + offs_d[:, None]
 
@@ -167,28 +219,6 @@ def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _load_state_part(ptrs, t, s_l, s_n, N, part, NS: tl.constexpr, BC_PACK: tl.constexpr):
-    """States [part * NS, (part + 1) * NS) of B or C at token t, float32 [NS] (the same for every
-    thread); ``ptrs`` from ``_bc_pointers`` with NS states."""
-    if BC_PACK:
-        part_ptrs = ptrs + part * (NS // 4)
-    else:
-        part_ptrs = ptrs + part * NS * s_n
-    return _load_bc(part_ptrs, t, s_l, part * NS + tl.arange(0, NS) < N, BC_PACK)
-
-
-@triton.jit
-def _load_state_rows(ptrs, t, s_l, s_n, N, half, NS: tl.constexpr, SPLIT: tl.constexpr, BC_PACK: tl.constexpr):
-    """B or C at token t for every row: [R, NS] (row r gets the states of its part half[r]), or [1, NS]
-    without a split. Built from uniform row loads and selects, not a 2-D load, so that the tile keeps
-    the layout A gave it (a 2-D load here would be coalesced along the states)."""
-    v = _load_state_part(ptrs, t, s_l, s_n, N, 0, NS, BC_PACK)[None, :]
-    for part in tl.static_range(1, SPLIT):
-        v = tl.where(half[:, None] == part, _load_state_part(ptrs, t, s_l, s_n, N, part, NS, BC_PACK)[None, :], v)
-    return v
-
-
-@triton.jit
 def _fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hloc_ptr, S_ptr, last_ptr,
     Dm, L, N, T, NC, CPG, out_scale,
@@ -199,39 +229,20 @@ def _fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_PASS: tl.constexpr, ACCUM: tl.constexpr, STORE_LAST: tl.constexpr,
 ):
-    """Forward walk. A program owns BLOCK_D channels as SPLIT * BLOCK_D rows, one per thread: row
-    r = s * BLOCK_D + c holds states [s * NS, (s + 1) * NS) of channel c. Splitting a channel's states
-    over SPLIT threads multiplies the threads in flight (the walk is latency-bound: one thread per
-    channel leaves most of the GPU idle at vision batch sizes) for one shuffle per token to add the
-    parts of the output."""
+    """Forward walk (the state pass of long sequences stores each chunk's local end state and delta sum
+    instead of outputs)."""
     NS: tl.constexpr = BLOCK_N // SPLIT
     R: tl.constexpr = SPLIT * BLOCK_D
-    pid_d = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    rows = tl.arange(0, R)
-    # divisibility 1 on purpose: see _program_setup
-    offs_d = tl.multiple_of(pid_d * BLOCK_D + rows % BLOCK_D, 1)
-    half = rows // BLOCK_D
-    n_idx = half[:, None] * NS + tl.arange(0, NS)[None, :]
-    mask_d = offs_d < Dm
-    mask2 = mask_d[:, None] & (n_idx < N)
-    A2 = tl.load(A_ptr + offs_d[:, None] * sA_d + n_idx * sA_n, mask=mask2, other=0.0).to(tl.float32) * 1.4426950408889634
-    group = (pid_d * BLOCK_D) // CPG
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = 0.0
+    pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
+        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, SPLIT, HAS_BIAS)
     if HAS_D:   # D * u enters once per channel: on the rows of the first state part
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d & (half == 0), other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d & (part == 0), other=0.0).to(tl.float32)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
     B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, NS, BC_PACK)   # one part's states
     C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, NS, BC_PACK)
-    offs_o = tl.multiple_of(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), 1)   # as offs_d: the layout of A
     o_ptrs = out_ptr + pid_b * so_b + offs_o * so_d
-    mask_o = offs_o < Dm
 
     if STATE_PASS:
         h = tl.zeros([R, NS], dtype=tl.float32)
@@ -252,17 +263,9 @@ def _fwd_kernel(
                 t = L - 1 - tl.minimum(p, p_end - 1)
             else:
                 t = tl.minimum(p, p_end - 1)
-            u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
-            raw = tl.load(dl_ptrs + t * sd_l, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                raw = raw + bias
-            if SOFTPLUS:
-                dl = _softplus(raw)
-            else:
-                dl = raw
-            dl = tl.where(mask_d & ok, dl, 0.0)
-            Bv = _load_state_rows(B_ptrs, t, sB_l, sB_n, N, half, NS, SPLIT, BC_PACK)
-            Cv = _load_state_rows(C_ptrs, t, sC_l, sC_n, N, half, NS, SPLIT, BC_PACK)
+            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+                                                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                HAS_Z and not STATE_PASS, HAS_BIAS, SOFTPLUS, BC_PACK)
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if STATE_PASS:
                 ssum += dl
@@ -271,10 +274,8 @@ def _fwd_kernel(
                 if HAS_D:
                     y += Dv * u
                 if HAS_Z:
-                    z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
                     y = y * z * tl.sigmoid(z)
-                if SPLIT > 1:
-                    y = tl.sum(tl.reshape(y, [SPLIT, BLOCK_D]), axis=0)
+                y = _sum_parts(y, SPLIT, BLOCK_D)
                 y_tile = tl.where(cols[None, :] == j, y[:, None], y_tile)
         if not STATE_PASS:
             pp = p0 + cols
@@ -290,7 +291,7 @@ def _fwd_kernel(
             tl.store(optr, y_tile.to(out_ptr.dtype.element_ty), mask=m)
     if STATE_PASS:
         tl.store(hloc_ptr + _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx), h, mask=mask2)
-        tl.store(S_ptr + (pid_b * NC + pid_c).to(tl.int64) * Dm + offs_d, ssum, mask=mask_d & (half == 0))
+        tl.store(S_ptr + (pid_b * NC + pid_c).to(tl.int64) * Dm + offs_d, ssum, mask=mask_d & (part == 0))
     if STORE_LAST:
         if pid_c == NC - 1:
             tl.store(last_ptr + (pid_b * Dm + offs_d[:, None]) * N + n_idx, h, mask=mask2)
@@ -299,6 +300,10 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
+# The walks split states over threads as the forward does. Per-channel quantities (du, ddelta, dz, F)
+# are sums over a channel's states, so each row adds up its own states and terms that exist once per
+# channel (D, F, the softplus slope applies to the sum) enter on the part-0 row only, before one
+# _sum_parts per output.
 @triton.jit
 def _bwd_adjoint_state_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, gout_ptr, tyloc_ptr,
@@ -306,20 +311,23 @@ def _bwd_adjoint_state_kernel(
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Per chunk, the adjoint walked from zero at the chunk's end: stores a_s*g_s at the chunk's first
     position (Gout) and sum_t g_t*b_t (TYloc), both (B, NC, N, D) float32."""
-    pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias = _program_setup(
-        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, HAS_BIAS)
+    NS: tl.constexpr = BLOCK_N // SPLIT
+    R: tl.constexpr = SPLIT * BLOCK_D
+    pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
+        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, SPLIT, HAS_BIAS)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
     g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
-    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, BLOCK_N, BC_PACK)
-    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, BLOCK_N, BC_PACK)
-    gnext = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    ty = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, NS, BC_PACK)
+    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, NS, BC_PACK)
+    gnext = tl.zeros([R, NS], dtype=tl.float32)
+    ty = tl.zeros([R, NS], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
     n_steps = p_end - p_start
@@ -332,15 +340,16 @@ def _bwd_adjoint_state_kernel(
                 t = L - 1 - p
             else:
                 t = p
-            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
-                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
+            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+                                                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
             dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32)
             if HAS_Z:
                 dy = dy * z * tl.sigmoid(z)
-            g = gnext + dy[:, None] * Cv[None, :]
-            ty += g * ((dl * u)[:, None] * Bv[None, :])
+            g = gnext + dy[:, None] * Cv
+            ty += g * ((dl * u)[:, None] * Bv)
             gnext = tl.exp2(dl[:, None] * A2) * g
-    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n[None, :])
+    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
     tl.store(gout_ptr + st, gnext, mask=mask2)
     tl.store(tyloc_ptr + st, ty, mask=mask2)
 
@@ -354,31 +363,35 @@ def _bwd_forward_walk_kernel(
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sdz_b, sdz_d, sdz_l,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start)."""
-    pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias = _program_setup(
-        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, HAS_BIAS)
+    NS: tl.constexpr = BLOCK_N // SPLIT
+    R: tl.constexpr = SPLIT * BLOCK_D
+    pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
+        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, SPLIT, HAS_BIAS)
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d & (part == 0), other=0.0).to(tl.float32)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
     g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
-    dz_ptrs = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
-    F_ptrs = F_ptr + pid_b * L * Dm + offs_d
-    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, BLOCK_N, BC_PACK)
-    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, BLOCK_N, BC_PACK)
+    dz_ptrs = dz_ptr + pid_b * sdz_b + offs_o * sdz_d
+    F_ptrs = F_ptr + pid_b * L * Dm + offs_o
+    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, NS, BC_PACK)
+    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, NS, BC_PACK)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
     dC_ptrs = dC_ptr + ((pid_b * G + group) * N + offs_n) * L
 
-    h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, offs_n[None, :], mask2, mask_d, Dm, NC, N,
-                       BLOCK_D, BLOCK_N)
-    px = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    qx = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dcum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N, R, NS)
+    px = tl.zeros([R, NS], dtype=tl.float32)
+    qx = tl.zeros([R, NS], dtype=tl.float32)
+    dcum = tl.zeros([R], dtype=tl.float32)
+    dD_acc = tl.zeros([R], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
     cols = tl.arange(0, UNROLL)
@@ -393,27 +406,28 @@ def _bwd_forward_walk_kernel(
                 t = L - 1 - tl.minimum(p, p_end - 1)
             else:
                 t = tl.minimum(p, p_end - 1)
-            md = mask_d & ok
-            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
-                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
-            dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32)
-            h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv[None, :]
+            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+                                                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
+            dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32)
+            h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if HAS_Z:
-                ypre = tl.sum(h * Cv[None, :], axis=1)
+                ypre = tl.sum(h * Cv, axis=1)
                 if HAS_D:
                     ypre += Dv * u
                 sig = tl.sigmoid(z)
-                dz = dy * ypre * sig * (1.0 + z * (1.0 - sig))
+                dz = _sum_parts(dy * ypre * sig * (1.0 + z * (1.0 - sig)), SPLIT, BLOCK_D)
                 dz_tile = tl.where(cols[None, :] == j, dz[:, None], dz_tile)
                 dy = dy * z * sig
             if HAS_D:
                 dD_acc += dy * u
-            F_tile = tl.where(cols[None, :] == j, tl.sum(A * px, axis=1)[:, None], F_tile)
-            X = (dy[:, None] * Cv[None, :]) * h
+            F = _sum_parts(tl.sum(A2 * px, axis=1) * LN2, SPLIT, BLOCK_D)
+            F_tile = tl.where(cols[None, :] == j, F[:, None], F_tile)
+            X = (dy[:, None] * Cv) * h
             px += X
             dcum += dl
             qx += X * dcum[:, None]
-            dC = tl.sum(dy[:, None] * h, axis=0)
+            dC = _sum_channels(dy[:, None] * h, SPLIT, BLOCK_D, NS)
             dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
         pp = p0 + cols
         if REVERSE:
@@ -421,14 +435,14 @@ def _bwd_forward_walk_kernel(
         else:
             tt = pp
         okv = pp < p_end
-        m = mask_d[:, None] & okv[None, :]
+        m = mask_o[:, None] & okv[None, :]
         if HAS_Z:
             tl.store(dz_ptrs[:, None] + tt[None, :] * sdz_l, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
         tl.store(F_ptrs[:, None] + tt[None, :] * Dm, F_tile, mask=m)
         tl.atomic_add(dC_ptrs[:, None] + tt[None, :], dC_tile, mask=mask_n[:, None] & okv[None, :])
     if HAS_D:
-        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
-    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n[None, :])
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d & (part == 0))
+    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
     tl.store(tx_ptr + st, px, mask=mask2)
     tl.store(qx_ptr + st, qx, mask=mask2)
 
@@ -443,46 +457,52 @@ def _bwd_reverse_walk_kernel(
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sdu_b, sdu_d, sdu_l, sdd_b, sdd_d, sdd_l,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA and ddelta_bias (atomic)."""
-    pid_d, pid_c, pid_b, offs_d, offs_n, mask_d, mask_n, mask2, A, A2, group, bias = _program_setup(
-        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, HAS_BIAS)
+    NS: tl.constexpr = BLOCK_N // SPLIT
+    R: tl.constexpr = SPLIT * BLOCK_D
+    pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
+        A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, SPLIT, HAS_BIAS)
+    first = mask_d & (part == 0)   # the rows that carry a channel's once-per-channel terms
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + offs_d, mask=first, other=0.0).to(tl.float32)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
     g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
-    du_ptrs = du_ptr + pid_b * sdu_b + offs_d * sdu_d
-    ddl_ptrs = ddl_ptr + pid_b * sdd_b + offs_d * sdd_d
+    du_ptrs = du_ptr + pid_b * sdu_b + offs_o * sdu_d
+    ddl_ptrs = ddl_ptr + pid_b * sdd_b + offs_o * sdd_d
     F_ptrs = F_ptr + pid_b * L * Dm + offs_d
-    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, BLOCK_N, BC_PACK)
-    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, BLOCK_N, BC_PACK)
+    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, NS, BC_PACK)
+    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, NS, BC_PACK)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
     dB_ptrs = dB_ptr + ((pid_b * G + group) * N + offs_n) * L
 
     # Fold the later chunks: incoming adjoint and the X / Y sums after this chunk.
-    gin = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    ry_after = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    rx_after = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    gin = tl.zeros([R, NS], dtype=tl.float32)
+    ry_after = tl.zeros([R, NS], dtype=tl.float32)
+    rx_after = tl.zeros([R, NS], dtype=tl.float32)
     for jj in range(0, NC - 1 - pid_c):
         c = NC - 1 - jj
-        st_c = _state_offsets(pid_b, c, NC, Dm, N, offs_d, offs_n[None, :])
+        st_c = _state_offsets(pid_b, c, NC, Dm, N, offs_d, n_idx)
         hl = tl.load(hloc_ptr + st_c, mask=mask2, other=0.0)
         ry_after += tl.load(tyloc_ptr + st_c, mask=mask2, other=0.0) + gin * hl
         rx_after += tl.load(tx_ptr + st_c, mask=mask2, other=0.0)
         s = tl.load(S_ptr + (pid_b * NC + c).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
         gin = tl.load(gout_ptr + st_c, mask=mask2, other=0.0) + tl.exp2(A2 * s[:, None]) * gin
-    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, offs_n[None, :])
-    tx_c = tl.load(tx_ptr + st, mask=mask2, other=0.0)
-    K = tl.sum(A * (tx_c + rx_after - ry_after), axis=1)
+    st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
+    after = rx_after - ry_after
+    K = tl.sum(A2 * (tl.load(tx_ptr + st, mask=mask2, other=0.0) + after), axis=1) * LN2   # this row's share
 
     gnext = gin
-    ry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    qys = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    suf = tl.zeros([BLOCK_D], dtype=tl.float32)
+    ry = tl.zeros([R, NS], dtype=tl.float32)
+    qys = tl.zeros([R, NS], dtype=tl.float32)
+    suf = tl.zeros([R], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
@@ -501,30 +521,34 @@ def _bwd_reverse_walk_kernel(
             else:
                 t = p
             md = mask_d & ok
-            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, mask_n,
-                                                su_l, sd_l, sz_l, sB_l, sC_l, bias, HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
+            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+                                                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
             dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32)
-            Ft = tl.load(F_ptrs + t * Dm, mask=md, other=0.0)
+            Ft = tl.load(F_ptrs + t * Dm, mask=md & (part == 0), other=0.0)
             if HAS_Z:
                 dy = dy * z * tl.sigmoid(z)
-            g = gnext + dy[:, None] * Cv[None, :]
+            g = gnext + dy[:, None] * Cv
             du_ = dl * u
-            Y = g * (du_[:, None] * Bv[None, :])
+            # b rounded as the forward walk's h update rounds it, so that where X and Y are equal (L = 1)
+            # they are bit for bit and dA's X - Y cancels to exactly 0
+            Y = g * (du_[:, None] * Bv)
             ry += Y
             qys += Y * suf[:, None]
             suf += dl
-            gB = tl.sum(g * Bv[None, :], axis=1)
+            gB = tl.sum(g * Bv, axis=1)
             du = dl * gB
             if HAS_D:
                 du += dy * Dv
-            ddl = u * gB + K - Ft - tl.sum(A * ry, axis=1)
+            du = _sum_parts(du, SPLIT, BLOCK_D)
+            ddl = u * gB + K - Ft - tl.sum(A2 * ry, axis=1) * LN2
             if SOFTPLUS:
                 ddl = ddl * tl.sigmoid(raw)
-            ddl = tl.where(md, ddl, 0.0)
+            ddl = _sum_parts(tl.where(md, ddl, 0.0), SPLIT, BLOCK_D)
             dbias_acc += ddl
             du_tile = tl.where(cols[None, :] == j, du[:, None], du_tile)
             ddl_tile = tl.where(cols[None, :] == j, ddl[:, None], ddl_tile)
-            dB = tl.sum(g * du_[:, None], axis=0)
+            dB = _sum_channels(g * du_[:, None], SPLIT, BLOCK_D, NS)
             dB_tile = tl.where(cols[None, :] == j, dB[:, None], dB_tile)
             gnext = tl.exp2(dl[:, None] * A2) * g
         qq = q0 + cols
@@ -534,16 +558,16 @@ def _bwd_reverse_walk_kernel(
         else:
             tt = pp
         okv = qq < n_steps
-        m = mask_d[:, None] & okv[None, :]
+        m = mask_o[:, None] & okv[None, :]
         tl.store(du_ptrs[:, None] + tt[None, :] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(ddl_ptrs[:, None] + tt[None, :] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
         tl.atomic_add(dB_ptrs[:, None] + tt[None, :], dB_tile, mask=mask_n[:, None] & okv[None, :])
     qx_c = tl.load(qx_ptr + st, mask=mask2, other=0.0)
     # sum_t delta_t * dw_t over this chunk; suf now holds the chunk's delta sum
-    dA = qx_c - (suf[:, None] * ry - qys) + suf[:, None] * (rx_after - ry_after)
-    tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA, mask=mask2)
+    dA = qx_c - (suf[:, None] * ry - qys) + suf[:, None] * after
+    tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx, dA, mask=mask2)
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+        tl.atomic_add(dbias_ptr + offs_o, dbias_acc, mask=mask_o)
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,7 +630,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
     for name, v in (("D", D), ("delta_bias", delta_bias)):
         if v is not None and v.shape != (Dm,):
             raise ValueError(f"{name} must be ({Dm},), got {tuple(v.shape)}")
-    if u.device.type != "cuda" and "TRITON_INTERPRET" not in __import__("os").environ:
+    if u.device.type != "cuda" and "TRITON_INTERPRET" not in os.environ:
         raise ValueError("the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1); use backend='reference'")
 
 
@@ -689,8 +713,9 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     BLOCK_N = triton.next_power_of_2(N)
     f32 = torch.float32
     dummy = u
-    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL_BWD"], BC_PACK=_bc_packable(B, C, N),
-                 HAS_Z=z is not None,
+    split = min(CONFIG["SPLIT_BWD"], BLOCK_N)
+    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL_BWD"], SPLIT=split,
+                 BC_PACK=_bc_packable(B, C, N) and (BLOCK_N // split) % 4 == 0, HAS_Z=z is not None,
                  HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
                  num_warps=CONFIG["NUM_WARPS_BWD"])
     grid = (n_d, nc, batch)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
+from ..kernels.norm import rms_norm_fn
+
 
 @register_notrace_module  # its input checks branch on the image size
 class PatchEmbed(nn.Module):
@@ -64,7 +66,11 @@ def _check_and_pad_input(x: torch.Tensor, in_chans: int, patch: Tuple[int, int],
 
 @register_notrace_module  # picks its output dtype from the autocast state
 class RMSNorm(nn.Module):
-    """Weight-only RMSNorm computed in float32 (the official fused add+norm does the same)."""
+    """Weight-only RMSNorm computed in float32 (the official fused add+norm does the same).
+
+    On CUDA one fused Triton kernel reads the float32 input once and writes the output directly in the
+    compute dtype; elsewhere it is ``F.rms_norm`` (``vim.kernels.rms_norm_fn`` picks).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -73,11 +79,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps)
-        # like the official fused norm, hand the next layer its compute dtype
-        if torch.is_autocast_enabled(x.device.type):
-            return y.to(torch.get_autocast_dtype(x.device.type))
-        return y.to(self.weight.dtype)
+        # like the official fused norm, hands the next layer its compute dtype (autocast's, else the weight's)
+        return rms_norm_fn(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from timm.layers import DropPath
-from timm.models._features_fx import register_notrace_module
+from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..kernels import DirectionParams, bimamba_v2_fn
 from .layers import RMSNorm
@@ -88,4 +88,16 @@ class VimBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.mixer(self.norm(x))).float()
+        return residual_add(x, self.drop_path(self.mixer(self.norm(x))))
+
+
+@register_notrace_function  # branches on dtypes
+def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + y.float()`` without the cast's extra pass where promotion already gives float32.
+
+    float32 + bf16 promotes inside the add kernel and is exactly the same sum; other pairs (bf16 + bf16,
+    a float64 model's branch) keep the cast, so every result and dtype is the old one.
+    """
+    if torch.promote_types(x.dtype, y.dtype) != torch.float32:
+        y = y.float()
+    return x + y

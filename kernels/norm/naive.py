@@ -1,0 +1,19 @@
+"""Readable reference of the weight-only RMSNorm of the Vim blocks (and of the fused Triton kernels)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x / sqrt(mean(x ** 2, -1) + eps) * weight`` over the last dim, in ``out_dtype`` (default: weight's).
+
+    Computed in float32 whatever the input dtypes, as the official fused add+norm does (float64 when x is
+    float64, which makes this the tests' oracle).
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = F.rms_norm(x.to(compute), (x.shape[-1],), weight.to(compute), eps)
+    return y.to(weight.dtype if out_dtype is None else out_dtype)

@@ -1,0 +1,167 @@
+"""Fused RMSNorm: one Triton pass forward, one backward, as torch custom ops.
+
+Eager PyTorch spends several kernels on a float32 norm that feeds a bf16 layer (the norm's own
+reductions, then a cast), each a full pass over the activations. Here the forward reads x once and
+writes y directly in the compute dtype, plus the per-row ``rstd`` (float32) for the backward. The
+backward reads x, dy and rstd once, writes dx, and reduces dweight over rows inside each program:
+programs loop over row tiles and store one (dim,) partial each, summed by torch afterwards, so no
+atomics hit the same dim addresses from thousands of programs and the result is deterministic.
+
+A program owns a ``[BLOCK_M, BLOCK_N]`` tile: whole rows (``BLOCK_N`` = dim rounded up to a power of
+two, masked) and as many rows as fit in ~4K elements, so small widths such as Vim-T's 192 still give
+each program a useful amount of work.
+
+Forward and backward are registered as ``vim_kernels::rms_norm_fwd`` / ``rms_norm_bwd`` with fake
+implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces them without
+graph breaks.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest row held in registers at once (64 KB of float32); Vim's widths are at most 1024.
+MAX_BLOCK_N = 16384
+# Elements per program tile: 32 float32 per thread at the matching warp count.
+TILE = 4096
+# Tests set this: NaN-filled output buffers, to catch elements the kernels never write.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, N, stride_x, eps,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    rows = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, N, stride_dy, stride_x,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """With xhat = x * rstd and g = dy * w: dx = rstd * (g - xhat * mean(g * xhat)), dw = sum_rows dy * xhat."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)   # masked rows: xhat = dy = 0
+        xhat = x * rstd[:, None]
+        dw += tl.sum(dy * xhat, axis=0)
+        g = dy * w[None, :]
+        c = tl.sum(g * xhat, axis=1) / N
+        dx = (g - xhat * c[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + pid * N + cols, dw, mask=col_ok)
+
+
+def _tile(M: int, N: int):
+    """Rows per program, padded width and warps for an (M, N) problem."""
+    BLOCK_N = triton.next_power_of_2(N)
+    if BLOCK_N > MAX_BLOCK_N:
+        raise ValueError(f"the fused RMSNorm holds a row in registers: dim {N} > {MAX_BLOCK_N}; "
+                         "use backend='reference'")
+    BLOCK_M = min(max(1, TILE // BLOCK_N), triton.next_power_of_2(max(M, 1)))
+    num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 1024))
+    return BLOCK_M, BLOCK_N, num_warps
+
+
+def _bwd_programs(device: torch.device, n_tiles: int, num_warps: int) -> int:
+    """Enough programs to keep ~32 warps resident per SM; each extra program costs one (dim,) partial."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return min(n_tiles, sms * max(1, 32 // num_warps))
+    return min(n_tiles, 4)   # the CPU interpreter: a few programs, each looping over several tiles
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (M, N) with unit column stride; a view when the leading dims allow it."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def _forward(x, weight, eps, out_dtype):
+    x2 = _rows(x)
+    M, N = x2.shape
+    # outputs allocated in their final shapes: custom-op outputs must not be views
+    y = _empty(x.shape, out_dtype, x.device)
+    rstd = _empty(x.shape[:-1], torch.float32, x.device)
+    BLOCK_M, BLOCK_N, num_warps = _tile(M, N)
+    _rms_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](x2, weight.contiguous(), y, rstd, M, N, x2.stride(0), eps,
+                                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    return y, rstd
+
+
+def _backward(dy, x, weight, rstd):
+    x2, dy2 = _rows(x), _rows(dy)
+    M, N = x2.shape
+    dx = _empty(x.shape, x.dtype, x.device)
+    BLOCK_M, BLOCK_N, num_warps = _tile(M, N)
+    programs = _bwd_programs(x.device, triton.cdiv(M, BLOCK_M), num_warps)
+    dw_partial = _empty((programs, N), torch.float32, x.device)
+    _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), rstd.contiguous(), dx, dw_partial, M, N,
+                                      dy2.stride(0), x2.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                      num_warps=num_warps)
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+# torch custom ops, so torch.compile sees one opaque node per call instead of breaking the graph.
+_lib = torch.library.Library("vim_kernels", "FRAGMENT")
+_lib.define("rms_norm_fwd(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor, Tensor)")
+_lib.define("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)")
+for _key in ("CPU", "CUDA"):
+    _lib.impl("rms_norm_fwd", _forward, _key)
+    _lib.impl("rms_norm_bwd", _backward, _key)
+
+
+@torch.library.register_fake("vim_kernels::rms_norm_fwd")
+def _forward_fake(x, weight, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.register_fake("vim_kernels::rms_norm_bwd")
+def _backward_fake(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _autograd_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.vim_kernels.rms_norm_bwd(dy, x, weight, rstd)
+    return dx, dw, None, None
+
+
+torch.library.register_autograd("vim_kernels::rms_norm_fwd", _autograd_backward, setup_context=_setup_context)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be ({x.shape[-1]},) for x of shape {tuple(x.shape)}; got {tuple(weight.shape)}")
+    return torch.ops.vim_kernels.rms_norm_fwd(x, weight, eps, out_dtype)[0]
