@@ -21,18 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
+
 # Widest row held in registers at once (64 KB of float32); Vim's widths are at most 1024.
 MAX_BLOCK_N = 16384
 # Elements per program tile: 32 float32 per thread at the matching warp count.
 TILE = 4096
-# Tests set this: NaN-filled output buffers, to catch elements the kernels never write.
-POISON_OUTPUTS = False
-
-
-def _empty(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
