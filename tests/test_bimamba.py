@@ -79,7 +79,9 @@ def test_fused_matches_reference():
 
 def test_fused_across_chunks_no_conv_bias():
     triton_scan.CHUNK_OVERRIDE = 6
-    run_both(1, 19, 8, 16, 1, conv_bias=False)
+    # A_log's gradient is a difference of sums over the sequence (docs/kernels.md): up to ~1.5e-4 in float32
+    # here over random draws, every other gradient ~1e-7
+    run_both(1, 19, 8, 16, 1, conv_bias=False, gtol=5e-4)
 
 
 def test_fused_single_token():
