@@ -61,8 +61,10 @@ def test_matches_float64_reference(shape, out_dtype):
 
 def test_dim_one():
     # dx = rstd * g * w * eps / (x^2 + eps): for x^2 >> eps that is a float32 cancellation in any
-    # implementation, so a large eps makes this test the kernel rather than float32
-    check(torch.randn(6, 1, device=DEV), torch.float32, eps=0.5)
+    # implementation, so a large eps and |x| <= 1.5 (cancellation at most (x^2 + eps) / eps = 5.5x) make this
+    # test the kernel rather than float32; random x reached |x| ~ 3 and failed 1e-6 about one run in 20
+    x = torch.tensor([-1.5, -0.7, -0.1, 0.2, 0.9, 1.4], device=DEV).reshape(6, 1)
+    check(x, torch.float32, eps=0.5)
 
 
 def test_non_contiguous_inputs():

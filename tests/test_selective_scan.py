@@ -150,35 +150,32 @@ def test_reverse_equals_flipped_forward():
     assert rel(y_rev, y_flip) < 1e-5
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_bf16_model_rows_read_packed(reverse, monkeypatch):
-    """bf16 B/C rows of the x_proj output are read four states per int64 word; the output equals the
-    one-state-per-load path exactly (the unpacking is exact), and both match the float64 reference."""
-    triton_scan.CHUNK_OVERRIDE = 8
-    inputs = make_inputs(2, 8, 21, 8, dtype=torch.bfloat16, model_rows=True)
-    inputs[2] = inputs[2].float()
-    assert triton_scan._bc_packable(inputs[3], inputs[4], 8)
-    run_both(inputs, reverse=reverse, tol=1e-2, gtol=2e-2)
-
-    def outputs():
-        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-        y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
-        y.float().sum().backward()
-        return [y] + [t.grad for t in leaves if t is not None]
-
-    packed = outputs()
-    monkeypatch.setattr(triton_scan, "_bc_packable", lambda *a: False)
-    unpacked = outputs()
-    assert torch.equal(packed[0], unpacked[0])
-    for a, b in zip(packed[1:], unpacked[1:]):   # atomics sum some gradients in no fixed order
-        assert rel(a, b) < 1e-5
+def test_bc_rows_are_float32_state_contiguous():
+    """The kernels read B/C as float32 rows with the states contiguous: such inputs pass through as they
+    are, anything else (bf16 model rows, channel-major (B, N, L), grouped) becomes one float32 copy."""
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 8, model_rows=True)   # float32 x_proj rows
+    assert triton_scan._bc_rows(Bm) is Bm
+    for kw in (dict(dtype=torch.bfloat16, model_rows=True), dict(token_major=False), dict(groups=2)):
+        Bm = make_inputs(2, 4, 6, 8, **kw)[3]
+        rows = triton_scan._bc_rows(Bm)
+        assert rows.dtype == torch.float32 and rows.stride(-2) == 1 and rows.shape == Bm.shape
+        assert torch.equal(rows, Bm.float())
 
 
-def test_unaligned_or_fp32_rows_are_not_packed():
-    u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 4, dtype=torch.bfloat16)   # C starts 2 bytes off
-    assert not triton_scan._bc_packable(Bm, Cm, 4)
-    u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 4, model_rows=True)        # float32
-    assert not triton_scan._bc_packable(Bm, Cm, 4)
+def test_own_part_row_loads_only_where_they_apply():
+    """Per-thread 16-byte row loads (inline PTX, GPU only) need float32 state-contiguous 16-byte aligned
+    rows and 4 or 8 states per thread; the interpreter never takes them."""
+    rows = torch.randn(2, 7, 2 * 16).transpose(1, 2)            # (B, 2N, L) over (B, L, 2N) storage
+    Bm, Cm = rows[:, :16], rows[:, 16:]
+    assert triton_scan._row_asm_ok(Bm, Cm, 16, 2, asm=True)
+    assert triton_scan._row_asm_ok(Bm, Cm, 16, 4, asm=True)
+    assert not triton_scan._row_asm_ok(Bm, Cm, 16, 2, asm=False)   # interpreter
+    assert not triton_scan._row_asm_ok(Bm, Cm, 16, 1, asm=True)    # one thread per channel: uniform loads
+    assert not triton_scan._row_asm_ok(Bm, Cm, 16, 16, asm=True)   # one state per thread
+    odd = torch.randn(2, 7, 2 * 16 + 1)[..., 1:].transpose(1, 2)   # rows 4 bytes off alignment
+    assert not triton_scan._row_asm_ok(odd[:, :16], odd[:, 16:], 16, 2, asm=True)
+    assert not triton_scan._row_asm_ok(Bm.bfloat16(), Cm.bfloat16(), 16, 2, asm=True)
+    assert not triton_scan._use_asm(Bm)
 
 
 def test_token_major_output_layout_and_no_copy():
@@ -224,3 +221,27 @@ def test_gpu_long_6085(reverse):
 @gpu_only
 def test_gpu_long_65536_forward_bf16():
     run_both(make_inputs(1, 32, 65536, 16, dtype=torch.bfloat16), reverse=True, grads=False, tol=1e-2)
+
+
+@gpu_only
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch):
+    """The inline-PTX per-thread B/C row loads give exactly what the uniform loads and selects give."""
+    monkeypatch.setitem(triton_scan.CONFIG, "SPLIT", split)
+    monkeypatch.setitem(triton_scan.CONFIG, "SPLIT_BWD", split)
+    inputs = make_inputs(2, 64, 197, 16, model_rows=True)
+    assert triton_scan._row_asm_ok(inputs[3], inputs[4], 16, split, True)
+
+    def outputs():
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+        y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
+        y.sum().backward()
+        return [y] + [t.grad for t in leaves if t is not None]
+
+    own = outputs()
+    monkeypatch.setattr(triton_scan, "_row_asm_ok", lambda *a, **k: False)
+    uniform = outputs()
+    assert torch.equal(own[0], uniform[0])
+    for a, b in zip(own[1:], uniform[1:]):   # atomics sum some gradients in no fixed order
+        assert rel(a, b) < 1e-5

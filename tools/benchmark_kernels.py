@@ -7,7 +7,9 @@
 Inputs are token-major, as in the model: u, delta, z are (B, L, E) storage viewed as (B, E, L), and
 B, C are slices of the x_proj output (B, L, R + 2N). Timings are medians of triton.testing.do_bench
 on fresh random data; achieved GB/s counts the bytes that must move (each input read once, each
-output written once) and is printed next to the device's measured copy bandwidth.
+output written once) and is printed next to the device's measured copy bandwidth. "GPU time" is the
+summed time of the kernels one call launches (torch.profiler): at small shapes the eager wall clock
+is partly Python launch overhead, which the model hides by queueing layers ahead.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ from vim.kernels import DirectionParams, bimamba_v2_fn  # noqa: E402
 from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
 from vim.kernels.selective_scan import triton_scan  # noqa: E402
 
-SWEEP_FWD = [(16, 2, 1, 1), (32, 1, 2, 1)]
-# (BLOCK_D_BWD, SPLIT_BWD, UNROLL_BWD, NUM_WARPS_BWD)
-SWEEP_BWD = [(16, 2, 2, 1), (16, 2, 1, 1), (8, 4, 2, 1)]
+# (BLOCK_D, SPLIT, UNROLL, NUM_WARPS)
+SWEEP_FWD = [(16, 2, 1, 1), (8, 4, 1, 1), (64, 1, 1, 1)]
+# (BLOCK_D_BWD, SPLIT_BWD, UNROLL_BWD, NUM_WARPS_BWD, MAXNREG_REV)
+SWEEP_BWD = [(32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1, 1, 1, 168), (16, 2, 2, 1, None)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
 GPU_SHAPES = [(128, 384, 197, 16), (128, 768, 197, 16), (8, 384, 6085, 16)]
 CPU_SHAPES = [(2, 8, 24, 4)]
@@ -47,6 +50,25 @@ def _bench(fn, cuda: bool, rep_ms: int = 100):
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def _gpu_ms(fn, cuda: bool, iters: int = 10):
+    """GPU time of one call: the summed time of every kernel it launches (torch.profiler), after a warm-up
+    call. Eager wall-clock timings of small shapes are partly the host's launch overhead (the model hides
+    it by queueing layers ahead); this is what the GPU itself spends. L2 is not flushed between calls."""
+    if not cuda:
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    return us / iters / 1e3
 
 
 def copy_bandwidth_gbs(cuda: bool) -> float:
@@ -132,7 +154,10 @@ def time_scan(shape, device, cuda, reverse, dtype, with_ref=True):
             fn(*args).backward(g)
 
         big = name == "reference" and batch * E * L * N > 2e8
-        res[name] = {"fwd_ms": fwd, "fwd_bwd_ms": None if big else _bench(step, cuda)}
+        with torch.no_grad():
+            gpu_fwd = _gpu_ms(lambda: fn(*args), cuda) if name != "reference" else None
+        res[name] = {"fwd_ms": fwd, "fwd_bwd_ms": None if big else _bench(step, cuda), "gpu_fwd_ms": gpu_fwd,
+                     "gpu_fwd_bwd_ms": _gpu_ms(step, cuda) if name != "reference" else None}
     return res
 
 
@@ -186,6 +211,9 @@ def time_bimamba(batch, E, L, N, device, cuda, dtype):
                 p.grad = None
             fn().backward(g)
         fb = _bench(step, cuda)
+        with torch.no_grad():
+            gpu_f = _gpu_ms(fn, cuda)
+        gpu_fb = _gpu_ms(step, cuda)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -194,7 +222,8 @@ def time_bimamba(batch, E, L, N, device, cuda, dtype):
             del y
         else:
             mem = None
-        res[name] = {"fwd_ms": f, "fwd_bwd_ms": fb, "fwd_peak_extra_MiB": mem}
+        res[name] = {"fwd_ms": f, "fwd_bwd_ms": fb, "gpu_fwd_ms": gpu_f, "gpu_fwd_bwd_ms": gpu_fb,
+                     "fwd_peak_extra_MiB": mem}
     return res
 
 
@@ -234,12 +263,13 @@ def main(argv=None):
             gbs_b = min_bytes(*shp, 2 if cuda else 4, True) / tr["fwd_bwd_ms"] / 1e6
             anc = ANCHORS.get(shp)
             rows.append((shp, rev, tr["fwd_ms"], tr["fwd_bwd_ms"], gbs_f, gbs_b,
-                         r.get("reference", {}).get("fwd_ms"), anc))
+                         r.get("reference", {}).get("fwd_ms"), anc, tr["gpu_fwd_ms"], tr["gpu_fwd_bwd_ms"]))
     if args.sweep and cuda:
         report["sweep"] = {}
         base = dict(triton_scan.CONFIG)
         fwd_cfgs = [dict(BLOCK_D=bd, SPLIT=sp, UNROLL=un, NUM_WARPS=nw) for bd, sp, un, nw in SWEEP_FWD]
-        bwd_cfgs = [dict(BLOCK_D_BWD=bd, SPLIT_BWD=sp, UNROLL_BWD=un, NUM_WARPS_BWD=nw) for bd, sp, un, nw in SWEEP_BWD]
+        bwd_cfgs = [dict(BLOCK_D_BWD=bd, SPLIT_BWD=sp, UNROLL_BWD=un, NUM_WARPS_BWD=nw, MAXNREG_REV=mr)
+                    for bd, sp, un, nw, mr in SWEEP_BWD]
         tgt_cfgs = [dict(TARGET_PROGRAMS=tp, MIN_CHUNK=mc) for tp, mc in SWEEP_CHUNK]
         for kind, cfgs, sweep_shapes in (("fwd", fwd_cfgs, shapes), ("bwd", bwd_cfgs, shapes),
                                          ("chunk", tgt_cfgs, shapes[-1:])):
@@ -251,8 +281,8 @@ def main(argv=None):
                 for shp in sweep_shapes:
                     r = time_scan(shp, device, cuda, False, dtype, with_ref=False)["triton"]
                     report["sweep"][key][str(shp)] = r
-                    print(f"sweep {key:48s} {str(shp):20s} fwd {r['fwd_ms']:.4f} ms  fwd+bwd {r['fwd_bwd_ms']:.4f} ms",
-                          flush=True)
+                    print(f"sweep {key:48s} {str(shp):20s} fwd {r['fwd_ms']:.4f} ms  fwd+bwd {r['fwd_bwd_ms']:.4f} ms"
+                          f"  GPU time fwd {r['gpu_fwd_ms']:.4f} fwd+bwd {r['gpu_fwd_bwd_ms']:.4f} ms", flush=True)
         triton_scan.CONFIG.update(base)
     report["bimamba"] = {}
     for shp in (shapes[:1] if cuda else shapes):
@@ -263,17 +293,20 @@ def main(argv=None):
             print(f"bimamba skipped: {e}")
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=str)
-    print(f"\n{'shape (B,E,L,N)':22s} {'rev':5s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd GB/s':>9s} {'f+b GB/s':>9s}"
-          f" {'ref fwd':>8s} {'mamba fwd/f+b (anchor)':>24s} {'speedup fwd/f+b':>16s}")
+    print(f"\n{'shape (B,E,L,N)':22s} {'rev':5s} {'fwd ms':>8s} {'f+b ms':>8s} {'GPU fwd':>8s} {'GPU f+b':>8s}"
+          f" {'fwd GB/s':>9s} {'f+b GB/s':>9s} {'ref fwd':>8s} {'mamba fwd/f+b (anchor)':>24s} {'speedup fwd/f+b':>16s}"
+          f" {'on GPU time':>12s}")
     nan = float("nan")
-    for shp, rev, f, fb, gf, gb, ref, anc in rows:
+    for shp, rev, f, fb, gf, gb, ref, anc, gpu_f, gpu_fb in rows:
         sp = f"{anc[0] / f:.1f}x / {anc[1] / fb:.1f}x" if anc else "-"
+        sp_gpu = f"{anc[0] / gpu_f:.1f}x / {anc[1] / gpu_fb:.1f}x" if anc and gpu_f else "-"
         ancs = f"{anc[0]:.3f} / {anc[1]:.2f}" if anc else "-"
-        print(f"{str(shp):22s} {str(rev):5s} {f:8.4f} {fb:8.4f} {gf:9.0f} {gb:9.0f} "
-              f"{(ref or nan):8.3f} {ancs:>24s} {sp:>16s}")
+        print(f"{str(shp):22s} {str(rev):5s} {f:8.4f} {fb:8.4f} {(gpu_f or nan):8.4f} {(gpu_fb or nan):8.4f} "
+              f"{gf:9.0f} {gb:9.0f} {(ref or nan):8.3f} {ancs:>24s} {sp:>16s} {sp_gpu:>12s}")
     for shp, r in report["bimamba"].items():
         for name, v in r.items():
             print(f"bimamba {shp} {name:22s} fwd {v['fwd_ms']:.4f} ms  fwd+bwd {v['fwd_bwd_ms']:.4f} ms"
+                  f"  GPU time fwd {v['gpu_fwd_ms'] or nan:.4f} fwd+bwd {v['gpu_fwd_bwd_ms'] or nan:.4f} ms"
                   f"  fwd extra MiB {v['fwd_peak_extra_MiB']}")
     print(f"copy bandwidth {bw:.0f} GB/s; wrote {args.out}")
 

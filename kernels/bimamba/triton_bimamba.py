@@ -29,10 +29,11 @@ def _direction_inputs(x, p: DirectionParams, reverse: bool, cdt):
 
 
 def _split(xdbl, rank, N):
+    """dt (B, L, R) and B, C as (B, N, L) views of one float32 (B, L, 2N) copy: the rows the scan kernels
+    load whole (``triton_scan._bc_rows``), made in one small pass instead of one per tensor."""
     dt = xdbl[..., :rank]
-    Bm = xdbl[..., rank:rank + N].transpose(1, 2)
-    Cm = xdbl[..., rank + N:rank + 2 * N].transpose(1, 2)
-    return dt, Bm, Cm
+    bc = xdbl[..., rank:rank + 2 * N].float()
+    return dt, bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
 
 
 def _none_if_empty(t):
@@ -85,8 +86,8 @@ def _backward_impl(dout, x, z, flat, saved):
             A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
             du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan.scan_backward(
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
-                p.dt_proj_bias.float(), True, reverse, hloc, S)
-            dz_total = dz if dz_total is None else dz_total + dz
+                p.dt_proj_bias.float(), True, reverse, hloc, S, dz_out=dz_total, dz_accumulate=i == 1)
+            dz_total = dz
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
             d_dt = ddelta @ Wdt                                                # (B, L, R)
             dWdt = ddelta.reshape(-1, ddelta.shape[-1]).t() @ dt.reshape(-1, rank)

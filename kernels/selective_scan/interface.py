@@ -23,13 +23,16 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """Selective scan with mamba_ssm's argument layouts and semantics (see ``naive.selective_scan_ref``).
 
     ``backend``: 'reference' (pure PyTorch, any device), 'triton', or None: Triton on CUDA, the
-    reference elsewhere.
+    reference elsewhere. The Triton backend is the custom op ``vim_kernels::selective_scan_fwd``
+    (``triton_op.py``), so ``torch.compile(fullgraph=True)`` traces it without graph breaks.
     """
     backend = resolve_backend(backend, u.device)
     if backend == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state, reverse)
-    from .triton_scan import selective_scan_triton  # imports triton only when asked for
+    # imports triton (and registers the vim_kernels::selective_scan_* custom ops) only when asked for
+    from .triton_op import selective_scan_op
+    from .triton_scan import _check_inputs
 
-    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                 return_last_state, reverse)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)

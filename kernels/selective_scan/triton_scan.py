@@ -33,9 +33,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Tuning knobs, read at launch; tools/benchmark_kernels.py sweeps them.
-# Defaults: the fastest combination measured on an H100 (docs/kernels.md, v4 sweep).
+# Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v6). MAXNREG_REV caps
+# the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, BLOCK_D_BWD=32, SPLIT_BWD=1, UNROLL_BWD=2,
-              NUM_WARPS_BWD=1, TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
+              NUM_WARPS_BWD=1, MAXNREG_REV=168, TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -52,87 +53,131 @@ def _empty(shape, dtype, device):
 # shared pieces
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-
-
-@triton.jit
-def _unpack_bf16x4(x):
-    """int64 words holding four bf16 each -> float32 vector of 4x the length, in memory order."""
-    lo = x.to(tl.int32)
-    hi = (x >> 32).to(tl.int32)
-    v0 = (lo << 16).to(tl.float32, bitcast=True)
-    v1 = (lo & -65536).to(tl.float32, bitcast=True)
-    v2 = (hi << 16).to(tl.float32, bitcast=True)
-    v3 = (hi & -65536).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), [x.shape[0] * 4])
-
-
-@triton.jit
-def _bc_pointers(M_ptr, pid_b, group, s_b, s_g, s_n, BLOCK_N: tl.constexpr, BC_PACK: tl.constexpr):
-    """Pointers to the N values of B or C at token 0. With BC_PACK (bf16, state-contiguous, 8-byte
-    aligned rows) they point at int64 words of four states: every thread of a program reads the same
-    row, so a quarter of the loads is a quarter of the load-unit work, which otherwise rivals the exps."""
-    if BC_PACK:
-        return M_ptr.to(tl.pointer_type(tl.int64)) + (pid_b * s_b + group * s_g) // 4 + tl.arange(0, BLOCK_N // 4)
+def _rcp(x, ASM: tl.constexpr):
+    """1 / x. On the GPU one MUFU.RCP (``rcp.approx.ftz``, 1 ulp): Triton's division adds a range fix-up
+    of three instructions to every use on the walks' per-token path. The interpreter divides."""
+    if ASM:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
     else:
-        return M_ptr + pid_b * s_b + group * s_g + tl.arange(0, BLOCK_N) * s_n
+        return 1.0 / x
 
 
 @triton.jit
-def _load_bc(ptrs, t, s_l, mask_n, BC_PACK: tl.constexpr):
-    if BC_PACK:
-        return _unpack_bf16x4(tl.load(ptrs + t * (s_l // 4)))
+def _softplus(x, ASM: tl.constexpr):
+    """softplus(x) and its slope sigmoid(x), from one exp2 and one reciprocal.
+
+    softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1]; log1p(e) = 2 atanh(s), s = e / (2 + e)
+    <= 1/3, summed as an odd series in s to relative 1e-8. A precise ``log`` costs ~25 instructions per
+    channel and token on the walks' critical path; this is ~14 and as accurate in float32."""
+    e = tl.exp2(-tl.abs(x) * LOG2E)
+    s = e * _rcp(2.0 + e, ASM)
+    w = s * s
+    p = 1.0 / 13.0
+    p = p * w + 1.0 / 11.0
+    p = p * w + 1.0 / 9.0
+    p = p * w + 1.0 / 7.0
+    p = p * w + 1.0 / 5.0
+    p = p * w + 1.0 / 3.0
+    p = p * w + 1.0
+    sp = tl.maximum(x, 0.0) + 2.0 * s * p
+    r = _rcp(1.0 + e, ASM)
+    slope = tl.where(x >= 0.0, r, e * r)
+    return sp, slope
+
+
+@triton.jit
+def _sigmoid(x, ASM: tl.constexpr):
+    return _rcp(1.0 + tl.exp2(-x * LOG2E), ASM)
+
+
+@triton.jit
+def _bc_base(M_ptr, pid_b, group, s_b, s_g):
+    """Scalar pointer to state 0 of token 0 of the program's B or C rows (float32, see ``_bc_rows``)."""
+    return M_ptr + pid_b * s_b + group * s_g
+
+
+@triton.jit
+def _load_state_part(row, s_n, N, k, NS: tl.constexpr, EVEN_N: tl.constexpr):
+    """States [k * NS, (k + 1) * NS) of one B or C row, float32 [NS], the same for every thread."""
+    n = k * NS + tl.arange(0, NS)
+    if EVEN_N:
+        return tl.load(row + n * s_n)
     else:
-        return tl.load(ptrs + t * s_l, mask=mask_n, other=0.0).to(tl.float32)
+        return tl.load(row + n * s_n, mask=n < N, other=0.0)
 
 
 @triton.jit
-def _load_state_part(ptrs, t, s_l, s_n, N, part, NS: tl.constexpr, BC_PACK: tl.constexpr):
-    """States [part * NS, (part + 1) * NS) of B or C at token t, float32 [NS] (the same for every
-    thread); ``ptrs`` from ``_bc_pointers`` with NS states."""
-    if BC_PACK:
-        part_ptrs = ptrs + part * (NS // 4)
+def _load_own_part(prow, NS: tl.constexpr):
+    """[R, NS]: row r's NS states at prow[r] (16-byte aligned, contiguous) by vector loads in PTX. Triton's
+    own 2-D load of this tile would be laid out along the states and converted to A's layout through
+    shuffles on every token; the joins below only name registers. NS is 4 or 8."""
+    a0, a1, a2, a3 = tl.inline_asm_elementwise("ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                                               [prow], (tl.float32, tl.float32, tl.float32, tl.float32), True, 1)
+    if NS == 4:
+        x = tl.join(tl.join(a0, a2), tl.join(a1, a3))
     else:
-        part_ptrs = ptrs + part * NS * s_n
-    return _load_bc(part_ptrs, t, s_l, part * NS + tl.arange(0, NS) < N, BC_PACK)
+        b0, b1, b2, b3 = tl.inline_asm_elementwise("ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4+16];",
+                                                   "=r,=r,=r,=r,l", [prow],
+                                                   (tl.float32, tl.float32, tl.float32, tl.float32), True, 1)
+        x = tl.join(tl.join(tl.join(a0, b0), tl.join(a2, b2)), tl.join(tl.join(a1, b1), tl.join(a3, b3)))
+    return tl.reshape(x, [prow.shape[0], NS])
 
 
 @triton.jit
-def _load_state_rows(ptrs, t, s_l, s_n, N, part, NS: tl.constexpr, SPLIT: tl.constexpr, BC_PACK: tl.constexpr):
+def _load_state_rows(base, t, s_l, s_n, N, part, NS: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+                     ROW_ASM: tl.constexpr):
     """B or C at token t for every row: [R, NS] (row r gets the states of its part part[r]), or [1, NS]
-    without a split. Built from uniform row loads and selects, not a 2-D load, so that the tile keeps
-    the layout A gave it (a 2-D load here would be coalesced along the states)."""
-    v = _load_state_part(ptrs, t, s_l, s_n, N, 0, NS, BC_PACK)[None, :]
-    for k in tl.static_range(1, SPLIT):
-        v = tl.where(part[:, None] == k, _load_state_part(ptrs, t, s_l, s_n, N, k, NS, BC_PACK)[None, :], v)
+    without a split. With ROW_ASM each thread loads its own part (``_load_own_part``); otherwise every
+    thread loads every part as uniform vectors and selects, not a 2-D load, so that the tile keeps the
+    layout A gave it (a 2-D load would be coalesced along the states)."""
+    row = base + t * s_l
+    if ROW_ASM:
+        v = _load_own_part(row + part * NS, NS)
+    else:
+        v = _load_state_part(row, s_n, N, 0, NS, EVEN_N)[None, :]
+        for k in tl.static_range(1, SPLIT):
+            v = tl.where(part[:, None] == k, _load_state_part(row, s_n, N, k, NS, EVEN_N)[None, :], v)
     return v
 
 
 @triton.jit
-def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS: tl.constexpr, SPLIT: tl.constexpr,
-               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_PACK: tl.constexpr):
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_D: tl.constexpr,
+               EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr):
     """Inputs of one token for every row. ``t`` is always a valid token (the callers clamp the tail of a
     chunk to its last token, so no load needs a per-token predicate); ``ok`` says whether the step is
-    real. Returns u, delta (processed; 0 where not ok or masked, so the step is a no-op), the
-    pre-softplus value, z ([R] each), B, C ([R, NS] or [1, NS]; float32)."""
-    u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
-    raw = tl.load(dl_ptrs + t * sd_l, mask=mask_d, other=0.0).to(tl.float32)
+    real. Returns u, delta (processed; 0 where not ok or masked, so the step is a no-op), d delta / d raw
+    delta (the softplus slope, 1 without softplus), z ([R] each), B, C ([R, NS] or [1, NS]; float32).
+    EVEN_D (the channels fill every block) drops the channel masks."""
+    if EVEN_D:
+        u = tl.load(u_ptrs + t * su_l).to(tl.float32)
+        raw = tl.load(dl_ptrs + t * sd_l).to(tl.float32)
+    else:
+        u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
+        raw = tl.load(dl_ptrs + t * sd_l, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias
     if SOFTPLUS:
-        dl = _softplus(raw)
+        dl, slope = _softplus(raw, ASM)
     else:
         dl = raw
-    dl = tl.where(mask_d & ok, dl, 0.0)
+        slope = 1.0
+    if EVEN_D:
+        dl = tl.where(ok, dl, 0.0)
+    else:
+        dl = tl.where(mask_d & ok, dl, 0.0)
     if HAS_Z:
-        z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
+        if EVEN_D:
+            z = tl.load(z_ptrs + t * sz_l).to(tl.float32)
+        else:
+            z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
     else:
         z = u
-    Bv = _load_state_rows(B_ptrs, t, sB_l, sB_n, N, part, NS, SPLIT, BC_PACK)
-    Cv = _load_state_rows(C_ptrs, t, sC_l, sC_n, N, part, NS, SPLIT, BC_PACK)
-    return u, dl, raw, z, Bv, Cv
+    Bv = _load_state_rows(B_base, t, sB_l, sB_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
+    Cv = _load_state_rows(C_base, t, sC_l, sC_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
+    return u, dl, slope, z, Bv, Cv
 
 
 @triton.jit
@@ -209,8 +254,10 @@ def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask
     hloc: (B, NC, N, D) float32; S: (B, NC, D) float32 sum of delta over each chunk."""
     h = tl.zeros([ROWS, COLS], dtype=tl.float32)
     for jc in range(0, pid_c):
-        hl = tl.load(hloc_ptr + _state_offsets(pid_b, jc, NC, Dm, N, offs_d, n_idx), mask=mask2, other=0.0)
-        s = tl.load(S_ptr + (pid_b * NC + jc).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
+        # float32 always: with one chunk the pointers are placeholders of the inputs' dtype (float64 would
+        # change the loop-carried state's type and fail to compile, though the loop never runs)
+        hl = tl.load(hloc_ptr + _state_offsets(pid_b, jc, NC, Dm, N, offs_d, n_idx), mask=mask2, other=0.0).to(tl.float32)
+        s = tl.load(S_ptr + (pid_b * NC + jc).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         h = tl.exp2(A2 * s[:, None]) * h + hl
     return h
 
@@ -224,8 +271,8 @@ def _fwd_kernel(
     Dm, L, N, T, NC, CPG, out_scale,
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_PASS: tl.constexpr, ACCUM: tl.constexpr, STORE_LAST: tl.constexpr,
 ):
@@ -240,8 +287,8 @@ def _fwd_kernel(
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
-    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, NS, BC_PACK)   # one part's states
-    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, NS, BC_PACK)
+    B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)   # one part's states
+    C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     o_ptrs = out_ptr + pid_b * so_b + offs_o * so_d
 
     if STATE_PASS:
@@ -263,9 +310,10 @@ def _fwd_kernel(
                 t = L - 1 - tl.minimum(p, p_end - 1)
             else:
                 t = tl.minimum(p, p_end - 1)
-            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                HAS_Z and not STATE_PASS, HAS_BIAS, SOFTPLUS, BC_PACK)
+                                                HAS_Z and not STATE_PASS, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N,
+                                                ROW_ASM, ASM)
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if STATE_PASS:
                 ssum += dl
@@ -274,7 +322,7 @@ def _fwd_kernel(
                 if HAS_D:
                     y += Dv * u
                 if HAS_Z:
-                    y = y * z * tl.sigmoid(z)
+                    y = y * z * _sigmoid(z, ASM)
                 y = _sum_parts(y, SPLIT, BLOCK_D)
                 y_tile = tl.where(cols[None, :] == j, y[:, None], y_tile)
         if not STATE_PASS:
@@ -310,8 +358,8 @@ def _bwd_adjoint_state_kernel(
     Dm, L, N, T, NC, CPG,
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Per chunk, the adjoint walked from zero at the chunk's end: stores a_s*g_s at the chunk's first
@@ -324,8 +372,8 @@ def _bwd_adjoint_state_kernel(
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
     g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
-    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, NS, BC_PACK)
-    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, NS, BC_PACK)
+    B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
+    C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     gnext = tl.zeros([R, NS], dtype=tl.float32)
     ty = tl.zeros([R, NS], dtype=tl.float32)
     p_start = pid_c * T
@@ -340,12 +388,12 @@ def _bwd_adjoint_state_kernel(
                 t = L - 1 - p
             else:
                 t = p
-            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
+                                                HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
             dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32)
             if HAS_Z:
-                dy = dy * z * tl.sigmoid(z)
+                dy = dy * z * _sigmoid(z, ASM)
             g = gnext + dy[:, None] * Cv
             ty += g * ((dl * u)[:, None] * Bv)
             gnext = tl.exp2(dl[:, None] * A2) * g
@@ -362,10 +410,10 @@ def _bwd_forward_walk_kernel(
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sdz_b, sdz_d, sdz_l,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr,
+    REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start)."""
@@ -381,8 +429,8 @@ def _bwd_forward_walk_kernel(
     g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
     dz_ptrs = dz_ptr + pid_b * sdz_b + offs_o * sdz_d
     F_ptrs = F_ptr + pid_b * L * Dm + offs_o
-    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, NS, BC_PACK)
-    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, NS, BC_PACK)
+    B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
+    C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     dC_ptrs = dC_ptr + ((pid_b * G + group) * N + offs_n) * L
@@ -406,16 +454,16 @@ def _bwd_forward_walk_kernel(
                 t = L - 1 - tl.minimum(p, p_end - 1)
             else:
                 t = tl.minimum(p, p_end - 1)
-            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
+                                                HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
             dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32)
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if HAS_Z:
                 ypre = tl.sum(h * Cv, axis=1)
                 if HAS_D:
                     ypre += Dv * u
-                sig = tl.sigmoid(z)
+                sig = _sigmoid(z, ASM)
                 dz = _sum_parts(dy * ypre * sig * (1.0 + z * (1.0 - sig)), SPLIT, BLOCK_D)
                 dz_tile = tl.where(cols[None, :] == j, dz[:, None], dz_tile)
                 dy = dy * z * sig
@@ -437,7 +485,10 @@ def _bwd_forward_walk_kernel(
         okv = pp < p_end
         m = mask_o[:, None] & okv[None, :]
         if HAS_Z:
-            tl.store(dz_ptrs[:, None] + tt[None, :] * sdz_l, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
+            dz_addr = dz_ptrs[:, None] + tt[None, :] * sdz_l
+            if DZ_ACCUM:   # the second scan over the same z adds its dz in place of a separate add pass
+                dz_tile += tl.load(dz_addr, mask=m, other=0.0).to(tl.float32)
+            tl.store(dz_addr, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
         tl.store(F_ptrs[:, None] + tt[None, :] * Dm, F_tile, mask=m)
         tl.atomic_add(dC_ptrs[:, None] + tt[None, :], dC_tile, mask=mask_n[:, None] & okv[None, :])
     if HAS_D:
@@ -456,8 +507,8 @@ def _bwd_reverse_walk_kernel(
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sdu_b, sdu_d, sdu_l, sdd_b, sdd_d, sdd_l,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, BC_PACK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
@@ -477,8 +528,8 @@ def _bwd_reverse_walk_kernel(
     du_ptrs = du_ptr + pid_b * sdu_b + offs_o * sdu_d
     ddl_ptrs = ddl_ptr + pid_b * sdd_b + offs_o * sdd_d
     F_ptrs = F_ptr + pid_b * L * Dm + offs_d
-    B_ptrs = _bc_pointers(B_ptr, pid_b, group, sB_b, sB_g, sB_n, NS, BC_PACK)
-    C_ptrs = _bc_pointers(C_ptr, pid_b, group, sC_b, sC_g, sC_n, NS, BC_PACK)
+    B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
+    C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     dB_ptrs = dB_ptr + ((pid_b * G + group) * N + offs_n) * L
@@ -490,11 +541,11 @@ def _bwd_reverse_walk_kernel(
     for jj in range(0, NC - 1 - pid_c):
         c = NC - 1 - jj
         st_c = _state_offsets(pid_b, c, NC, Dm, N, offs_d, n_idx)
-        hl = tl.load(hloc_ptr + st_c, mask=mask2, other=0.0)
-        ry_after += tl.load(tyloc_ptr + st_c, mask=mask2, other=0.0) + gin * hl
+        hl = tl.load(hloc_ptr + st_c, mask=mask2, other=0.0).to(tl.float32)   # float32: see _initial_state
+        ry_after += tl.load(tyloc_ptr + st_c, mask=mask2, other=0.0).to(tl.float32) + gin * hl
         rx_after += tl.load(tx_ptr + st_c, mask=mask2, other=0.0)
-        s = tl.load(S_ptr + (pid_b * NC + c).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0)
-        gin = tl.load(gout_ptr + st_c, mask=mask2, other=0.0) + tl.exp2(A2 * s[:, None]) * gin
+        s = tl.load(S_ptr + (pid_b * NC + c).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        gin = tl.load(gout_ptr + st_c, mask=mask2, other=0.0).to(tl.float32) + tl.exp2(A2 * s[:, None]) * gin
     st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
     after = rx_after - ry_after
     K = tl.sum(A2 * (tl.load(tx_ptr + st, mask=mask2, other=0.0) + after), axis=1) * LN2   # this row's share
@@ -521,13 +572,13 @@ def _bwd_reverse_walk_kernel(
             else:
                 t = p
             md = mask_d & ok
-            u, dl, raw, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_ptrs, C_ptrs, t, ok, mask_d, part, N,
+            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                HAS_Z, HAS_BIAS, SOFTPLUS, BC_PACK)
+                                                HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
             dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32)
             Ft = tl.load(F_ptrs + t * Dm, mask=md & (part == 0), other=0.0)
             if HAS_Z:
-                dy = dy * z * tl.sigmoid(z)
+                dy = dy * z * _sigmoid(z, ASM)
             g = gnext + dy[:, None] * Cv
             du_ = dl * u
             # b rounded as the forward walk's h update rounds it, so that where X and Y are equal (L = 1)
@@ -543,7 +594,7 @@ def _bwd_reverse_walk_kernel(
             du = _sum_parts(du, SPLIT, BLOCK_D)
             ddl = u * gB + K - Ft - tl.sum(A2 * ry, axis=1) * LN2
             if SOFTPLUS:
-                ddl = ddl * tl.sigmoid(raw)
+                ddl = ddl * slope
             ddl = _sum_parts(tl.where(md, ddl, 0.0), SPLIT, BLOCK_D)
             dbias_acc += ddl
             du_tile = tl.where(cols[None, :] == j, du[:, None], du_tile)
@@ -639,17 +690,44 @@ def channel_major(A: torch.Tensor) -> torch.Tensor:
     return A if A.stride(0) == 1 else A.t().contiguous().t()
 
 
-def _bc_packable(B: torch.Tensor, C: torch.Tensor, N: int) -> bool:
-    """Whether B and C can be read four bf16 states per int64 word (see ``_bc_pointers``)."""
-    if N % 4 or triton.next_power_of_2(N) != N:
+def _bc_rows(M: torch.Tensor) -> torch.Tensor:
+    """B or C as float32 with each token's states contiguous (a view of (B, [G,] L, N) storage), the layout
+    the kernels read as whole vectors; a copy unless it is one already (B and C are N / channels the size
+    of u, so the copy is small next to the scan)."""
+    if M.dtype == torch.float32 and M.stride(-2) == 1:
+        return M
+    rows = torch.empty((*M.shape[:-2], M.shape[-1], M.shape[-2]), dtype=torch.float32, device=M.device)
+    rows.copy_(M.transpose(-1, -2))
+    return rows.transpose(-1, -2)
+
+
+def _use_asm(t: torch.Tensor) -> bool:
+    """Inline PTX runs on the GPU only; the interpreter takes the plain Triton paths."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def _row_asm_ok(B: torch.Tensor, C: torch.Tensor, N: int, split: int, asm: bool) -> bool:
+    """Whether each thread can load its own part of the B / C rows with 16-byte vector loads."""
+    ns = N // split
+    if not asm or split == 1 or triton.next_power_of_2(N) != N or ns not in (4, 8):
         return False
     for M in (B, C):
         strides = _bc_strides(M)
-        if M.dtype != torch.bfloat16 or strides[2] != 1 or M.data_ptr() % 8:
+        if M.dtype != torch.float32 or strides[2] != 1 or M.data_ptr() % 16:
             return False
-        if any(s % 4 for s in (strides[0], strides[1], strides[3])):
+        if any(st % 4 for st in (strides[0], strides[1], strides[3])):
             return False
     return True
+
+
+def _flags(u, B, C, N, block_d, split, unroll, num_warps, D, z, delta_bias, delta_softplus, reverse):
+    """Compile-time switches shared by the forward and backward launches."""
+    BLOCK_N = triton.next_power_of_2(N)
+    asm = _use_asm(u)
+    return dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=unroll, SPLIT=split,
+                EVEN_D=u.shape[1] % block_d == 0, EVEN_N=N == BLOCK_N, ROW_ASM=_row_asm_ok(B, C, N, split, asm),
+                ASM=asm, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                REVERSE=bool(reverse), num_warps=num_warps)
 
 
 def _common_args(u, delta, A, B, C, z):
@@ -660,8 +738,8 @@ def _common_args(u, delta, A, B, C, z):
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *, out=None,
-                 out_scale=1.0, accumulate=False, want_last=False, keep_chunk_states=True):
-    """Launch the forward. Returns (out, last_state or None, hloc, S, plan). ``out`` may be given
+                 out_scale=1.0, accumulate=False, want_last=False):
+    """Launch the forward. Returns (out, last_state or None, hloc, S). ``out`` may be given
     (any strides, e.g. a token-major view); with ``accumulate`` the result is added into it."""
     batch, Dm, L = u.shape
     N = A.shape[1]
@@ -678,12 +756,12 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
         S = _empty((batch, nc, Dm), torch.float32, dev)
     last = _empty((batch, Dm, N), torch.float32, dev) if want_last else None
     dummy = u
+    B, C = _bc_rows(B), _bc_rows(C)
     common = _common_args(u, delta, A, B, C, z)
     split = min(CONFIG["SPLIT"], BLOCK_N)
-    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL"], SPLIT=split,
-                 BC_PACK=_bc_packable(B, C, N) and (BLOCK_N // split) % 4 == 0, HAS_D=D is not None,
-                 HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-                 REVERSE=bool(reverse), num_warps=CONFIG["NUM_WARPS"])
+    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], D, z, delta_bias,
+                   delta_softplus, reverse)
+    flags["HAS_D"] = D is not None
     grid = (n_d, nc, batch)
     zz = z if z is not None else u
     if nc > 1:
@@ -703,7 +781,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
                   dz_out=None, dz_accumulate=False):
     """All gradients. ``dout`` is the gradient of the (scaled) output. Returns
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (None where the input is None)."""
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (None where the input is None). ``dz_out``: where dz is
+    written (any strides); with ``dz_accumulate`` it is added to what is there."""
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
@@ -713,11 +792,11 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     BLOCK_N = triton.next_power_of_2(N)
     f32 = torch.float32
     dummy = u
+    B_in, C_in = B, C
+    B, C = _bc_rows(B), _bc_rows(C)
     split = min(CONFIG["SPLIT_BWD"], BLOCK_N)
-    flags = dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=CONFIG["UNROLL_BWD"], SPLIT=split,
-                 BC_PACK=_bc_packable(B, C, N) and (BLOCK_N // split) % 4 == 0, HAS_Z=z is not None,
-                 HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
-                 num_warps=CONFIG["NUM_WARPS_BWD"])
+    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], D, z, delta_bias,
+                   delta_softplus, reverse)
     grid = (n_d, nc, batch)
     common = _common_args(u, delta, A, B, C, z)
     zz = z if z is not None else u
@@ -733,7 +812,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     # token-major gradients: the layout the inputs come in from the model
     dz = None
     if z is not None:
-        dz = _empty((batch, L, Dm), z.dtype, dev).transpose(1, 2)
+        dz = dz_out if dz_out is not None else _empty((batch, L, Dm), z.dtype, dev).transpose(1, 2)
     dC = torch.zeros((batch, G, N, L), dtype=f32, device=dev)
     dB = torch.zeros((batch, G, N, L), dtype=f32, device=dev)
     dD = torch.zeros((Dm,), dtype=f32, device=dev)
@@ -745,44 +824,16 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     dzz = dz if dz is not None else F
     _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
                                    dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg, G,
-                                   *common, *dout.stride(), *dzz.stride(), HAS_D=D is not None, **flags)
+                                   *common, *dout.stride(), *dzz.stride(), HAS_D=D is not None,
+                                   DZ_ACCUM=dz is not None and dz_accumulate, **flags)
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
     ddelta = _empty((batch, L, Dm), delta.dtype, dev).transpose(1, 2)
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tyloc, tx, qx,
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg, G,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(),
-                                   HAS_D=D is not None, **flags)
-    dB = dB.to(B.dtype).reshape(B.shape) if B.dim() == 3 else dB.to(B.dtype)
-    dC = dC.to(C.dtype).reshape(C.shape) if C.dim() == 3 else dC.to(C.dtype)
+                                   HAS_D=D is not None, **flags,
+                                   **({"maxnreg": CONFIG["MAXNREG_REV"]} if CONFIG["MAXNREG_REV"] else {}))
+    dB = dB.to(B_in.dtype).reshape(B_in.shape) if B_in.dim() == 3 else dB.to(B_in.dtype)
+    dC = dC.to(C_in.dtype).reshape(C_in.shape) if C_in.dim() == 3 else dC.to(C_in.dtype)
     return (du, ddelta, dA.to(A.dtype), dB, dC, dD.to(D.dtype) if D is not None else None, dz,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None)
-
-
-class SelectiveScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
-        out, last, hloc, S = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
-                                          want_last=return_last_state)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hloc, S)
-        ctx.flags = (delta_softplus, reverse)
-        if return_last_state:
-            last = last.to(torch.float64) if u.dtype == torch.float64 else last
-            ctx.mark_non_differentiable(last)
-            return out, last
-        return out
-
-    @staticmethod
-    def backward(ctx, dout, *unused):
-        u, delta, A, B, C, D, z, delta_bias, hloc, S = ctx.saved_tensors
-        delta_softplus, reverse = ctx.flags
-        du, ddelta, dA, dB, dC, dD, dz, dbias = scan_backward(
-            dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
-
-
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, reverse=False):
-    """Fused Triton selective scan; arguments and semantics as ``selective_scan_ref``."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                 return_last_state, reverse)

@@ -1,0 +1,144 @@
+"""The fused Triton selective scan as torch custom ops, so ``torch.compile(fullgraph=True)`` traces it.
+
+``vim_kernels::selective_scan_fwd`` / ``selective_scan_bwd`` wrap the launchers ``triton_scan.scan_forward``
+/ ``scan_backward`` with fake implementations (shapes, dtypes and strides without running a kernel) and an
+autograd formula, as ``kernels/bimamba/triton_bimamba.py`` and ``kernels/norm/triton_norm.py`` do. The ops'
+outputs are all tensors: the last state and the chunk summaries (which exist only when ``_plan`` splits
+the sequence into more than one chunk), and the gradients of absent optional inputs, come back as empty
+tensors when there is nothing to return. Custom-op outputs must not alias inputs or each other, so every
+empty one is a distinct allocation.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import triton_scan
+
+
+def _empty0(like: torch.Tensor) -> torch.Tensor:
+    """A fresh empty float32 tensor: stands for an absent output."""
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def _none_if_empty(t):
+    return None if t is None or t.numel() == 0 else t
+
+
+def _token_major(batch: int, Dm: int, L: int, dtype, device) -> torch.Tensor:
+    """(B, D, L) whose storage is (B, L, D): what the kernels write (and out_proj wants). Allocated with
+    those strides rather than as a transposed view, so the op's output is not a view of a temporary."""
+    t = torch.empty_strided((batch, Dm, L), (L * Dm, 1, Dm), dtype=dtype, device=device)
+    if triton_scan.POISON_OUTPUTS:
+        t.fill_(float("nan"))
+    return t
+
+
+def _num_chunks(u: torch.Tensor, B: torch.Tensor) -> int:
+    batch, Dm, L = u.shape
+    G = 1 if B.dim() == 3 else B.shape[1]
+    return triton_scan._plan(batch, Dm, L, G)[3]
+
+
+def _last_dtype(u: torch.Tensor) -> torch.dtype:
+    # the kernel keeps the state in float32; float64 callers get it back in float64, as the reference does
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+# torch custom ops, so torch.compile sees one opaque node per call instead of breaking the graph.
+_ARGS = ("Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+         "bool delta_softplus, bool reverse")
+_lib = torch.library.Library("vim_kernels", "FRAGMENT")
+_lib.define(f"selective_scan_fwd({_ARGS}, bool return_last_state) -> (Tensor, Tensor, Tensor, Tensor)")
+_lib.define(f"selective_scan_bwd(Tensor dout, {_ARGS}, Tensor hloc, Tensor S) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+def _fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, return_last_state):
+    """out (B, D, L) token-major in u's dtype; last state (B, D, N) or empty; chunk states hloc
+    (B, NC, N, D) and delta sums S (B, NC, D), float32, or empty when there is one chunk."""
+    batch, Dm, L = u.shape
+    out = _token_major(batch, Dm, L, u.dtype, u.device)
+    out, last, hloc, S = triton_scan.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                                                  out=out, want_last=return_last_state)
+    if last is None:
+        last = _empty0(u)
+    else:
+        last = last.to(_last_dtype(u))
+    return (out, last, hloc if hloc is not None else _empty0(u), S if S is not None else _empty0(u))
+
+
+def _bwd_op(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S):
+    """du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; empty tensors for the absent D, z, delta_bias."""
+    grads = triton_scan.scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                                      _none_if_empty(hloc), _none_if_empty(S))
+    return tuple(g if g is not None else _empty0(u) for g in grads)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("selective_scan_fwd", _fwd_op, _key)
+    _lib.impl("selective_scan_bwd", _bwd_op, _key)
+
+
+@torch.library.register_fake("vim_kernels::selective_scan_fwd")
+def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, return_last_state):
+    batch, Dm, L = u.shape
+    N = A.shape[1]
+    out = u.new_empty_strided((batch, Dm, L), (L * Dm, 1, Dm))
+    last = u.new_empty((batch, Dm, N), dtype=_last_dtype(u)) if return_last_state else _empty0(u)
+    nc = _num_chunks(u, B)
+    if nc > 1:
+        hloc = u.new_empty((batch, nc, N, Dm), dtype=torch.float32)
+        S = u.new_empty((batch, nc, Dm), dtype=torch.float32)
+    else:
+        hloc, S = _empty0(u), _empty0(u)
+    return out, last, hloc, S
+
+
+@torch.library.register_fake("vim_kernels::selective_scan_bwd")
+def _bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S):
+    batch, Dm, L = u.shape
+
+    def vec(v):   # dD, ddelta_bias: (D,) in the input's dtype
+        return v.new_empty(v.shape) if v is not None else _empty0(u)
+
+    def seq(like):   # du, ddelta, dz: token-major like the forward's output
+        return like.new_empty_strided((batch, Dm, L), (L * Dm, 1, Dm))
+
+    return (seq(u), seq(delta),
+            A.new_empty(A.shape),            # contiguous whatever A's layout
+            B.new_empty(B.shape), C.new_empty(C.shape),
+            vec(D),
+            seq(z) if z is not None else _empty0(u),
+            vec(delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, _ = inputs
+    _, last, hloc, S = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hloc, S)
+    ctx.flags = (delta_softplus, reverse)
+    ctx.mark_non_differentiable(last, hloc, S)
+
+
+def _autograd_backward(ctx, dout, _dlast, _dhloc, _dS):
+    u, delta, A, B, C, D, z, delta_bias, hloc, S = ctx.saved_tensors
+    delta_softplus, reverse = ctx.flags
+    grads = torch.ops.vim_kernels.selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias,
+                                                     delta_softplus, reverse, hloc, S)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+    return (du, ddelta, dA, dB, dC,
+            dD if D is not None else None, dz if z is not None else None, dbias if delta_bias is not None else None,
+            None, None, None)
+
+
+torch.library.register_autograd("vim_kernels::selective_scan_fwd", _autograd_backward,
+                                setup_context=_setup_context)
+
+
+def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False, reverse=False):
+    """The custom op behind ``selective_scan_fn(backend='triton')``: out, or (out, last_state).
+    Arguments as ``selective_scan_ref``; the caller checks them (``triton_scan._check_inputs``)."""
+    out, last, _, _ = torch.ops.vim_kernels.selective_scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), bool(return_last_state))
+    return (out, last) if return_last_state else out
