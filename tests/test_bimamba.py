@@ -12,12 +12,7 @@ DEV = "cuda" if CUDA else "cpu"
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    triton_scan.POISON_OUTPUTS = True
-    yield
-    triton_scan.POISON_OUTPUTS = False
-    triton_scan.CHUNK_OVERRIDE = None
+pytestmark = pytest.mark.usefixtures("poisoned_kernel_outputs")
 
 
 def make_params(E, N, R, conv_bias=True):

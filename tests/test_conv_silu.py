@@ -4,16 +4,11 @@ import torch
 
 from vim.kernels.bimamba import conv
 from vim.kernels.bimamba.naive import depthwise_conv_silu_ref
-from vim.kernels.selective_scan import triton_scan
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    triton_scan.POISON_OUTPUTS = True
-    yield
-    triton_scan.POISON_OUTPUTS = False
+pytestmark = pytest.mark.usefixtures("poisoned_kernel_outputs")
 
 
 def rel(a, b):

@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from vim.kernels import rms_norm_fn, rms_norm_ref
-from vim.kernels.selective_scan import triton_scan
 from vim.models.layers import RMSNorm
 
 CUDA = torch.cuda.is_available()
@@ -13,11 +12,7 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 BF16_ULP = 2.0 ** -7   # relative spacing of bf16 just above a power of two
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    triton_scan.POISON_OUTPUTS = True   # the kernels allocate outputs through triton_scan._empty
-    yield
-    triton_scan.POISON_OUTPUTS = False
+pytestmark = pytest.mark.usefixtures("poisoned_kernel_outputs")
 
 
 def rel(a, b):

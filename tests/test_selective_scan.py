@@ -16,13 +16,7 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    """Every preallocated kernel output starts as NaN, so an unwritten element fails the comparison."""
-    triton_scan.POISON_OUTPUTS = True
-    yield
-    triton_scan.POISON_OUTPUTS = False
-    triton_scan.CHUNK_OVERRIDE = None
+pytestmark = pytest.mark.usefixtures("poisoned_kernel_outputs")
 
 
 def make_inputs(batch, dim, L, N, groups=0, has_D=True, has_z=True, has_bias=True, dtype=torch.float32,

@@ -16,13 +16,7 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    """Every preallocated kernel output starts as NaN, so an unwritten element fails the comparison."""
-    triton_scan.POISON_OUTPUTS = True
-    yield
-    triton_scan.POISON_OUTPUTS = False
-    triton_scan.CHUNK_OVERRIDE = None
+pytestmark = pytest.mark.usefixtures("poisoned_kernel_outputs")
 
 
 def leaves_of(inputs):
