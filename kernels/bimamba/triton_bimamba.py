@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..selective_scan import triton_scan
+from ..selective_scan.triton_scan import _absent, _none_if_absent
 from .conv import conv_silu, conv_silu_backward
 from .naive import DirectionParams
 
@@ -34,10 +35,6 @@ def _split(xdbl, rank, N):
     dt = xdbl[..., :rank]
     bc = xdbl[..., rank:rank + 2 * N].float()
     return dt, bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
-
-
-def _none_if_empty(t):
-    return None if t is None or t.numel() == 0 else t
 
 
 def _forward_impl(x, z, flat):
@@ -61,8 +58,8 @@ def _forward_impl(x, z, flat):
                 p.dt_proj_bias.float(), True, reverse, out=out.transpose(1, 2), out_scale=0.5,
                 accumulate=(i == 1))
             # distinct empty tensors: custom-op outputs must not alias each other
-            saved += [xdbl, hloc if hloc is not None else x.new_empty(0, dtype=torch.float32),
-                      S if S is not None else x.new_empty(0, dtype=torch.float32)]
+            saved += [xdbl, hloc if hloc is not None else _absent(x),
+                      S if S is not None else _absent(x)]
     return out, saved
 
 
@@ -76,7 +73,7 @@ def _backward_impl(dout, x, z, flat, saved):
     dz_total = None
     with torch.autocast(device_type=x.device.type, enabled=False):
         for i, (p, reverse) in enumerate(zip(params, (False, True))):
-            xdbl, hloc, S = saved[3 * i], _none_if_empty(saved[3 * i + 1]), _none_if_empty(saved[3 * i + 2])
+            xdbl, hloc, S = saved[3 * i], _none_if_absent(saved[3 * i + 1]), _none_if_absent(saved[3 * i + 2])
             N = p.A_log.shape[1]
             rank = p.dt_proj_weight.shape[1]
             xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
@@ -99,7 +96,7 @@ def _backward_impl(dout, x, z, flat, saved):
                 dx_accum=dx, dx_dtype=torch.float32 if i == 0 else x.dtype)
             dWx = dxdbl.reshape(-1, dxdbl.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
             dconv_w = dconv_w.to(p.conv_weight.dtype)
-            dconv_b = dconv_b.to(p.conv_bias.dtype) if dconv_b is not None else x.new_empty(0, dtype=torch.float32)
+            dconv_b = dconv_b.to(p.conv_bias.dtype) if dconv_b is not None else _absent(x)
             dA_log = (dA.float() * A).to(p.A_log.dtype)                       # dA/dA_log = A
             grads += [dconv_w, dconv_b, dWx.to(p.x_proj_weight.dtype), dWdt.to(p.dt_proj_weight.dtype),
                       dbias.to(p.dt_proj_bias.dtype), dA_log, dD.to(p.D.dtype)]
@@ -141,7 +138,7 @@ def _fwd_fake(x, z, *flat):
             outs += [x.new_empty((batch, nc, N, E), dtype=torch.float32),
                      x.new_empty((batch, nc, E), dtype=torch.float32)]
         else:
-            outs += [x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)]
+            outs += [_absent(x), _absent(x)]
     return outs
 
 
@@ -149,7 +146,7 @@ def _fwd_fake(x, z, *flat):
 def _bwd_fake(dout, x, z, *rest):
     *flat, saved = rest
     return [torch.empty_like(x), torch.empty_like(z)] + [
-        torch.empty_like(p) if p is not None else x.new_empty(0, dtype=torch.float32) for p in flat]
+        torch.empty_like(p) if p is not None else _absent(x) for p in flat]
 
 
 def _setup_context(ctx, inputs, output):

@@ -13,15 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_scan
-
-
-def _empty0(like: torch.Tensor) -> torch.Tensor:
-    """A fresh empty float32 tensor: stands for an absent output."""
-    return like.new_empty(0, dtype=torch.float32)
-
-
-def _none_if_empty(t):
-    return None if t is None or t.numel() == 0 else t
+from .triton_scan import _absent, _none_if_absent
 
 
 def _token_major(batch: int, Dm: int, L: int, dtype, device) -> torch.Tensor:
@@ -61,17 +53,17 @@ def _fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, return
     out, last, hloc, S = triton_scan.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
                                                   out=out, want_last=return_last_state)
     if last is None:
-        last = _empty0(u)
+        last = _absent(u)
     else:
         last = last.to(_last_dtype(u))
-    return (out, last, hloc if hloc is not None else _empty0(u), S if S is not None else _empty0(u))
+    return (out, last, hloc if hloc is not None else _absent(u), S if S is not None else _absent(u))
 
 
 def _bwd_op(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S):
     """du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; empty tensors for the absent D, z, delta_bias."""
     grads = triton_scan.scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
-                                      _none_if_empty(hloc), _none_if_empty(S))
-    return tuple(g if g is not None else _empty0(u) for g in grads)
+                                      _none_if_absent(hloc), _none_if_absent(S))
+    return tuple(g if g is not None else _absent(u) for g in grads)
 
 
 for _key in ("CPU", "CUDA"):
@@ -84,13 +76,13 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, retu
     batch, Dm, L = u.shape
     N = A.shape[1]
     out = u.new_empty_strided((batch, Dm, L), (L * Dm, 1, Dm))
-    last = u.new_empty((batch, Dm, N), dtype=_last_dtype(u)) if return_last_state else _empty0(u)
+    last = u.new_empty((batch, Dm, N), dtype=_last_dtype(u)) if return_last_state else _absent(u)
     nc = _num_chunks(u, B)
     if nc > 1:
         hloc = u.new_empty((batch, nc, N, Dm), dtype=torch.float32)
         S = u.new_empty((batch, nc, Dm), dtype=torch.float32)
     else:
-        hloc, S = _empty0(u), _empty0(u)
+        hloc, S = _absent(u), _absent(u)
     return out, last, hloc, S
 
 
@@ -99,7 +91,7 @@ def _bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     batch, Dm, L = u.shape
 
     def vec(v):   # dD, ddelta_bias: (D,) in the input's dtype
-        return v.new_empty(v.shape) if v is not None else _empty0(u)
+        return v.new_empty(v.shape) if v is not None else _absent(u)
 
     def seq(like):   # du, ddelta, dz: token-major like the forward's output
         return like.new_empty_strided((batch, Dm, L), (L * Dm, 1, Dm))
@@ -108,7 +100,7 @@ def _bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
             A.new_empty(A.shape),            # contiguous whatever A's layout
             B.new_empty(B.shape), C.new_empty(C.shape),
             vec(D),
-            seq(z) if z is not None else _empty0(u),
+            seq(z) if z is not None else _absent(u),
             vec(delta_bias))
 
 

@@ -49,6 +49,16 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _absent(like: torch.Tensor) -> torch.Tensor:
+    """A fresh empty float32 tensor standing for an absent output of a custom op (the ops' outputs must all
+    be tensors and must not alias each other)."""
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def _none_if_absent(t):
+    return None if t is None or t.numel() == 0 else t
+
+
 # --------------------------------------------------------------------------------------------
 # shared pieces
 # --------------------------------------------------------------------------------------------
@@ -256,7 +266,8 @@ def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask
     for jc in range(0, pid_c):
         # float32 always: with one chunk the pointers are placeholders of the inputs' dtype (float64 would
         # change the loop-carried state's type and fail to compile, though the loop never runs)
-        hl = tl.load(hloc_ptr + _state_offsets(pid_b, jc, NC, Dm, N, offs_d, n_idx), mask=mask2, other=0.0).to(tl.float32)
+        st = _state_offsets(pid_b, jc, NC, Dm, N, offs_d, n_idx)
+        hl = tl.load(hloc_ptr + st, mask=mask2, other=0.0).to(tl.float32)
         s = tl.load(S_ptr + (pid_b * NC + jc).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         h = tl.exp2(A2 * s[:, None]) * h + hl
     return h
@@ -720,7 +731,7 @@ def _row_asm_ok(B: torch.Tensor, C: torch.Tensor, N: int, split: int, asm: bool)
     return True
 
 
-def _flags(u, B, C, N, block_d, split, unroll, num_warps, D, z, delta_bias, delta_softplus, reverse):
+def _flags(u, B, C, N, block_d, split, unroll, num_warps, z, delta_bias, delta_softplus, reverse):
     """Compile-time switches shared by the forward and backward launches."""
     BLOCK_N = triton.next_power_of_2(N)
     asm = _use_asm(u)
@@ -759,7 +770,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     B, C = _bc_rows(B), _bc_rows(C)
     common = _common_args(u, delta, A, B, C, z)
     split = min(CONFIG["SPLIT"], BLOCK_N)
-    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], D, z, delta_bias,
+    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], z, delta_bias,
                    delta_softplus, reverse)
     flags["HAS_D"] = D is not None
     grid = (n_d, nc, batch)
@@ -795,7 +806,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     B_in, C_in = B, C
     B, C = _bc_rows(B), _bc_rows(C)
     split = min(CONFIG["SPLIT_BWD"], BLOCK_N)
-    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], D, z, delta_bias,
+    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], z, delta_bias,
                    delta_softplus, reverse)
     grid = (n_d, nc, batch)
     common = _common_args(u, delta, A, B, C, z)
