@@ -75,3 +75,10 @@ def test_batch_search_backs_off_from_oom(tmp_path, monkeypatch, capsys):
     (case,) = json.loads((tmp_path / "b" / "benchmark.json").read_text())["cases"]
     assert case["status"] == "oom" and case["img_s"] is None and "batch 4" in case["message"]
     assert "oom" in capsys.readouterr().out
+
+
+def test_cuda_graph_needs_a_gpu_and_no_compile(tmp_path, capsys):
+    bench = load_tool("benchmark")
+    rc = bench.main(["--device", "cpu", "--cuda-graph", "--models", "deit_tiny_patch16_224", "--baselines",
+                     "--resolutions", "32", "--out-dir", str(tmp_path)])
+    assert rc == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err

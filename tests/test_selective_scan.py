@@ -5,6 +5,8 @@ TRITON_INTERPRET=1), so the CPU shapes stay tiny; the GPU-only tests cover bf16/
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref
 from vim.kernels.selective_scan import triton_scan
@@ -172,6 +174,47 @@ def test_own_part_row_loads_only_where_they_apply():
     assert not triton_scan._use_asm(Bm)
 
 
+@triton.jit
+def _prefetch_addresses_kernel(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, out_ptr, addr_ptr, L, T, PF,
+                               su_l, sd_l, sz_l, sB_l, sC_l, so_l, R: tl.constexpr, UNROLL: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BACK: tl.constexpr, REVERSE: tl.constexpr):
+    """The addresses the walks prefetch (``_prefetch_lanes`` + the per-lane token of ``_prefetch_group``) for
+    every group of a chunk [0, T) of L positions, PF groups ahead: one row of R per group."""
+    pa, ps, pj = triton_scan._prefetch_lanes(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, out_ptr, dl_ptr, su_l, sd_l, sz_l,
+                                             sB_l, sC_l, so_l, sd_l, R, UNROLL, BLOCK_N, True, True, False)
+    p_end = tl.minimum(T, L)
+    for p0 in range(0, p_end, UNROLL):
+        q = p0 + PF * UNROLL + pj
+        if BACK:
+            t = triton_scan._walk_back_token(q, p_end, p_end, L, REVERSE)
+        else:
+            t = triton_scan._scan_token(q, p_end, L, REVERSE)
+        tl.store(addr_ptr + (p0 // UNROLL) * R + tl.arange(0, R), pa + t.to(tl.int64) * ps)
+
+
+@pytest.mark.parametrize("back", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_prefetch_addresses_stay_inside_their_tensors(back, reverse):
+    """The GPU walks prefetch (inline PTX, not run here) up to PREFETCH groups ahead, clamped to the chunk:
+    every lane's address is inside the tensor its kind names, also past the chunk's end."""
+    batch, E, L, N, unroll, R = 2, 8, 11, 16, 2, 32
+    u, delta, z, out = (torch.randn(batch, L, E, device=DEV).transpose(1, 2) for _ in range(4))
+    Bm, Cm = (torch.randn(batch, L, N, device=DEV) for _ in range(2))
+    kinds = [u, delta, z, Bm, Bm, Cm, Cm, out]   # u, delta, z, two 32-byte sectors of B and C, the output
+    for T in (L, 6):
+        groups = -(-min(T, L) // unroll)
+        addr = torch.zeros(groups, R, dtype=torch.int64, device=DEV)
+        _prefetch_addresses_kernel[(1,)](u[1], delta[1], z[1], Bm[1], Cm[1], out[1], addr, L, T, 3,
+                                         u.stride(2), delta.stride(2), z.stride(2), Bm.stride(1), Cm.stride(1),
+                                         out.stride(2), R, unroll, N, back, reverse)
+        addr = addr.cpu()
+        for lane in range(R):
+            t = kinds[lane // unroll] if lane // unroll < len(kinds) else u   # spare lanes repeat u
+            lo = t.untyped_storage().data_ptr()
+            hi = lo + t.untyped_storage().nbytes()
+            assert ((addr[:, lane] >= lo) & (addr[:, lane] < hi)).all(), lane
+
+
 def test_token_major_output_layout_and_no_copy():
     """The kernel writes token-major output (what out_proj wants) and takes token-major views as is."""
     u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 2)
@@ -239,3 +282,24 @@ def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch)
     assert torch.equal(own[0], uniform[0])
     for a, b in zip(own[1:], uniform[1:]):   # atomics sum some gradients in no fixed order
         assert rel(a, b) < 1e-5
+
+
+@gpu_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_prefetch_changes_nothing(reverse, monkeypatch):
+    """The L1 prefetches (PREFETCH, PREFETCH_BWD) only move data earlier: outputs are bit for bit the same."""
+    inputs = make_inputs(2, 64, 300, 16, model_rows=True)
+
+    def outputs():
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+        y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
+        y.sum().backward()
+        return [y] + [t.grad for t in leaves if t is not None]
+
+    with_pf = outputs()
+    monkeypatch.setitem(triton_scan.CONFIG, "PREFETCH", 0)
+    monkeypatch.setitem(triton_scan.CONFIG, "PREFETCH_BWD", 0)
+    without = outputs()
+    assert torch.equal(with_pf[0], without[0])
+    for a, b in zip(with_pf[1:], without[1:]):   # atomics sum some gradients in no fixed order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -69,13 +69,18 @@ def run(fn, inputs, softplus, reverse):
     return [y, last] + [t.grad if t is not None else None for t in leaves]
 
 
-def assert_same(a, b):
-    for x, y in zip(a, b, strict=True):
+def assert_same(a, b, grads_from=None):
+    """Same dtype, shape, strides and values; from index ``grads_from`` on (gradients that several chunks'
+    programs add up with atomics, in no fixed order) within float32 rounding instead of bit for bit."""
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if x is None or y is None:
             assert x is None and y is None
         else:
             assert x.dtype == y.dtype and x.shape == y.shape and x.stride() == y.stride()
-            assert torch.equal(x, y)
+            if grads_from is not None and i >= grads_from:
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(x, y)
 
 
 def test_float64_last_state_and_absent_grads():
@@ -108,7 +113,7 @@ def test_compiles_without_graph_breaks():
     assert counter.frame_count == 1
     targets = [n.target for g in counter.graphs for n in g.graph.nodes]
     assert {torch.ops.vim_kernels.selective_scan_fwd, torch.ops.vim_kernels.selective_scan_fwd.default} & set(targets)
-    assert_same(results[1], results[0])
+    assert_same(results[1], results[0], grads_from=2)
 
 
 def test_bad_shapes_still_raise_before_the_op():

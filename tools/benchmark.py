@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", *inf.DTYPES],
                    help="autocast dtype; auto = bfloat16 on GPU, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each model (batch search runs eager)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each step in a CUDA graph and time its replays (GPU only; batch search runs eager): "
+                        "the step without Python and kernel-launch cost on the host")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="NAME=VALUE",
                    help="timm.create_model overrides for --models (e.g. depth=2 for a smoke test)")
     p.add_argument("--baseline-kwargs", nargs="*", default=[], metavar="NAME=VALUE",
@@ -143,10 +146,12 @@ def build(name: str, resolution: int, kwargs: Dict[str, Any], num_classes: int, 
 
 class Step:
     """One benchmark step on fresh random data: ``refresh()`` redraws the batch (outside the
-    timed region), ``__call__`` runs the forward (infer) or forward + backward + AdamW (train)."""
+    timed region), ``__call__`` runs the forward (infer) or forward + backward + AdamW (train).
+    With ``cuda_graph`` the step is captured once (``capture()``) and each call replays the graph on the
+    same input buffers, which ``refresh()`` redraws in place."""
 
     def __init__(self, model: nn.Module, mode: str, batch: int, resolution: int, num_classes: int,
-                 device: torch.device, dtype: torch.dtype, compile: bool = False):
+                 device: torch.device, dtype: torch.dtype, compile: bool = False, cuda_graph: bool = False):
         self.mode, self.device, self.dtype = mode, device, dtype
         self.model = model.train(mode == "train")
         self.fn = torch.compile(model) if compile else model
@@ -155,15 +160,19 @@ class Step:
         self.x = torch.empty(batch, in_chans, resolution, resolution, device=device)
         self.y = torch.empty(batch, dtype=torch.long, device=device)
         self.num_classes = max(num_classes, 1)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") \
+        cuda = device.type == "cuda"
+        # a captured optimizer step must keep its step count on the GPU (capturable)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda, capturable=cuda_graph) \
             if mode == "train" else None
+        self.cuda_graph = cuda_graph
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
 
     def refresh(self) -> None:
         self.x.normal_()
         self.y.random_(0, self.num_classes)
 
-    def __call__(self) -> None:
-        with inf.autocast(self.device, self.dtype):
+    def _run(self) -> None:
+        with inf.autocast(self.device, self.dtype, cache_enabled=not self.cuda_graph):
             if self.mode == "infer":
                 with torch.inference_mode():
                     self.fn(self.x)
@@ -172,6 +181,26 @@ class Step:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def capture(self) -> None:
+        """Warm up on a side stream (first calls compile kernels and allocate optimizer state), then
+        capture one step, as PyTorch's whole-network capture recipe does."""
+        self.refresh()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._run()
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._run()
 
 
 def time_step(step: Step, warmup_ms: float, rep_ms: float, min_reps: int, max_reps: int = 200) -> List[float]:
@@ -283,7 +312,9 @@ def measure(case: Case, kwargs, args, device, dtype) -> Case:
         model = build(case.model, case.resolution, kwargs, args.num_classes, device)
         case.params_m = sum(p.numel() for p in model.parameters()) / 1e6
         step = Step(model, case.mode, case.batch_size, case.resolution, args.num_classes, device, dtype,
-                    compile=args.compile)
+                    compile=args.compile, cuda_graph=args.cuda_graph)
+        if args.cuda_graph:
+            step.capture()
         times = time_step(step, args.warmup_ms, args.rep_ms, args.min_reps)
         case.ms = statistics.median(times)
         case.reps = len(times)
@@ -329,7 +360,8 @@ def environment(device: torch.device, dtype: torch.dtype, args) -> Dict[str, Any
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "device_type": device.type, "torch": torch.__version__, "timm": timm.__version__,
            "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""),
-           "compile": args.compile, "float32_matmul_precision": torch.get_float32_matmul_precision()}
+           "compile": args.compile, "cuda_graph": args.cuda_graph,
+           "float32_matmul_precision": torch.get_float32_matmul_precision()}
     try:
         import triton
 
@@ -405,7 +437,8 @@ def plot(cases: Sequence[Case], out_dir: Path, env: Dict[str, Any]) -> List[Path
             ax.set_ylabel(ylabel)
             ax.set_title(f"{mode}: {ylabel}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
-        fig.suptitle(f"{env['device']} | {env['dtype']}{' | compile' if env.get('compile') else ''}", fontsize=9)
+        fig.suptitle(f"{env['device']} | {env['dtype']}{' | compile' if env.get('compile') else ''}"
+                     f"{' | CUDA graph' if env.get('cuda_graph') else ''}", fontsize=9)
         fig.tight_layout()
         path = out_dir / fname
         fig.savefig(path, dpi=120)
@@ -430,6 +463,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cuda = device.type == "cuda"
+    if args.cuda_graph and (not cuda or args.compile):
+        print("error: --cuda-graph needs a CUDA device and cannot be combined with --compile", file=sys.stderr)
+        return 2
     resolutions = args.resolutions or (GPU_RESOLUTIONS if cuda else CPU_RESOLUTIONS)
     if args.batch_size and len(args.batch_size) not in (1, len(resolutions)):
         print(f"error: --batch-size takes one value or one per resolution ({len(resolutions)})", file=sys.stderr)
@@ -455,7 +491,8 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device, dtype, args)
     print(f"# {env['device']} | torch {env['torch']} | timm {env['timm']} | triton {env['triton']} | "
-          f"{env['dtype']}{' | compile' if args.compile else ''}", flush=True)
+          f"{env['dtype']}{' | compile' if args.compile else ''}{' | CUDA graph' if args.cuda_graph else ''}",
+          flush=True)
     cases: List[Case] = []
 
     def save():

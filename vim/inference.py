@@ -66,9 +66,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for reduced dtypes; float32 runs without autocast."""
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
+    """Mixed precision for reduced dtypes; float32 runs without autocast. ``cache_enabled=False`` while
+    capturing a CUDA graph (cached weight casts would be graph-pool tensors reused outside it)."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32,
+                          cache_enabled=cache_enabled)
 
 
 # ----------------------------------------------------------------------------------------------

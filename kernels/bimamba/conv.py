@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv, next_pow2
 from ..selective_scan import triton_scan
 
 # Backward launch: a program walks a long stretch of tokens for one channel block, keeping its dweight
@@ -158,8 +159,8 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool) -> tor
     batch, L, E = x.shape
     w = weight.reshape(E, -1).contiguous()
     out = triton_scan._empty((batch, L, E), x.dtype, x.device)
-    BLOCK_L, BLOCK_E = 32, min(128, triton.next_power_of_2(E))
-    grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(E, BLOCK_E), batch)
+    BLOCK_L, BLOCK_E = 32, min(128, next_pow2(E))
+    grid = (cdiv(L, BLOCK_L), cdiv(E, BLOCK_E), batch)
     _conv_silu_kernel[grid](x, w, bias if bias is not None else w, out, L, E, *x.stride(), *out.stride(),
                             W=w.shape[1], BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, HAS_BIAS=bias is not None,
                             REVERSE=reverse, num_warps=4)
@@ -185,16 +186,16 @@ def conv_silu_backward(grads: Sequence[torch.Tensor], x: torch.Tensor, weight: t
                                  or dx_accum.shape != x.shape):
         raise ValueError("dx_accum must be a contiguous float32 tensor shaped like x")
     dx = triton_scan._empty((batch, L, E), dx_dtype or x.dtype, x.device)
-    n_e = triton.cdiv(E, BWD_BLOCK_E)
-    tiles = triton.cdiv(L, BWD_BLOCK_L)
-    n_split = min(tiles, triton.cdiv(BWD_TARGET_PROGRAMS, n_e * batch))
-    tokens = triton.cdiv(tiles, n_split) * BWD_BLOCK_L
-    n_split = triton.cdiv(L, tokens)
+    n_e = cdiv(E, BWD_BLOCK_E)
+    tiles = cdiv(L, BWD_BLOCK_L)
+    n_split = min(tiles, cdiv(BWD_TARGET_PROGRAMS, n_e * batch))
+    tokens = cdiv(tiles, n_split) * BWD_BLOCK_L
+    n_split = cdiv(L, tokens)
     part = triton_scan._empty((batch * n_split, E, W + 1), torch.float32, x.device)
     _conv_silu_bwd_kernel[(n_e, batch, n_split)](
         x, w, bias if bias is not None else w, tuple(grads), tuple(g.stride() for g in grads),
         dx_accum if dx_accum is not None else dx, dx, part, L, E, tokens, *x.stride(),
-        W=W, WP=triton.next_power_of_2(W), BLOCK_L=BWD_BLOCK_L, BLOCK_E=BWD_BLOCK_E,
+        W=W, WP=next_pow2(W), BLOCK_L=BWD_BLOCK_L, BLOCK_E=BWD_BLOCK_E,
         HAS_BIAS=bias is not None, HAS_ACC=dx_accum is not None, REVERSE=reverse, num_warps=BWD_NUM_WARPS)
     part = part.sum(0)   # (E, W + 1); the copies below keep the returned gradients from aliasing
     dbias = part[:, W].contiguous() if bias is not None else None

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv, next_pow2
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
 
 # Widest row held in registers at once (64 KB of float32); Vim's widths are at most 1024.
@@ -73,11 +74,11 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, N, s
 
 def _tile(M: int, N: int):
     """Rows per program, padded width and warps for an (M, N) problem."""
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_N = next_pow2(N)
     if BLOCK_N > MAX_BLOCK_N:
         raise ValueError(f"the fused RMSNorm holds a row in registers: dim {N} > {MAX_BLOCK_N}; "
                          "use backend='reference'")
-    BLOCK_M = min(max(1, TILE // BLOCK_N), triton.next_power_of_2(max(M, 1)))
+    BLOCK_M = min(max(1, TILE // BLOCK_N), next_pow2(max(M, 1)))
     num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 1024))
     return BLOCK_M, BLOCK_N, num_warps
 
@@ -104,7 +105,7 @@ def _forward(x, weight, eps, out_dtype):
     y = _empty(x.shape, out_dtype, x.device)
     rstd = _empty(x.shape[:-1], torch.float32, x.device)
     BLOCK_M, BLOCK_N, num_warps = _tile(M, N)
-    _rms_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](x2, weight.contiguous(), y, rstd, M, N, x2.stride(0), eps,
+    _rms_norm_fwd_kernel[(cdiv(M, BLOCK_M),)](x2, weight.contiguous(), y, rstd, M, N, x2.stride(0), eps,
                                                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
     return y, rstd
 
@@ -114,7 +115,7 @@ def _backward(dy, x, weight, rstd):
     M, N = x2.shape
     dx = _empty(x.shape, x.dtype, x.device)
     BLOCK_M, BLOCK_N, num_warps = _tile(M, N)
-    programs = _bwd_programs(x.device, triton.cdiv(M, BLOCK_M), num_warps)
+    programs = _bwd_programs(x.device, cdiv(M, BLOCK_M), num_warps)
     dw_partial = _empty((programs, N), torch.float32, x.device)
     _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), rstd.contiguous(), dx, dw_partial, M, N,
                                       dy2.stride(0), x2.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,

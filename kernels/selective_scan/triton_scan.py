@@ -28,15 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host_math import cdiv, next_pow2
+
 # exp(x) = exp2(x * LOG2E): the kernels keep A * LOG2E only; sums of A * x are rescaled by LN2
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Tuning knobs, read at launch; tools/benchmark_kernels.py sweeps them.
-# Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v6). MAXNREG_REV caps
-# the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM).
-CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, BLOCK_D_BWD=32, SPLIT_BWD=1, UNROLL_BWD=2,
-              NUM_WARPS_BWD=1, MAXNREG_REV=168, TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
+# Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v7). MAXNREG_REV caps
+# the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM). PREFETCH: how
+# many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) prefetches its inputs into L1
+# (0: off).
+CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, BLOCK_D_BWD=32, SPLIT_BWD=1, UNROLL_BWD=2,
+              NUM_WARPS_BWD=1, MAXNREG_REV=168, PREFETCH_BWD=1, TARGET_PROGRAMS=4096, MIN_CHUNK=64,
+              SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -191,6 +196,77 @@ def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
 
 
 @triton.jit
+def _scan_token(p, p_end, L, REVERSE: tl.constexpr):
+    """Token at scan position p of a chunk ending at p_end, clamped to the chunk's last position."""
+    if REVERSE:
+        return L - 1 - tl.minimum(p, p_end - 1)
+    else:
+        return tl.minimum(p, p_end - 1)
+
+
+@triton.jit
+def _byte_addr(ptr, s_l):
+    """ptr as a 64-bit address, and the byte step of s_l elements."""
+    return ptr.to(tl.int64), (ptr + s_l).to(tl.int64) - ptr.to(tl.int64)
+
+
+@triton.jit
+def _lane_pick(kind, k, ptr, s_l, a0, st0):
+    addr, step = _byte_addr(ptr, s_l)
+    return tl.where(kind == k, addr, a0), tl.where(kind == k, step, st0)
+
+
+@triton.jit
+def _prefetch_lanes(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, e1_ptr, e2_ptr, su_l, sd_l, sz_l, sB_l, sC_l, s1_l, s2_l,
+                    R: tl.constexpr, UNROLL: tl.constexpr, BLOCK_N: tl.constexpr, HAS_Z: tl.constexpr,
+                    HAS_E1: tl.constexpr, HAS_E2: tl.constexpr):
+    """Per lane of a warp, one line to prefetch for each token of a group: lane r asks for row kind
+    r // UNROLL (u, delta, z, the 32-byte sectors of the B and C rows, then up to two more per-token rows
+    e1, e2 such as the output or dy) of token r % UNROLL. The pointers are the program's first channel
+    (first state for B, C) at token 0. Returns the lanes' addresses at token 0, their byte steps per token
+    and their token in the group (loop-invariant; lanes beyond the list repeat u, kinds beyond R lanes are
+    not prefetched)."""
+    NSEC: tl.constexpr = (BLOCK_N * 4 + 31) // 32   # sectors of a float32 B / C row
+    kind = tl.arange(0, R) // UNROLL
+    addr, step = _byte_addr(u_ptr, su_l)
+    a0 = tl.zeros([R], dtype=tl.int64) + addr
+    st0 = tl.zeros([R], dtype=tl.int64) + step
+    a0, st0 = _lane_pick(kind, 1, dl_ptr, sd_l, a0, st0)
+    k: tl.constexpr = 3 if HAS_Z else 2
+    if HAS_Z:
+        a0, st0 = _lane_pick(kind, 2, z_ptr, sz_l, a0, st0)
+    for sec in tl.static_range(NSEC):
+        a0, st0 = _lane_pick(kind, k + sec, B_ptr + sec * 8, sB_l, a0, st0)
+        a0, st0 = _lane_pick(kind, k + NSEC + sec, C_ptr + sec * 8, sC_l, a0, st0)
+    if HAS_E1:
+        a0, st0 = _lane_pick(kind, k + 2 * NSEC, e1_ptr, s1_l, a0, st0)
+    if HAS_E2:
+        a0, st0 = _lane_pick(kind, k + 2 * NSEC + 1, e2_ptr, s2_l, a0, st0)
+    return a0, st0, tl.arange(0, R) % UNROLL
+
+
+@triton.jit
+def _prefetch_group(lane_addr, lane_step, t):
+    """Prefetch into L1 the rows the lanes of ``_prefetch_lanes`` stand for, at tokens t (per lane): one
+    ``prefetch.global.L1`` per warp covers a group. Nothing waits on it and it holds no register. The walks'
+    own loads cannot be issued this early: ptxas sinks loads that are issued ahead of their use to the
+    end of the loop body, to keep registers free, where they hide nothing. GPU only (inline PTX)."""
+    addr = lane_addr + t.to(tl.int64) * lane_step
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _walk_back_token(q, n_steps, p_end, L, REVERSE: tl.constexpr):
+    """Token at step q of a walk from a chunk's last position back to its first (clamped to the first)."""
+    p = p_end - 1 - tl.minimum(q, n_steps - 1)
+    if REVERSE:
+        return L - 1 - p
+    else:
+        return p
+
+
+@triton.jit
 def _program_setup(A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """What every scan kernel starts with: its (channel block, chunk, batch) indices, the program's rows
@@ -286,6 +362,7 @@ def _fwd_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_PASS: tl.constexpr, ACCUM: tl.constexpr, STORE_LAST: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Forward walk (the state pass of long sequences stores each chunk's local end state and delta sum
     instead of outputs)."""
@@ -310,21 +387,33 @@ def _fwd_kernel(
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
     cols = tl.arange(0, UNROLL)
+    HZ: tl.constexpr = HAS_Z and not STATE_PASS
+    if PREFETCH > 0:
+        d0 = pid_d * BLOCK_D
+        pf_addr, pf_step, pf_j = _prefetch_lanes(
+            u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
+            B_base, C_base, out_ptr + pid_b * so_b + d0 * so_d, out_ptr, su_l, sd_l, sz_l, sB_l, sC_l, so_l, so_l,
+            R, UNROLL, BLOCK_N, HZ, ACCUM, False)
     for p0 in range(p_start, p_end, UNROLL):
+        if PREFETCH > 0:
+            _prefetch_group(pf_addr, pf_step, _scan_token(p0 + PREFETCH * UNROLL + pf_j, p_end, L, REVERSE))
+        pp = p0 + cols
+        if REVERSE:
+            tt = L - 1 - pp
+        else:
+            tt = pp
+        m = mask_o[:, None] & (pp < p_end)[None, :]
+        optr = o_ptrs[:, None] + tt[None, :] * so_l
+        if ACCUM:   # loaded before the group's arithmetic, which then covers its latency
+            y_old = tl.load(optr, mask=m, other=0.0).to(tl.float32)
         # Outputs of the group are collected and written after it: a store between two tokens' loads
         # would keep the compiler from issuing the group's loads together (it cannot rule out aliasing).
         y_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         for j in tl.static_range(UNROLL):
-            p = p0 + j
-            ok = p < p_end
-            if REVERSE:
-                t = L - 1 - tl.minimum(p, p_end - 1)
-            else:
-                t = tl.minimum(p, p_end - 1)
-            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
-                                                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                HAS_Z and not STATE_PASS, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N,
-                                                ROW_ASM, ASM)
+            t = _scan_token(p0 + j, p_end, L, REVERSE)
+            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, p0 + j < p_end, mask_d,
+                                                part, N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                HZ, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if STATE_PASS:
                 ssum += dl
@@ -337,16 +426,9 @@ def _fwd_kernel(
                 y = _sum_parts(y, SPLIT, BLOCK_D)
                 y_tile = tl.where(cols[None, :] == j, y[:, None], y_tile)
         if not STATE_PASS:
-            pp = p0 + cols
-            if REVERSE:
-                tt = L - 1 - pp
-            else:
-                tt = pp
-            m = mask_o[:, None] & (pp < p_end)[None, :]
-            optr = o_ptrs[:, None] + tt[None, :] * so_l
             y_tile = y_tile * out_scale
             if ACCUM:
-                y_tile += tl.load(optr, mask=m, other=0.0).to(tl.float32)
+                y_tile += y_old
             tl.store(optr, y_tile.to(out_ptr.dtype.element_ty), mask=m)
     if STATE_PASS:
         tl.store(hloc_ptr + _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx), h, mask=mask2)
@@ -372,6 +454,7 @@ def _bwd_adjoint_state_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Per chunk, the adjoint walked from zero at the chunk's end: stores a_s*g_s at the chunk's first
     position (Gout) and sum_t g_t*b_t (TYloc), both (B, NC, N, D) float32."""
@@ -390,15 +473,20 @@ def _bwd_adjoint_state_kernel(
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
     n_steps = p_end - p_start
+    if PREFETCH > 0:
+        d0 = pid_d * BLOCK_D
+        pf_addr, pf_step, pf_j = _prefetch_lanes(
+            u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
+            B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, dy_ptr, su_l, sd_l, sz_l, sB_l, sC_l, sg_l, sg_l,
+            R, UNROLL, BLOCK_N, HAS_Z, True, False)
     for q0 in range(0, n_steps, UNROLL):
+        if PREFETCH > 0:
+            _prefetch_group(pf_addr, pf_step, _walk_back_token(q0 + PREFETCH * UNROLL + pf_j, n_steps, p_end, L,
+                                                               REVERSE))
         for j in tl.static_range(UNROLL):
             q = q0 + j
             ok = q < n_steps
-            p = p_end - 1 - tl.minimum(q, n_steps - 1)
-            if REVERSE:
-                t = L - 1 - p
-            else:
-                t = p
+            t = _walk_back_token(q, n_steps, p_end, L, REVERSE)
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
                                                 HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
@@ -424,7 +512,7 @@ def _bwd_forward_walk_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr,
+    REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start)."""
@@ -454,17 +542,22 @@ def _bwd_forward_walk_kernel(
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
     cols = tl.arange(0, UNROLL)
+    if PREFETCH > 0:
+        d0 = pid_d * BLOCK_D
+        pf_addr, pf_step, pf_j = _prefetch_lanes(
+            u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
+            B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, dz_ptr + pid_b * sdz_b + d0 * sdz_d,
+            su_l, sd_l, sz_l, sB_l, sC_l, sg_l, sdz_l, R, UNROLL, BLOCK_N, HAS_Z, True, HAS_Z and DZ_ACCUM)
     for p0 in range(p_start, p_end, UNROLL):
+        if PREFETCH > 0:
+            _prefetch_group(pf_addr, pf_step, _scan_token(p0 + PREFETCH * UNROLL + pf_j, p_end, L, REVERSE))
         dz_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         F_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         dC_tile = tl.zeros([BLOCK_N, UNROLL], dtype=tl.float32)
         for j in tl.static_range(UNROLL):
             p = p0 + j
             ok = p < p_end
-            if REVERSE:
-                t = L - 1 - tl.minimum(p, p_end - 1)
-            else:
-                t = tl.minimum(p, p_end - 1)
+            t = _scan_token(p, p_end, L, REVERSE)
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
                                                 HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
@@ -521,7 +614,7 @@ def _bwd_reverse_walk_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr,
+    REVERSE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA and ddelta_bias (atomic)."""
@@ -570,18 +663,23 @@ def _bwd_reverse_walk_kernel(
     p_end = tl.minimum(p_start + T, L)
     n_steps = p_end - p_start
     cols = tl.arange(0, UNROLL)
+    if PREFETCH > 0:
+        d0 = pid_d * BLOCK_D
+        pf_addr, pf_step, pf_j = _prefetch_lanes(
+            u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
+            B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, F_ptr + pid_b * L * Dm + d0,
+            su_l, sd_l, sz_l, sB_l, sC_l, sg_l, Dm, R, UNROLL, BLOCK_N, HAS_Z, True, True)
     for q0 in range(0, n_steps, UNROLL):
+        if PREFETCH > 0:
+            _prefetch_group(pf_addr, pf_step, _walk_back_token(q0 + PREFETCH * UNROLL + pf_j, n_steps, p_end, L,
+                                                               REVERSE))
         du_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         ddl_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         dB_tile = tl.zeros([BLOCK_N, UNROLL], dtype=tl.float32)
         for j in tl.static_range(UNROLL):
             q = q0 + j
             ok = q < n_steps
-            p = p_end - 1 - tl.minimum(q, n_steps - 1)
-            if REVERSE:
-                t = L - 1 - p
-            else:
-                t = p
+            t = _walk_back_token(q, n_steps, p_end, L, REVERSE)
             md = mask_d & ok
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
@@ -638,7 +736,7 @@ def _bwd_reverse_walk_kernel(
 def _block_d(Dm: int, G: int, cap: int) -> int:
     cpg = Dm // G
     if G == 1:
-        return min(cap, triton.next_power_of_2(Dm))
+        return min(cap, next_pow2(Dm))
     # a block must sit inside one group of B/C: the largest power of two dividing the group size
     return min(cap, cpg & -cpg)
 
@@ -651,14 +749,14 @@ def _plan(batch: int, Dm: int, L: int, G: int, backward: bool = False):
     if CHUNK_OVERRIDE is not None:
         T = CHUNK_OVERRIDE
     else:
-        units = batch * triton.cdiv(Dm, block_f)
-        want = 1 if units >= CONFIG["SINGLE_CHUNK_UNITS"] else triton.cdiv(CONFIG["TARGET_PROGRAMS"], units)
-        T = max(CONFIG["MIN_CHUNK"], triton.cdiv(L, want))
-        T = triton.cdiv(T, 16) * 16
+        units = batch * cdiv(Dm, block_f)
+        want = 1 if units >= CONFIG["SINGLE_CHUNK_UNITS"] else cdiv(CONFIG["TARGET_PROGRAMS"], units)
+        T = max(CONFIG["MIN_CHUNK"], cdiv(L, want))
+        T = cdiv(T, 16) * 16
     T = max(1, min(T, L))
-    nc = triton.cdiv(L, T)
+    nc = cdiv(L, T)
     block_d = _block_d(Dm, G, CONFIG["BLOCK_D_BWD"]) if backward else block_f
-    return block_d, triton.cdiv(Dm, block_d), T, nc, cpg
+    return block_d, cdiv(Dm, block_d), T, nc, cpg
 
 
 def _bc_strides(M: torch.Tensor):
@@ -720,7 +818,7 @@ def _use_asm(t: torch.Tensor) -> bool:
 def _row_asm_ok(B: torch.Tensor, C: torch.Tensor, N: int, split: int, asm: bool) -> bool:
     """Whether each thread can load its own part of the B / C rows with 16-byte vector loads."""
     ns = N // split
-    if not asm or split == 1 or triton.next_power_of_2(N) != N or ns not in (4, 8):
+    if not asm or split == 1 or next_pow2(N) != N or ns not in (4, 8):
         return False
     for M in (B, C):
         strides = _bc_strides(M)
@@ -731,14 +829,15 @@ def _row_asm_ok(B: torch.Tensor, C: torch.Tensor, N: int, split: int, asm: bool)
     return True
 
 
-def _flags(u, B, C, N, block_d, split, unroll, num_warps, z, delta_bias, delta_softplus, reverse):
+def _flags(u, B, C, N, block_d, split, unroll, num_warps, z, delta_bias, delta_softplus, reverse, prefetch):
     """Compile-time switches shared by the forward and backward launches."""
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_N = next_pow2(N)
     asm = _use_asm(u)
+    prefetch = int(prefetch) if asm else 0   # inline PTX: GPU only
     return dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=unroll, SPLIT=split,
                 EVEN_D=u.shape[1] % block_d == 0, EVEN_N=N == BLOCK_N, ROW_ASM=_row_asm_ok(B, C, N, split, asm),
                 ASM=asm, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-                REVERSE=bool(reverse), num_warps=num_warps)
+                REVERSE=bool(reverse), PREFETCH=prefetch, num_warps=num_warps)
 
 
 def _common_args(u, delta, A, B, C, z):
@@ -760,7 +859,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     dev = u.device
     if out is None:
         out = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_N = next_pow2(N)
     hloc = S = None
     if nc > 1:
         hloc = _empty((batch, nc, N, Dm), torch.float32, dev)
@@ -771,8 +870,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     common = _common_args(u, delta, A, B, C, z)
     split = min(CONFIG["SPLIT"], BLOCK_N)
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], z, delta_bias,
-                   delta_softplus, reverse)
+                   delta_softplus, reverse, CONFIG["PREFETCH"])
     flags["HAS_D"] = D is not None
+    if nc > 1:   # chunked (long L, two passes): the prefetch made the forward slower there (docs/kernels.md, v7)
+        flags["PREFETCH"] = 0
     grid = (n_d, nc, batch)
     zz = z if z is not None else u
     if nc > 1:
@@ -800,14 +901,14 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     A = channel_major(A)
     block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True)
     dev = u.device
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_N = next_pow2(N)
     f32 = torch.float32
     dummy = u
     B_in, C_in = B, C
     B, C = _bc_rows(B), _bc_rows(C)
     split = min(CONFIG["SPLIT_BWD"], BLOCK_N)
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], z, delta_bias,
-                   delta_softplus, reverse)
+                   delta_softplus, reverse, CONFIG["PREFETCH_BWD"])
     grid = (n_d, nc, batch)
     common = _common_args(u, delta, A, B, C, z)
     zz = z if z is not None else u
