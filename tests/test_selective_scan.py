@@ -260,6 +260,21 @@ def test_gpu_long_65536_forward_bf16():
     run_both(make_inputs(1, 32, 65536, 16, dtype=torch.bfloat16), reverse=True, grads=False, tol=1e-2)
 
 
+def triton_outputs(inputs, reverse):
+    """Output and every gradient of one Triton scan (with delta softplus) on fresh leaves of ``inputs``."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
+    y.sum().backward()
+    return [y] + [t.grad for t in leaves if t is not None]
+
+
+def assert_same_results(a, b):
+    """Outputs bit for bit; gradients that atomics sum in no fixed order within float32 rounding."""
+    assert torch.equal(a[0], b[0])
+    for x, y in zip(a[1:], b[1:], strict=True):
+        assert rel(x, y) < 1e-5
+
+
 @gpu_only
 @pytest.mark.parametrize("split", [2, 4])
 @pytest.mark.parametrize("reverse", [False, True])
@@ -269,37 +284,17 @@ def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch)
     monkeypatch.setitem(triton_scan.CONFIG, "SPLIT_BWD", split)
     inputs = make_inputs(2, 64, 197, 16, model_rows=True)
     assert triton_scan._row_asm_ok(inputs[3], inputs[4], 16, split, True)
-
-    def outputs():
-        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-        y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
-        y.sum().backward()
-        return [y] + [t.grad for t in leaves if t is not None]
-
-    own = outputs()
+    own = triton_outputs(inputs, reverse)
     monkeypatch.setattr(triton_scan, "_row_asm_ok", lambda *a, **k: False)
-    uniform = outputs()
-    assert torch.equal(own[0], uniform[0])
-    for a, b in zip(own[1:], uniform[1:]):   # atomics sum some gradients in no fixed order
-        assert rel(a, b) < 1e-5
+    assert_same_results(own, triton_outputs(inputs, reverse))
 
 
 @gpu_only
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_prefetch_changes_nothing(reverse, monkeypatch):
-    """The L1 prefetches (PREFETCH, PREFETCH_BWD) only move data earlier: outputs are bit for bit the same."""
+    """The L1 prefetches (PREFETCH, PREFETCH_BWD) only move data earlier: same output bit for bit."""
     inputs = make_inputs(2, 64, 300, 16, model_rows=True)
-
-    def outputs():
-        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-        y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
-        y.sum().backward()
-        return [y] + [t.grad for t in leaves if t is not None]
-
-    with_pf = outputs()
+    with_pf = triton_outputs(inputs, reverse)
     monkeypatch.setitem(triton_scan.CONFIG, "PREFETCH", 0)
     monkeypatch.setitem(triton_scan.CONFIG, "PREFETCH_BWD", 0)
-    without = outputs()
-    assert torch.equal(with_pf[0], without[0])
-    for a, b in zip(with_pf[1:], without[1:]):   # atomics sum some gradients in no fixed order
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_same_results(with_pf, triton_outputs(inputs, reverse))
