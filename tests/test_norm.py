@@ -58,6 +58,9 @@ def test_dim_one():
     # dx = rstd * g * w * eps / (x^2 + eps): for x^2 >> eps that is a float32 cancellation in any
     # implementation, so a large eps and |x| <= 1.5 (cancellation at most (x^2 + eps) / eps = 5.5x) make this
     # test the kernel rather than float32; random x reached |x| ~ 3 and failed 1e-6 about one run in 20
+    # dweight is then one sum of 6 terms of random sign (upstream gradients): seeded, because some draws cancel
+    # it to near zero, where float32 rounding alone exceeds 1e-6 relative (seen in CI, 4.9e-6)
+    torch.manual_seed(0)
     x = torch.tensor([-1.5, -0.7, -0.1, 0.2, 0.9, 1.4], device=DEV).reshape(6, 1)
     check(x, torch.float32, eps=0.5)
 
