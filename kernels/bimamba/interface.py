@@ -8,6 +8,7 @@ import torch
 from ..selective_scan.interface import resolve_backend
 from .naive import DirectionParams, bimamba_v2_ref
 
+_TRITON_ERROR: Optional[ImportError] = None
 try:  # registers the custom ops at import time, before any torch.compile trace reaches them
     from .triton_bimamba import bimamba_v2_triton
 except ImportError as err:  # no triton on this platform: the reference backend still works
@@ -19,9 +20,7 @@ def bimamba_v2_fn(x: torch.Tensor, z: torch.Tensor, fwd: DirectionParams, bwd: D
                   backend: Optional[str] = None) -> torch.Tensor:
     """x, z: (B, L, E) token-major. Returns ``(y_fwd + y_bwd) / 2`` (B, L, E), each direction gated
     by silu(z). backend: 'reference', 'triton', or None (Triton on CUDA, reference elsewhere)."""
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, _TRITON_ERROR)
     if backend == "reference":
         return bimamba_v2_ref(x, z, fwd, bwd)
-    if bimamba_v2_triton is None:
-        raise RuntimeError(f"backend='triton' needs triton ({_TRITON_ERROR}); use backend='reference'")
     return bimamba_v2_triton(x, z, fwd, bwd)

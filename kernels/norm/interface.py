@@ -8,6 +8,7 @@ import torch
 from ..selective_scan.interface import resolve_backend
 from .naive import rms_norm_ref
 
+_TRITON_ERROR: Optional[ImportError] = None
 try:  # registers the custom ops at import time, before any torch.compile trace reaches them
     from .triton_norm import rms_norm_triton
 except ImportError as err:  # no triton on this platform: the reference backend still works
@@ -27,9 +28,7 @@ def rms_norm_fn(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     if out_dtype is None:
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, _TRITON_ERROR)
     if backend == "reference":
         return rms_norm_ref(x, weight, eps, out_dtype)
-    if rms_norm_triton is None:
-        raise RuntimeError(f"backend='triton' needs triton ({_TRITON_ERROR}); use backend='reference'")
     return rms_norm_triton(x, weight, eps, out_dtype)

@@ -10,11 +10,16 @@ from .naive import selective_scan_ref
 BACKENDS = ("reference", "triton")
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+def resolve_backend(backend: Optional[str], device: torch.device,
+                    triton_error: Optional[BaseException] = None) -> str:
+    """'reference' or 'triton' (None: Triton on CUDA, the reference elsewhere). ``triton_error``: why the
+    caller's Triton implementation failed to import, if it did; choosing 'triton' then raises it clearly."""
     if backend is None:
-        return "triton" if device.type == "cuda" else "reference"
-    if backend not in BACKENDS:
+        backend = "triton" if device.type == "cuda" else "reference"
+    elif backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS} or None (auto)")
+    if backend == "triton" and triton_error is not None:
+        raise RuntimeError(f"backend='triton' needs triton ({triton_error}); use backend='reference'")
     return backend
 
 
