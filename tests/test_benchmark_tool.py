@@ -82,3 +82,13 @@ def test_cuda_graph_needs_a_gpu_and_no_compile(tmp_path, capsys):
     rc = bench.main(["--device", "cpu", "--cuda-graph", "--models", "deit_tiny_patch16_224", "--baselines",
                      "--resolutions", "32", "--out-dir", str(tmp_path)])
     assert rc == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_kernel_benchmark_conv_rows_run_on_cpu():
+    """tools/benchmark_kernels.py's conv backward rows (pair kernel vs PyTorch autograd) at a tiny CPU shape."""
+    bk = load_tool("benchmark_kernels")
+    res = bk.time_conv_backward(2, 9, 8, "cpu", False, torch.float32)
+    assert set(res) == {"triton_pair", "reference"}
+    for r in res.values():
+        assert r["ms"] > 0 and r["gpu_ms"] is None and r["GBps_gpu_time"] is None
+    assert bk.conv_backward_bytes(2, 9, 8, 2) == 6 * 2 * 9 * 8 * 2

@@ -21,33 +21,60 @@ def strided(batch, L, E, dtype):
     return torch.randn(batch, L, 2 * E, device=DEV).to(dtype)[..., :E]
 
 
-def check(batch, L, E, W, reverse, bias=True, dtype=torch.float32, n_grads=1, accum=False, tol=1e-5):
-    x = strided(batch, L, E, dtype)
+def direction(batch, L, E, W, bias, dtype, n_grads):
+    """Weight, bias and incoming gradients of one direction: a transposed (B, E, L) buffer and a strided
+    slice, summed by the kernel."""
     weight = (torch.randn(E, 1, W) * 0.5).to(DEV)
     b = (torch.randn(E) * 0.3).to(DEV) if bias else None
-    # grads: a transposed (B, E, L) buffer and a strided slice, summed by the kernel
     grads = [torch.randn(batch, E, L, device=DEV).to(dtype).transpose(1, 2), strided(batch, L, E, dtype)][:n_grads]
-    dx_accum = torch.randn(batch, L, E, device=DEV) if accum else None
+    return conv.ConvGrad(tuple(grads), weight, b)
 
+
+def reference(x, d: conv.ConvGrad, reverse):
+    """float64 output and (dx, dweight, dbias) of one direction through autograd of the readable reference."""
     x64 = x.double().requires_grad_()
-    w64 = weight.double().requires_grad_()
-    b64 = b.double().requires_grad_() if bias else None
-    ref = depthwise_conv_silu_ref(x64, w64, b64, reverse).transpose(1, 2)
-    ref_grads = torch.autograd.grad(ref, [x64, w64] + ([b64] if bias else []), sum(g.double() for g in grads))
+    w64 = d.weight.double().requires_grad_()
+    b64 = d.bias.double().requires_grad_() if d.bias is not None else None
+    out = depthwise_conv_silu_ref(x64, w64, b64, reverse).transpose(1, 2)
+    grads = torch.autograd.grad(out, [x64, w64] + ([b64] if b64 is not None else []),
+                                sum(g.double() for g in d.grads))
+    return out, grads[0], grads[1], grads[2] if b64 is not None else None
 
-    out = conv.conv_silu(x, weight, b, reverse)
-    assert out.dtype == dtype and rel(out, ref) < tol, f"out rel err {rel(out, ref):.2e}"
-    dx, dw, db = conv.conv_silu_backward(grads, x, weight, b, reverse, dx_accum=dx_accum,
-                                         dx_dtype=torch.float32 if accum else None)
-    dx_ref = ref_grads[0] + (dx_accum.double() if accum else 0)
-    assert dx.dtype == (torch.float32 if accum else dtype) and dx.shape == x.shape
-    assert dw.dtype == torch.float32 and dw.shape == weight.shape
+
+def assert_close(name, got, ref, tol):
+    if ref is None:
+        assert got is None, f"{name}: expected None"
+        return
+    assert got.dtype == torch.float32 and got.shape == ref.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
+    assert rel(got, ref) < tol, f"{name} rel err {rel(got, ref):.2e}"
+
+
+def check(batch, L, E, W, reverse, bias=True, dtype=torch.float32, n_grads=1, dx_dtype=None, tol=1e-5):
+    x = strided(batch, L, E, dtype)
+    d = direction(batch, L, E, W, bias, dtype, n_grads)
+    out_ref, dx_ref, dw_ref, db_ref = reference(x, d, reverse)
+    out = conv.conv_silu(x, d.weight, d.bias, reverse)
+    assert out.dtype == dtype and rel(out, out_ref) < tol, f"out rel err {rel(out, out_ref):.2e}"
+    dx, dw, db = conv.conv_silu_backward(d.grads, x, d.weight, d.bias, reverse, dx_dtype=dx_dtype)
+    assert dx.dtype == (dx_dtype or dtype) and dx.shape == x.shape and dx.is_contiguous()
     assert rel(dx, dx_ref) < tol, f"dx rel err {rel(dx, dx_ref):.2e}"
-    assert rel(dw, ref_grads[1]) < tol, f"dweight rel err {rel(dw, ref_grads[1]):.2e}"
-    if bias:
-        assert db.shape == (E,) and rel(db, ref_grads[2]) < tol, f"dbias rel err {rel(db, ref_grads[2]):.2e}"
-    else:
-        assert db is None
+    assert_close("dweight", dw, dw_ref, tol)
+    assert_close("dbias", db, db_ref, tol)
+
+
+def check_pair(batch, L, E, dtype=torch.float32, biases=(True, True), widths=(4, 4), tol=1e-5):
+    """Both directions of one x in one launch: dx is the sum of the two directions' input gradients."""
+    x = strided(batch, L, E, dtype)
+    f = direction(batch, L, E, widths[0], biases[0], dtype, 2)
+    b = direction(batch, L, E, widths[1], biases[1], dtype, 2)
+    _, dx_f, dw_f, db_f = reference(x, f, False)
+    _, dx_b, dw_b, db_b = reference(x, b, True)
+    dx, (gw_f, gb_f), (gw_b, gb_b) = conv.conv_silu_backward_pair(f, b, x)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert rel(dx, dx_f + dx_b) < tol, f"dx rel err {rel(dx, dx_f + dx_b):.2e}"
+    for name, got, ref in (("dweight_f", gw_f, dw_f), ("dbias_f", gb_f, db_f),
+                           ("dweight_b", gw_b, dw_b), ("dbias_b", gb_b, db_b)):
+        assert_close(name, got, ref, tol)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -63,15 +90,40 @@ def test_other_widths_no_bias(W, reverse):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_two_grads_and_accum(reverse):
-    check(2, 37, 40, 4, reverse, n_grads=2, accum=True)
+def test_two_grads_float32_dx(reverse):
+    check(2, 37, 40, 4, reverse, n_grads=2, dx_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("L", [1, 3, 37])
+def test_pair(L):
+    check_pair(2, L, 40)
+
+
+def test_pair_mixed_widths_and_bias():
+    check_pair(1, 23, 24, biases=(False, True), widths=(3, 4))
+
+
+def test_pair_needs_a_direction():
+    x = torch.randn(1, 5, 8, device=DEV)
+    with pytest.raises(ValueError, match="at least one direction"):
+        conv.conv_silu_backward_pair(None, None, x)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_whole_sequence_per_program(reverse, monkeypatch):
-    """One program walks every tile of a sequence, carrying its dweight/dbias sums across tiles."""
+    """One program walks every segment of a sequence, carrying its dweight/dbias sums across segments; E=72
+    with 64-channel blocks: the second block partly masked."""
     monkeypatch.setattr(conv, "BWD_TARGET_PROGRAMS", 1)
-    check(2, 70, 72, 4, reverse, n_grads=2)   # E=72: two channel blocks, the second partly masked
+    monkeypatch.setattr(conv, "BWD_BLOCK_E", 64)
+    check(2, 70, 72, 4, reverse, n_grads=2)
+
+
+def test_segments_split_over_programs(monkeypatch):
+    """Many programs per sequence, segments not dividing L: each segment's halo and each program's partial
+    sums must meet exactly."""
+    monkeypatch.setattr(conv, "BWD_TARGET_PROGRAMS", 10 ** 6)
+    monkeypatch.setattr(conv, "BWD_SEG", 4)
+    check_pair(2, 23, 24)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -84,7 +136,12 @@ def test_half_precision(dtype, reverse):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_model_shapes(reverse):
     """Vim-S-like shapes: twelve channel blocks, sequences split over programs, compiled kernels."""
-    check(8, 197, 768, 4, reverse, dtype=torch.bfloat16, n_grads=2, accum=True, tol=1e-2)
+    check(8, 197, 768, 4, reverse, dtype=torch.bfloat16, n_grads=2, dx_dtype=torch.float32, tol=1e-2)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA GPU")
+def test_gpu_pair_model_shapes():
+    check_pair(8, 197, 384, dtype=torch.bfloat16, tol=1e-2)
 
 
 def test_backward_rejects_wide_kernels():

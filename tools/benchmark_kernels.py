@@ -1,4 +1,6 @@
-"""Time the selective-scan kernels against the pure-PyTorch reference (and mamba_ssm when importable).
+"""Time the selective-scan kernels against the pure-PyTorch reference (and mamba_ssm when importable),
+the fused bidirectional mixer core against two one-direction scans with flips, and the conv + SiLU
+backward of both directions against PyTorch autograd.
 
     python tools/benchmark_kernels.py --out kernels.json            # GPU: the issue's shapes, bf16
     python tools/benchmark_kernels.py --out /tmp/k.json             # CPU: tiny shapes (smoke test)
@@ -28,6 +30,8 @@ if not torch.cuda.is_available():
 
 from vim.kernels import DirectionParams, bimamba_v2_fn  # noqa: E402
 from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
+from vim.kernels.bimamba import conv  # noqa: E402
+from vim.kernels.bimamba.naive import depthwise_conv_silu_ref  # noqa: E402
 from vim.kernels.selective_scan import triton_scan  # noqa: E402
 
 # (BLOCK_D, SPLIT, UNROLL, NUM_WARPS)
@@ -35,6 +39,9 @@ SWEEP_FWD = [(16, 2, 1, 1), (8, 4, 1, 1), (64, 1, 1, 1)]
 # (BLOCK_D_BWD, SPLIT_BWD, UNROLL_BWD, NUM_WARPS_BWD, MAXNREG_REV)
 SWEEP_BWD = [(32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1, 1, 1, 168), (16, 2, 2, 1, None)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
+# conv backward (BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS, BWD_TARGET_PROGRAMS)
+SWEEP_CONV = [(8, 128, 4, 2048), (16, 128, 4, 2048), (32, 128, 4, 2048), (16, 128, 2, 2048), (16, 128, 1, 2048),
+              (16, 256, 8, 2048), (16, 64, 2, 2048), (16, 128, 4, 1024), (16, 128, 4, 8192)]
 GPU_SHAPES = [(128, 384, 197, 16), (128, 768, 197, 16), (8, 384, 6085, 16)]
 CPU_SHAPES = [(2, 8, 24, 4)]
 # mamba_ssm 2.3.2 CUDA kernel on an H100, bf16 (shared/anchors), ms: (fwd, fwd+bwd)
@@ -227,6 +234,45 @@ def time_bimamba(batch, E, L, N, device, cuda, dtype):
     return res
 
 
+def conv_backward_bytes(batch, L, E, itemsize):
+    """Both directions: x and four incoming gradients read once, dx written once."""
+    return 6 * batch * L * E * itemsize
+
+
+def time_conv_backward(batch, L, E, device, cuda, dtype, with_ref=True):
+    """Backward of both directions' depthwise conv + SiLU of one x, as the mixer's backward runs it: each
+    direction's output gradient arrives as two tensors (scan du and the x_proj input gradient)."""
+    x = torch.randn(batch, L, 2 * E, device=device, dtype=dtype)[..., :E]   # a half of in_proj's output
+    dirs = []
+    for _ in range(2):
+        grads = tuple(torch.randn(batch, L, E, device=device, dtype=dtype) for _ in range(2))
+        dirs.append(conv.ConvGrad(grads, torch.randn(E, 1, 4, device=device) * 0.3,
+                                  torch.randn(E, device=device) * 0.1))
+
+    def triton_pair():
+        return conv.conv_silu_backward_pair(dirs[0], dirs[1], x)
+
+    xr = x.detach().clone().requires_grad_()
+    wr = [d.weight.clone().requires_grad_() for d in dirs]
+    br = [d.bias.clone().requires_grad_() for d in dirs]
+
+    def reference():
+        for t in (xr, *wr, *br):
+            t.grad = None
+        outs = [depthwise_conv_silu_ref(xr, wr[i], br[i], reverse=bool(i)).transpose(1, 2) for i in range(2)]
+        torch.autograd.backward(outs, [d.grads[0] + d.grads[1] for d in dirs])
+
+    res = {}
+    nbytes = conv_backward_bytes(batch, L, E, x.element_size())
+    for name, fn in (("triton_pair", triton_pair), ("reference", reference)):
+        if name == "reference" and not with_ref:
+            continue
+        ms = _bench(fn, cuda)
+        gpu = _gpu_ms(fn, cuda)
+        res[name] = {"ms": ms, "gpu_ms": gpu, "GBps_gpu_time": nbytes / gpu / 1e6 if gpu else None}
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -284,6 +330,20 @@ def main(argv=None):
                     print(f"sweep {key:48s} {str(shp):20s} fwd {r['fwd_ms']:.4f} ms  fwd+bwd {r['fwd_bwd_ms']:.4f} ms"
                           f"  GPU time fwd {r['gpu_fwd_ms']:.4f} fwd+bwd {r['gpu_fwd_bwd_ms']:.4f} ms", flush=True)
         triton_scan.CONFIG.update(base)
+        conv_base = (conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS)
+        for cfg in SWEEP_CONV:
+            conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS = cfg
+            key = "conv SEG={} BLOCK_E={} warps={} programs={}".format(*cfg)
+            report["sweep"][key] = {}
+            for b, E, L, _ in shapes:
+                r = time_conv_backward(b, L, E, device, cuda, dtype, with_ref=False)["triton_pair"]
+                report["sweep"][key][str((b, L, E))] = r
+                print(f"sweep {key:48s} {str((b, L, E)):20s} GPU time {r['gpu_ms']:.4f} ms"
+                      f"  {r['GBps_gpu_time']:.0f} GB/s", flush=True)
+        conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS = conv_base
+    report["conv_backward"] = {}
+    for b, E, L, _ in shapes:
+        report["conv_backward"][str((b, L, E))] = time_conv_backward(b, L, E, device, cuda, dtype)
     report["bimamba"] = {}
     for shp in (shapes[:1] if cuda else shapes):
         b, E, L, N = shp
@@ -308,6 +368,11 @@ def main(argv=None):
             print(f"bimamba {shp} {name:22s} fwd {v['fwd_ms']:.4f} ms  fwd+bwd {v['fwd_bwd_ms']:.4f} ms"
                   f"  GPU time fwd {v['gpu_fwd_ms'] or nan:.4f} fwd+bwd {v['gpu_fwd_bwd_ms'] or nan:.4f} ms"
                   f"  fwd extra MiB {v['fwd_peak_extra_MiB']}")
+    for shp, r in report["conv_backward"].items():
+        v, ref = r["triton_pair"], r["reference"]
+        print(f"conv+SiLU backward, both directions, (B, L, E) = {shp}: triton {v['ms']:.4f} ms wall,"
+              f" GPU time {v['gpu_ms'] or nan:.4f} ms ({v['GBps_gpu_time'] or nan:.0f} GB/s);"
+              f" PyTorch autograd {ref['ms']:.4f} ms wall, GPU time {ref['gpu_ms'] or nan:.4f} ms")
     print(f"copy bandwidth {bw:.0f} GB/s; wrote {args.out}")
 
 

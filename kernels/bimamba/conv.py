@@ -4,32 +4,38 @@ Causal: ``out[l] = silu(b + sum_k w[k] x[l + k - (W-1)])``; anti-causal (``rever
 direction): ``out[l] = silu(b + sum_k w[k] x[l + (W-1-k)])``, zero padding in both. x is read in place
 with any strides (the model passes a half of in_proj's output), so no contiguous copy exists.
 
-Backward: the pre-activation is recomputed in-kernel, never stored. dx[s] = sum_k w[k] dact[s - tap_k]
-needs dact at W shifted positions; rather than staging dact through memory, each shift recomputes it
-from x and the output gradients, whose reloads hit cache: DRAM sees x and the gradients about once and
-dx once. The output gradient arrives as several tensors (scan du and the x_proj input gradient) that
-are summed in float32 in-kernel, and the two directions' dx meet through one float32 buffer read by
-the second launch, so no summed or upcast copy is ever materialised. dweight and dbias are summed in
-registers over a program's whole stretch of tokens and leave through a small per-program buffer that
-torch reduces: one write per program instead of contended atomics, and a deterministic result.
+Backward: one ascending walk over the tokens per program, for one or both directions of the same x
+(``conv_silu_backward_pair``). The pre-activation is recomputed from a 4-token window of x held in
+registers, never stored; each direction keeps its last three dact values in registers too, so dx at a
+token (which needs dact at the 4 tokens its taps reach) is finished 3 tokens later, both directions'
+contributions summed before the one write of dx in its final dtype. x and each gradient are read about
+once (a 3-token halo per segment of ``BWD_SEG``), nothing is re-read per tap and no float32 dx buffer
+travels between the directions. The output gradient arrives as several tensors (scan du and the x_proj
+input gradient) that are summed in float32 in-kernel. dweight and dbias are summed in registers over a
+program's stretch of tokens and leave through a small per-program buffer that torch reduces: one write
+per program instead of contended atomics, and a deterministic result.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2
 from ..selective_scan import triton_scan
 
-# Backward launch: a program walks a long stretch of tokens for one channel block, keeping its dweight
-# and dbias partial sums in registers; sequences are split only to reach about this many programs.
-# The W shifted recomputations keep many tiles live: at 4 warps a 32 x 64 tile needs ~255 registers and
-# spills on sm_90 (ptxas -v), 8 warps halve the elements per thread (~180 registers, no spills).
-BWD_TARGET_PROGRAMS = 1024
-BWD_BLOCK_L, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 64, 8
+# Backward launch: a program owns BWD_BLOCK_E channels of one batch row and walks its stretch of tokens
+# in segments of BWD_SEG (unrolled); sequences are split over programs only to reach about
+# BWD_TARGET_PROGRAMS. Each segment re-reads a 3-token halo, so longer segments waste less. Chosen from the
+# sm_90 SASS (ptxas, compiled on the CPU; not yet timed on a GPU, see docs/kernels.md): at 4 warps and one
+# channel per thread, SEG 32 takes 95 registers and ~57 instructions per token, channel and direction
+# (SEG 16: 151 registers, 64; SEG 8: 96, 75; the per-direction kernel it replaces: 252 registers, 164).
+BWD_TARGET_PROGRAMS = 2048
+BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 128, 4
+TAPS = 4   # the backward walks a 4-token window; narrower kernels are padded with leading zero taps
 
 
 @triton.jit
@@ -78,80 +84,123 @@ def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b
 
 
 @triton.jit
-def _dact(g_ptrs, g_strides, pid_b, x_base, w_ptr, b_ptr, pos, offs_e, mask_e, L, sx_l, sx_e,
-          W: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
-    """Gradient w.r.t. the pre-activation at positions pos; 0 outside the sequence (the gradients are
-    masked there), which is the zero padding seen from the backward side."""
-    a = _preact(x_base, w_ptr, b_ptr, pos, offs_e, mask_e, L, sx_l, sx_e, W, HAS_BIAS, REVERSE)
-    m = ((pos >= 0) & (pos < L))[:, None] & mask_e[None, :]
-    g = tl.zeros([pos.shape[0], offs_e.shape[0]], dtype=tl.float32)
+def _row(base, pos, offs_e, mask_e, L, s_l, s_e):
+    """float32 values of one token's channels, 0 outside [0, L) (the conv's zero padding)."""
+    m = mask_e & (pos >= 0) & (pos < L)
+    return tl.load(base + pos * s_l + offs_e * s_e, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _grad_row(g_ptrs, g_strides, pid_b, pos, offs_e, mask_e, L):
+    """The output gradient at one token: the float32 sum of the incoming gradient tensors."""
+    g = tl.zeros([offs_e.shape[0]], dtype=tl.float32)
     for i in tl.static_range(len(g_ptrs)):
         sb, sl, se = g_strides[i]
-        g += tl.load(g_ptrs[i] + pid_b * sb + pos[:, None] * sl + offs_e[None, :] * se,
-                     mask=m, other=0.0).to(tl.float32)
+        g += _row(g_ptrs[i] + pid_b * sb, pos, offs_e, mask_e, L, sl, se)
+    return g
+
+
+@triton.jit
+def _silu_backward(a, g):
+    """d silu(a) / da times g."""
     sig = tl.sigmoid(a)
     return g * sig * (1.0 + a * (1.0 - sig))
 
 
 @triton.jit
-def _conv_silu_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptrs, g_strides, acc_ptr, dx_ptr, part_ptr,
-                          L, E, TOKENS, sx_b, sx_l, sx_e,
-                          W: tl.constexpr, WP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_ACC: tl.constexpr, REVERSE: tl.constexpr):
-    """One program: channel block pid_e of batch row pid_b, tokens [pid_s * TOKENS, +TOKENS). Writes dx
-    (plus acc_ptr's float32 dx when HAS_ACC) and its dweight/dbias partial sums: part[(b, s), e, 0..W]."""
+def _taps(w_ptr, b_ptr, offs_e, mask_e, HAS_BIAS: tl.constexpr):
+    """The 4 (padded) weights and the bias of a direction, float32 per channel."""
+    w0 = tl.load(w_ptr + offs_e * 4, mask=mask_e, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + offs_e * 4 + 1, mask=mask_e, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + offs_e * 4 + 2, mask=mask_e, other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + offs_e * 4 + 3, mask=mask_e, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([offs_e.shape[0]], dtype=tl.float32)
+    return w0, w1, w2, w3, b
+
+
+@triton.jit
+def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb_ptr, gb_ptrs, gb_strides,
+                          dx_ptr, part_ptr, L, E, TOKENS, sx_b, sx_l, sx_e,
+                          SEG: tl.constexpr, BLOCK_E: tl.constexpr,
+                          HAS_F: tl.constexpr, HAS_B: tl.constexpr,
+                          HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr):
+    """Backward of the causal (f) and/or anti-causal (b) conv + SiLU of the same x, in one ascending walk.
+
+    One program: channel block pid_e of batch row pid_b, tokens [pid_s * TOKENS, +TOKENS), SEG tokens at a
+    time. At walk position p the window holds x[p-3..p]; the causal direction's dact at p and the
+    anti-causal one's at p-3 (whose window is x[p-3..p] too) come from it, each with its last three dact
+    values kept in registers, so dx[p-3] of both directions is complete at p: every tensor is read once per
+    token (plus a 3-token halo per segment) and dx is written once, in its final dtype. dweight and dbias
+    are summed in registers and leave through part[(b, s), dir, 0..4, e]: one write per program, reduced by
+    torch (deterministic, no atomics)."""
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
-    offs_k = tl.arange(0, WP)
     x_base = x_ptr + pid_b * sx_b
-    # dweight / dbias: elementwise accumulators, summed over tokens once at the end (a sum over the tile's
-    # rows per tile would cross warps through shared memory and a barrier, five times per tile)
-    dw0 = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
-    dw1 = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
-    dw2 = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
-    dw3 = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
-    db = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
+    zero = tl.zeros([BLOCK_E], dtype=tl.float32)
+    if HAS_F:
+        wf0, wf1, wf2, wf3, bf = _taps(wf_ptr, bf_ptr, offs_e, mask_e, HAS_BIAS_F)
+    if HAS_B:
+        wb0, wb1, wb2, wb3, bb = _taps(wb_ptr, bb_ptr, offs_e, mask_e, HAS_BIAS_B)
+    # weight / bias gradient sums, f then b
+    sf0, sf1, sf2, sf3, sfb = zero, zero, zero, zero, zero
+    sb0, sb1, sb2, sb3, sbb = zero, zero, zero, zero, zero
     start = pid_s * TOKENS
-    for l0 in range(start, tl.minimum(start + TOKENS, L), BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
-        dx = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
-        for k in tl.static_range(W):
-            d = _dact(g_ptrs, g_strides, pid_b, x_base, w_ptr, b_ptr, offs_l - _tap(k, W, REVERSE), offs_e,
-                      mask_e, L, sx_l, sx_e, W, HAS_BIAS, REVERSE)
-            wk = tl.load(w_ptr + offs_e * W + k, mask=mask_e, other=0.0).to(tl.float32)
-            dx += d * wk[None, :]
-            if k == W - 1:   # tap 0: d is dact on this tile itself, which the weight sums need
-                db += d
-                for j in tl.static_range(W):
-                    src = offs_l + _tap(j, W, REVERSE)
-                    m = ((src >= 0) & (src < L))[:, None] & mask_e[None, :]
-                    xv = tl.load(x_base + src[:, None] * sx_l + offs_e[None, :] * sx_e, mask=m, other=0.0)
-                    if j == 0:
-                        dw0 += d * xv.to(tl.float32)
-                    elif j == 1:
-                        dw1 += d * xv.to(tl.float32)
-                    elif j == 2:
-                        dw2 += d * xv.to(tl.float32)
-                    else:
-                        dw3 += d * xv.to(tl.float32)
-        m = (offs_l < L)[:, None] & mask_e[None, :]
-        out = (pid_b * L + offs_l[:, None]) * E + offs_e[None, :]
-        if HAS_ACC:
-            dx += tl.load(acc_ptr + out, mask=m, other=0.0)
-        tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=m)
-    dw = tl.where(offs_k[:, None] == 0, tl.sum(dw0, 0)[None, :], 0.0)
-    if W > 1:
-        dw += tl.where(offs_k[:, None] == 1, tl.sum(dw1, 0)[None, :], 0.0)
-    if W > 2:
-        dw += tl.where(offs_k[:, None] == 2, tl.sum(dw2, 0)[None, :], 0.0)
-    if W > 3:
-        dw += tl.where(offs_k[:, None] == 3, tl.sum(dw3, 0)[None, :], 0.0)
-    part = part_ptr + ((pid_b * tl.num_programs(2) + pid_s) * E + offs_e) * (W + 1)
-    tl.store(part[None, :] + offs_k[:, None], dw, mask=(offs_k < W)[:, None] & mask_e[None, :])
-    tl.store(part + W, tl.sum(db, 0), mask=mask_e)
+    for l0 in range(start, tl.minimum(start + TOKENS, L), SEG):
+        xm3 = _row(x_base, l0 - 3, offs_e, mask_e, L, sx_l, sx_e)
+        xm2 = _row(x_base, l0 - 2, offs_e, mask_e, L, sx_l, sx_e)
+        xm1 = _row(x_base, l0 - 1, offs_e, mask_e, L, sx_l, sx_e)
+        df1, df2, df3 = zero, zero, zero   # causal dact at p-1, p-2, p-3
+        db1, db2, db3 = zero, zero, zero   # anti-causal dact at p-4, p-5, p-6
+        for i in tl.static_range(SEG + 3):
+            p = l0 + i
+            x0 = _row(x_base, p, offs_e, mask_e, L, sx_l, sx_e)
+            dx = zero
+            if HAS_F:   # causal: a[p] = b + w0 x[p-3] + w1 x[p-2] + w2 x[p-1] + w3 x[p]
+                a = bf + wf0 * xm3 + wf1 * xm2 + wf2 * xm1 + wf3 * x0
+                d = _silu_backward(a, _grad_row(gf_ptrs, gf_strides, pid_b, p, offs_e, mask_e, L))
+                if i < SEG:
+                    sf0 += d * xm3
+                    sf1 += d * xm2
+                    sf2 += d * xm1
+                    sf3 += d * x0
+                    sfb += d
+                dx += wf0 * d + wf1 * df1 + wf2 * df2 + wf3 * df3    # dx[p-3] = sum_k w_k dact[p-3+3-k]
+                df1, df2, df3 = d, df1, df2
+            if HAS_B:   # anti-causal at q = p-3: a[q] = b + w0 x[q+3] + w1 x[q+2] + w2 x[q+1] + w3 x[q]
+                a = bb + wb0 * x0 + wb1 * xm1 + wb2 * xm2 + wb3 * xm3
+                d = _silu_backward(a, _grad_row(gb_ptrs, gb_strides, pid_b, p - 3, offs_e, mask_e, L))
+                if i >= 3:
+                    sb0 += d * x0
+                    sb1 += d * xm1
+                    sb2 += d * xm2
+                    sb3 += d * xm3
+                    sbb += d
+                dx += wb0 * db3 + wb1 * db2 + wb2 * db1 + wb3 * d    # dx[q] = sum_k w_k dact[q-3+k]
+                db1, db2, db3 = d, db1, db2
+            if i >= 3:
+                s = p - 3
+                tl.store(dx_ptr + (pid_b * L + s) * E + offs_e, dx.to(dx_ptr.dtype.element_ty),
+                         mask=mask_e & (s < L))
+            xm3, xm2, xm1 = xm2, xm1, x0
+    part = part_ptr + (pid_b * tl.num_programs(2) + pid_s) * 10 * E + offs_e
+    if HAS_F:
+        tl.store(part, sf0, mask=mask_e)
+        tl.store(part + E, sf1, mask=mask_e)
+        tl.store(part + 2 * E, sf2, mask=mask_e)
+        tl.store(part + 3 * E, sf3, mask=mask_e)
+        tl.store(part + 4 * E, sfb, mask=mask_e)
+    if HAS_B:
+        tl.store(part + 5 * E, sb0, mask=mask_e)
+        tl.store(part + 6 * E, sb1, mask=mask_e)
+        tl.store(part + 7 * E, sb2, mask=mask_e)
+        tl.store(part + 8 * E, sb3, mask=mask_e)
+        tl.store(part + 9 * E, sbb, mask=mask_e)
 
 
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool) -> torch.Tensor:
@@ -167,36 +216,80 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool) -> tor
     return out
 
 
+class ConvGrad(NamedTuple):
+    """One direction of ``conv_silu_backward``: its output gradient as a sum of tensors, and its conv."""
+
+    grads: Sequence[torch.Tensor]   # (B, L, E) each, any strides and float dtypes; summed in float32
+    weight: torch.Tensor            # (E, 1, W) or (E, W), W <= 4
+    bias: Optional[torch.Tensor]    # (E,)
+
+
+def _padded_taps(weight: torch.Tensor, E: int) -> torch.Tensor:
+    """(E, 4) float32 weights with W <= 4 taps right-aligned: the leading zero taps change nothing in
+    either direction (tap k' of 4 reads the token tap k = k' - (4 - W) of W reads)."""
+    w = weight.reshape(E, -1)
+    W = w.shape[1]
+    if W > TAPS:
+        raise ValueError(f"the Triton conv backward handles kernel widths up to {TAPS} (Vim's d_conv), got {W}; "
+                         "use backend='reference'")
+    return F.pad(w.float(), (TAPS - W, 0)).contiguous()
+
+
+def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[ConvGrad], x: torch.Tensor,
+                            dx_dtype: Optional[torch.dtype] = None):
+    """Gradients of ``conv_silu(x, w_f, b_f, False)`` and ``conv_silu(x, w_b, b_b, True)`` (either may be
+    None) given their output gradients, in one pass over x: both directions share x, so their input
+    gradients are summed in registers and dx is written once.
+
+    Returns (dx, (dweight_f, dbias_f), (dweight_b, dbias_b)): dx contiguous (B, L, E) in ``dx_dtype``
+    (default x's dtype); dweight float32 shaped like its weight, dbias float32 (E,) or None without a bias;
+    None in place of an absent direction's pair.
+    """
+    if causal is None and anticausal is None:
+        raise ValueError("conv_silu_backward_pair needs at least one direction")
+    batch, L, E = x.shape
+    dirs = (causal, anticausal)
+    taps = [_padded_taps(d.weight, E) if d is not None else None for d in dirs]
+    dx = triton_scan._empty((batch, L, E), dx_dtype or x.dtype, x.device)
+    n_e = cdiv(E, BWD_BLOCK_E)
+    segs = cdiv(L, BWD_SEG)
+    n_split = max(1, min(segs, cdiv(BWD_TARGET_PROGRAMS, n_e * batch)))
+    tokens = cdiv(segs, n_split) * BWD_SEG
+    n_split = cdiv(L, tokens)
+    part = triton_scan._empty((batch * n_split, 2, 5, E), torch.float32, x.device)
+    args = []
+    for d, w in zip(dirs, taps):
+        if d is None:   # placeholders of the absent direction, never read (HAS_F / HAS_B false)
+            args += [x, x, (x,), ((0, 0, 0),)]
+        else:
+            args += [w, d.bias if d.bias is not None else w, tuple(d.grads), tuple(g.stride() for g in d.grads)]
+    _conv_silu_bwd_kernel[(n_e, batch, n_split)](
+        x, *args, dx, part, L, E, tokens, *x.stride(), SEG=BWD_SEG, BLOCK_E=BWD_BLOCK_E,
+        HAS_F=causal is not None, HAS_B=anticausal is not None,
+        HAS_BIAS_F=causal is not None and causal.bias is not None,
+        HAS_BIAS_B=anticausal is not None and anticausal.bias is not None, num_warps=BWD_NUM_WARPS)
+    part = part.sum(0)   # (2, 5, E); the copies below keep the returned gradients from aliasing
+    results = []
+    for i, d in enumerate(dirs):
+        if d is None:
+            results.append(None)
+            continue
+        W = d.weight.shape[-1]
+        dweight = part[i, TAPS - W:TAPS].t().reshape(d.weight.shape).contiguous()
+        dbias = part[i, TAPS].contiguous() if d.bias is not None else None
+        results.append((dweight, dbias))
+    return dx, results[0], results[1]
+
+
 def conv_silu_backward(grads: Sequence[torch.Tensor], x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool,
-                       dx_accum: Optional[torch.Tensor] = None, dx_dtype: Optional[torch.dtype] = None):
+                       dx_dtype: Optional[torch.dtype] = None):
     """Gradients of ``conv_silu(x, weight, bias, reverse)`` given the output gradient as the sum of ``grads``
     (one or more (B, L, E) tensors, any strides and float dtypes).
 
-    Returns (dx, dweight, dbias): dx contiguous (B, L, E) in ``dx_dtype`` (default x's dtype), plus the
-    float32 ``dx_accum`` (contiguous (B, L, E)) when given; dweight float32 shaped like ``weight``; dbias
-    float32 (E,), or None without a bias.
+    Returns (dx, dweight, dbias): dx contiguous (B, L, E) in ``dx_dtype`` (default x's dtype); dweight float32
+    shaped like ``weight``; dbias float32 (E,), or None without a bias.
     """
-    batch, L, E = x.shape
-    w = weight.reshape(E, -1).contiguous()
-    W = w.shape[1]
-    if W > 4:
-        raise ValueError(f"the Triton conv backward handles kernel widths up to 4 (Vim's d_conv), got {W}; "
-                         "use backend='reference'")
-    if dx_accum is not None and (dx_accum.dtype != torch.float32 or not dx_accum.is_contiguous()
-                                 or dx_accum.shape != x.shape):
-        raise ValueError("dx_accum must be a contiguous float32 tensor shaped like x")
-    dx = triton_scan._empty((batch, L, E), dx_dtype or x.dtype, x.device)
-    n_e = cdiv(E, BWD_BLOCK_E)
-    tiles = cdiv(L, BWD_BLOCK_L)
-    n_split = min(tiles, cdiv(BWD_TARGET_PROGRAMS, n_e * batch))
-    tokens = cdiv(tiles, n_split) * BWD_BLOCK_L
-    n_split = cdiv(L, tokens)
-    part = triton_scan._empty((batch * n_split, E, W + 1), torch.float32, x.device)
-    _conv_silu_bwd_kernel[(n_e, batch, n_split)](
-        x, w, bias if bias is not None else w, tuple(grads), tuple(g.stride() for g in grads),
-        dx_accum if dx_accum is not None else dx, dx, part, L, E, tokens, *x.stride(),
-        W=W, WP=next_pow2(W), BLOCK_L=BWD_BLOCK_L, BLOCK_E=BWD_BLOCK_E,
-        HAS_BIAS=bias is not None, HAS_ACC=dx_accum is not None, REVERSE=reverse, num_warps=BWD_NUM_WARPS)
-    part = part.sum(0)   # (E, W + 1); the copies below keep the returned gradients from aliasing
-    dbias = part[:, W].contiguous() if bias is not None else None
-    return dx, part[:, :W].reshape(weight.shape).contiguous(), dbias
+    one = ConvGrad(tuple(grads), weight, bias)
+    dx, f, b = conv_silu_backward_pair(None if reverse else one, one if reverse else None, x, dx_dtype)
+    dweight, dbias = b if reverse else f
+    return dx, dweight, dbias

@@ -5,7 +5,7 @@ dt_proj as matmuls (cuBLAS through torch), then the fused selective scan with so
 D and the silu(z) gate in-kernel. The second direction's scan adds its half into the first's output
 (``out = y_f / 2 + y_b / 2``), so no separate average pass or flipped copy exists. Only x, z, the
 small x_proj outputs and per-chunk scan summaries are kept for backward; the conv outputs and delta
-are recomputed there.
+are recomputed there, and both directions' conv backwards run as one pass over x (they share it).
 
 The forward and backward are registered as torch custom ops (``vim_kernels::bimamba_v2_fwd`` / ``_bwd``)
 with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces a model
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..selective_scan import triton_scan
 from ..selective_scan.triton_scan import _absent, _none_if_absent
-from .conv import conv_silu, conv_silu_backward
+from .conv import ConvGrad, conv_silu, conv_silu_backward_pair
 from .naive import DirectionParams
 
 
@@ -69,7 +69,7 @@ def _backward_impl(dout, x, z, flat, saved):
     cdt = x.dtype
     dy = (dout.to(cdt) * 0.5).transpose(1, 2)   # each direction carries half the output; exact in fp
     grads = []
-    dx = None
+    conv_grads = []
     dz_total = None
     with torch.autocast(device_type=x.device.type, enabled=False):
         for i, (p, reverse) in enumerate(zip(params, (False, True))):
@@ -89,18 +89,19 @@ def _backward_impl(dout, x, z, flat, saved):
             d_dt = ddelta @ Wdt                                                # (B, L, R)
             dWdt = ddelta.reshape(-1, ddelta.shape[-1]).t() @ dt.reshape(-1, rank)
             dxdbl = torch.cat([d_dt, dB.transpose(1, 2).to(cdt), dC.transpose(1, 2).to(cdt)], dim=-1)
-            # conv input gradient = du + dxdbl @ Wx, summed inside the conv backward; the first direction
-            # leaves dx in a float32 buffer that the second reads and finishes in x's dtype
-            dx, dconv_w, dconv_b = conv_silu_backward(
-                (du.transpose(1, 2), dxdbl @ p.x_proj_weight.to(cdt)), x, p.conv_weight, p.conv_bias, reverse,
-                dx_accum=dx, dx_dtype=torch.float32 if i == 0 else x.dtype)
             dWx = dxdbl.reshape(-1, dxdbl.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
-            dconv_w = dconv_w.to(p.conv_weight.dtype)
-            dconv_b = dconv_b.to(p.conv_bias.dtype) if dconv_b is not None else _absent(x)
+            # the conv output's gradient is du + dxdbl @ Wx, summed inside the conv backward
+            conv_grads.append(ConvGrad((du.transpose(1, 2), dxdbl @ p.x_proj_weight.to(cdt)),
+                                       p.conv_weight, p.conv_bias))
             dA_log = (dA.float() * A).to(p.A_log.dtype)                       # dA/dA_log = A
-            grads += [dconv_w, dconv_b, dWx.to(p.x_proj_weight.dtype), dWdt.to(p.dt_proj_weight.dtype),
-                      dbias.to(p.dt_proj_bias.dtype), dA_log, dD.to(p.D.dtype)]
-    return dx, dz_total.transpose(1, 2).to(z.dtype), grads
+            grads.append([None, None, dWx.to(p.x_proj_weight.dtype), dWdt.to(p.dt_proj_weight.dtype),
+                          dbias.to(p.dt_proj_bias.dtype), dA_log, dD.to(p.D.dtype)])
+        # both convs read the same x: one pass gives their weight gradients and the summed dx
+        dx, *conv_wb = conv_silu_backward_pair(conv_grads[0], conv_grads[1], x)
+        for g, p, (dconv_w, dconv_b) in zip(grads, params, conv_wb):
+            g[0] = dconv_w.to(p.conv_weight.dtype)
+            g[1] = dconv_b.to(p.conv_bias.dtype) if dconv_b is not None else _absent(x)
+    return dx, dz_total.transpose(1, 2).to(z.dtype), grads[0] + grads[1]
 
 
 # torch custom ops, so torch.compile sees one opaque node per call instead of breaking the graph.

@@ -447,7 +447,7 @@ def _fwd_kernel(
 # _sum_parts per output.
 @triton.jit
 def _bwd_adjoint_state_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, gout_ptr, tyloc_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, gout_ptr,
     Dm, L, N, T, NC, CPG,
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
@@ -457,7 +457,7 @@ def _bwd_adjoint_state_kernel(
     PREFETCH: tl.constexpr,
 ):
     """Per chunk, the adjoint walked from zero at the chunk's end: stores a_s*g_s at the chunk's first
-    position (Gout) and sum_t g_t*b_t (TYloc), both (B, NC, N, D) float32."""
+    position (Gout), (B, NC, N, D) float32."""
     NS: tl.constexpr = BLOCK_N // SPLIT
     R: tl.constexpr = SPLIT * BLOCK_D
     pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
@@ -469,7 +469,6 @@ def _bwd_adjoint_state_kernel(
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     gnext = tl.zeros([R, NS], dtype=tl.float32)
-    ty = tl.zeros([R, NS], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
     n_steps = p_end - p_start
@@ -493,12 +492,9 @@ def _bwd_adjoint_state_kernel(
             dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32)
             if HAS_Z:
                 dy = dy * z * _sigmoid(z, ASM)
-            g = gnext + dy[:, None] * Cv
-            ty += g * ((dl * u)[:, None] * Bv)
-            gnext = tl.exp2(dl[:, None] * A2) * g
+            gnext = tl.exp2(dl[:, None] * A2) * (gnext + dy[:, None] * Cv)
     st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
     tl.store(gout_ptr + st, gnext, mask=mask2)
-    tl.store(tyloc_ptr + st, ty, mask=mask2)
 
 
 @triton.jit
@@ -605,7 +601,7 @@ def _bwd_forward_walk_kernel(
 @triton.jit
 def _bwd_reverse_walk_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, F_ptr,
-    hloc_ptr, S_ptr, gout_ptr, tyloc_ptr, tx_ptr, qx_ptr,
+    hloc_ptr, S_ptr, gout_ptr, tx_ptr, qx_ptr,
     du_ptr, ddl_ptr, dB_ptr, dA_ptr, dbias_ptr,
     Dm, L, N, T, NC, CPG, G,
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
@@ -638,20 +634,21 @@ def _bwd_reverse_walk_kernel(
     mask_n = offs_n < N
     dB_ptrs = dB_ptr + ((pid_b * G + group) * N + offs_n) * L
 
-    # Fold the later chunks: incoming adjoint and the X / Y sums after this chunk.
+    # Fold the later chunks into the adjoint entering this chunk from the right, gin. What the later chunks
+    # add to every dw_t here is RX_after - RY_after, sums over the whole rest of the sequence whose
+    # difference cancels badly in float32 at long L; it telescopes to dw at the next chunk's first token,
+    # gin * (the true state at this chunk's end), a product of two quantities with no cancellation. (For the
+    # last chunk gin is 0; folding one chunk less there keeps a single-chunk launch off the placeholders.)
     gin = tl.zeros([R, NS], dtype=tl.float32)
-    ry_after = tl.zeros([R, NS], dtype=tl.float32)
-    rx_after = tl.zeros([R, NS], dtype=tl.float32)
     for jj in range(0, NC - 1 - pid_c):
         c = NC - 1 - jj
         st_c = _state_offsets(pid_b, c, NC, Dm, N, offs_d, n_idx)
-        hl = tl.load(hloc_ptr + st_c, mask=mask2, other=0.0).to(tl.float32)   # float32: see _initial_state
-        ry_after += tl.load(tyloc_ptr + st_c, mask=mask2, other=0.0).to(tl.float32) + gin * hl
-        rx_after += tl.load(tx_ptr + st_c, mask=mask2, other=0.0)
         s = tl.load(S_ptr + (pid_b * NC + c).to(tl.int64) * Dm + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         gin = tl.load(gout_ptr + st_c, mask=mask2, other=0.0).to(tl.float32) + tl.exp2(A2 * s[:, None]) * gin
+    h_end = _initial_state(hloc_ptr, S_ptr, A2, pid_b, tl.minimum(pid_c + 1, NC - 1), offs_d, n_idx, mask2, mask_d,
+                           Dm, NC, N, R, NS)
+    after = gin * h_end
     st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
-    after = rx_after - ry_after
     K = tl.sum(A2 * (tl.load(tx_ptr + st, mask=mask2, other=0.0) + after), axis=1) * LN2   # this row's share
 
     gnext = gin
@@ -916,11 +913,10 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     Dp = D if D is not None else dummy
     if nc > 1:
         gout = _empty((batch, nc, N, Dm), f32, dev)
-        tyloc = _empty((batch, nc, N, Dm), f32, dev)
-        _bwd_adjoint_state_kernel[grid](u, delta, A, B, C, zz, bias, dout, gout, tyloc,
+        _bwd_adjoint_state_kernel[grid](u, delta, A, B, C, zz, bias, dout, gout,
                                         Dm, L, N, T, nc, cpg, *common, *dout.stride(), **flags)
     else:
-        gout = tyloc = hloc = S = dummy
+        gout = hloc = S = dummy
     # token-major gradients: the layout the inputs come in from the model
     dz = None
     if z is not None:
@@ -940,7 +936,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
                                    DZ_ACCUM=dz is not None and dz_accumulate, **flags)
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
     ddelta = _empty((batch, L, Dm), delta.dtype, dev).transpose(1, 2)
-    _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tyloc, tx, qx,
+    _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg, G,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(),
                                    HAS_D=D is not None, **flags,
