@@ -30,9 +30,10 @@ from ..selective_scan import triton_scan
 # Backward launch: a program owns BWD_BLOCK_E channels of one batch row and walks its stretch of tokens
 # in segments of BWD_SEG (unrolled); sequences are split over programs only to reach about
 # BWD_TARGET_PROGRAMS. Each segment re-reads a 3-token halo, so longer segments waste less. Chosen from the
-# sm_90 SASS (ptxas, compiled on the CPU; not yet timed on a GPU, see docs/kernels.md): at 4 warps and one
-# channel per thread, SEG 32 takes 95 registers and ~57 instructions per token, channel and direction
-# (SEG 16: 151 registers, 64; SEG 8: 96, 75; the per-direction kernel it replaces: 252 registers, 164).
+# sm_90 SASS (ptxas, compiled on the CPU; not yet timed on a GPU, see docs/kernels.md, v8): at 4 warps and
+# one channel per thread, SEG 32 takes 80 registers and ~50 instructions per token, channel and direction
+# (SEG 16: 80 and 55; SEG 8: 78 and 62; 2 warps with two channels per thread: 130 and 39; the
+# per-direction kernel it replaces: 252 registers and 164).
 BWD_TARGET_PROGRAMS = 2048
 BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 128, 4
 TAPS = 4   # the backward walks a 4-token window; narrower kernels are padded with leading zero taps
@@ -101,9 +102,9 @@ def _grad_row(g_ptrs, g_strides, pid_b, pos, offs_e, mask_e, L):
 
 
 @triton.jit
-def _silu_backward(a, g):
-    """d silu(a) / da times g."""
-    sig = tl.sigmoid(a)
+def _silu_backward(a, g, ASM: tl.constexpr):
+    """d silu(a) / da times g; on the GPU the sigmoid's reciprocal is one MUFU.RCP (triton_scan._rcp)."""
+    sig = triton_scan._sigmoid(a, ASM)
     return g * sig * (1.0 + a * (1.0 - sig))
 
 
@@ -126,7 +127,7 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
                           dx_ptr, part_ptr, L, E, TOKENS, sx_b, sx_l, sx_e,
                           SEG: tl.constexpr, BLOCK_E: tl.constexpr,
                           HAS_F: tl.constexpr, HAS_B: tl.constexpr,
-                          HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr):
+                          HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr, ASM: tl.constexpr):
     """Backward of the causal (f) and/or anti-causal (b) conv + SiLU of the same x, in one ascending walk.
 
     One program: channel block pid_e of batch row pid_b, tokens [pid_s * TOKENS, +TOKENS), SEG tokens at a
@@ -163,7 +164,7 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
             dx = zero
             if HAS_F:   # causal: a[p] = b + w0 x[p-3] + w1 x[p-2] + w2 x[p-1] + w3 x[p]
                 a = bf + wf0 * xm3 + wf1 * xm2 + wf2 * xm1 + wf3 * x0
-                d = _silu_backward(a, _grad_row(gf_ptrs, gf_strides, pid_b, p, offs_e, mask_e, L))
+                d = _silu_backward(a, _grad_row(gf_ptrs, gf_strides, pid_b, p, offs_e, mask_e, L), ASM)
                 if i < SEG:
                     sf0 += d * xm3
                     sf1 += d * xm2
@@ -174,7 +175,7 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
                 df1, df2, df3 = d, df1, df2
             if HAS_B:   # anti-causal at q = p-3: a[q] = b + w0 x[q+3] + w1 x[q+2] + w2 x[q+1] + w3 x[q]
                 a = bb + wb0 * x0 + wb1 * xm1 + wb2 * xm2 + wb3 * xm3
-                d = _silu_backward(a, _grad_row(gb_ptrs, gb_strides, pid_b, p - 3, offs_e, mask_e, L))
+                d = _silu_backward(a, _grad_row(gb_ptrs, gb_strides, pid_b, p - 3, offs_e, mask_e, L), ASM)
                 if i >= 3:
                     sb0 += d * x0
                     sb1 += d * xm1
@@ -267,7 +268,8 @@ def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[Con
         x, *args, dx, part, L, E, tokens, *x.stride(), SEG=BWD_SEG, BLOCK_E=BWD_BLOCK_E,
         HAS_F=causal is not None, HAS_B=anticausal is not None,
         HAS_BIAS_F=causal is not None and causal.bias is not None,
-        HAS_BIAS_B=anticausal is not None and anticausal.bias is not None, num_warps=BWD_NUM_WARPS)
+        HAS_BIAS_B=anticausal is not None and anticausal.bias is not None, ASM=triton_scan._use_asm(x),
+        num_warps=BWD_NUM_WARPS)
     part = part.sum(0)   # (2, 5, E); the copies below keep the returned gradients from aliasing
     results = []
     for i, d in enumerate(dirs):
