@@ -474,9 +474,12 @@ def _bwd_adjoint_state_kernel(
     n_steps = p_end - p_start
     if PREFETCH > 0:
         d0 = pid_d * BLOCK_D
+        # this pass reads neither u nor B (their loads in _load_step are dead code): their lanes ask for the
+        # delta and C rows again, which costs no memory traffic, instead of rows nobody reads
+        dl_row = dl_ptr + pid_b * sd_b + d0 * sd_d
         pf_addr, pf_step, pf_j = _prefetch_lanes(
-            u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
-            B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, dy_ptr, su_l, sd_l, sz_l, sB_l, sC_l, sg_l, sg_l,
+            dl_row, dl_row, z_ptr + pid_b * sz_b + d0 * sz_d,
+            C_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, dy_ptr, sd_l, sd_l, sz_l, sC_l, sC_l, sg_l, sg_l,
             R, UNROLL, BLOCK_N, HAS_Z, True, False)
     for q0 in range(0, n_steps, UNROLL):
         if PREFETCH > 0:
