@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vim.kernels import rms_norm_fn, rms_norm_ref
+from vim.kernels import add_rms_norm_fn, rms_norm_fn, rms_norm_ref
 from vim.models.layers import RMSNorm
 
 CUDA = torch.cuda.is_available()
@@ -116,6 +116,17 @@ def test_custom_op_checks():
     torch.library.opcheck(torch.ops.vim_kernels.rms_norm_fwd.default, (x, w, 1e-5, torch.bfloat16))
 
 
+def assert_compiled_equals_eager(fn, inputs):
+    """``torch.compile(fullgraph=True)`` traces fn (no graph breaks) and gives the eager value and gradients."""
+    eager = fn(*inputs)
+    g_eager = torch.autograd.grad(eager, inputs)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*inputs)
+    g_compiled = torch.autograd.grad(compiled, inputs)
+    assert torch.equal(compiled, eager)
+    for a, b in zip(g_compiled, g_eager):
+        assert torch.equal(a, b)
+
+
 def test_compiles_without_graph_breaks():
     x = torch.randn(2, 9, 24, device=DEV, requires_grad=True)
     w = torch.randn(24, device=DEV, requires_grad=True)
@@ -125,13 +136,7 @@ def test_compiles_without_graph_breaks():
             y = rms_norm_fn(x, w, backend="triton")
         return y.float().square().sum()
 
-    eager = fn(x, w)
-    g_eager = torch.autograd.grad(eager, (x, w))
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, w)
-    g_compiled = torch.autograd.grad(compiled, (x, w))
-    assert torch.equal(compiled, eager)
-    for a, b in zip(g_compiled, g_eager):
-        assert torch.equal(a, b)
+    assert_compiled_equals_eager(fn, (x, w))
 
 
 @gpu_only
@@ -142,3 +147,103 @@ def test_gpu_model_shapes_bf16(dim):
     (y, dx, dw), (y_r, dx_r, dw_r) = run_both(x, torch.bfloat16)
     assert (y == y_r.float().to(torch.bfloat16)).float().mean() > 0.99   # round to nearest
     assert rel(dx, dx_r) < 1e-5 and rel(dw, dw_r) < 1e-5
+
+
+# ---------------------------------------------------------------- fused residual add + RMSNorm
+
+def run_add_both(x, branch, out_dtype, use_sum=True, eps=1e-5):
+    """Fused Triton add + norm vs the float64 reference: (sum, y, dx, dbranch, dweight) of each, fed the
+    same upstream gradients for y and (when ``use_sum``) for the sum."""
+    dim = x.shape[-1]
+    w = (1 + 0.1 * torch.randn(dim)).to(DEV)
+    g_y = torch.randn(x.shape, device=DEV).to(out_dtype)
+    g_s = torch.randn(x.shape, device=DEV)
+    results = []
+    for backend, cast in (("triton", lambda t: t), ("reference", lambda t: t.double())):
+        leaves = [cast(t.detach()).requires_grad_() for t in (x, branch, w)]
+        s, y = add_rms_norm_fn(*leaves[:2], leaves[2], eps, out_dtype=out_dtype if backend == "triton"
+                               else torch.float64, backend=backend)
+        loss = (y.double() * g_y.double()).sum()
+        if use_sum:
+            loss = loss + (s.double() * g_s.double()).sum()
+        loss.backward()
+        results.append((s, y, *(t.grad for t in leaves)))
+    (s, y, dx, db, dw), ref = results
+    assert s.dtype == torch.float32 and y.dtype == out_dtype and s.shape == y.shape == x.shape
+    assert dx.dtype == x.dtype and db.dtype == branch.dtype and dw.dtype == torch.float32
+    return (s, y, dx, db, dw), ref
+
+
+def assert_rounded(low, full):
+    """``low`` is ``full`` rounded to low's dtype: to nearest on the GPU (as ``.to()`` rounds); the CPU
+    interpreter truncates to bf16, one bf16 step at most."""
+    if CUDA or low.dtype == full.dtype:
+        assert torch.equal(low, full.to(low.dtype))
+    else:
+        assert torch.allclose(low.double(), full.double(), rtol=BF16_ULP, atol=0)
+
+
+@pytest.mark.parametrize("use_sum", [True, False])
+@pytest.mark.parametrize("branch_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 192), (2, 37, 200), (3, 5, 7)])
+def test_add_norm_matches_float64_reference(shape, branch_dtype, use_sum):
+    x = torch.randn(shape, device=DEV)
+    branch = torch.randn(shape, device=DEV).to(branch_dtype)
+    (s, y, dx, db, dw), (s_r, y_r, dx_r, db_r, dw_r) = run_add_both(x, branch, torch.float32, use_sum)
+    # the sum is the float32 one PyTorch forms (float32 + bf16 promotes inside the add)
+    assert torch.equal(s, x + branch)
+    assert rel(y, y_r) < 1e-6 and rel(dx, dx_r) < 1e-6 and rel(dw, dw_r) < 1e-6
+    # the branch's gradient is dx in the branch's dtype
+    assert_rounded(db, dx)
+
+
+def test_add_norm_bf16_output_and_strided_inputs():
+    base = torch.randn(4, 9, 384, device=DEV)
+    x = base[:, ::2, :192]                                          # strided rows, unit columns
+    branch = torch.randn(4, 192, 5, device=DEV).bfloat16().transpose(1, 2)   # column stride != 1: copied
+    (s, y, dx, db, dw), (s_r, y_r, dx_r, db_r, dw_r) = run_add_both(x, branch, torch.bfloat16)
+    assert torch.equal(s, x + branch)
+    assert torch.allclose(y.double(), y_r, rtol=BF16_ULP, atol=1e-30)
+    assert rel(dx, dx_r) < 1e-6 and rel(dw, dw_r) < 1e-6
+
+
+def test_add_norm_without_branch_and_fallbacks():
+    x = torch.randn(3, 24, device=DEV)
+    w = torch.randn(24, device=DEV)
+    s, y = add_rms_norm_fn(x, None, w, backend="triton")
+    assert s is x and torch.equal(y, rms_norm_fn(x, w, backend="triton"))
+    # a float64 residual stream (a float64 model) takes the reference, in float64
+    xd, bd = x.double(), torch.randn(3, 24, device=DEV)
+    s, y = add_rms_norm_fn(xd, bd, w.double(), backend="triton")
+    assert s.dtype == y.dtype == torch.float64 and torch.equal(s, xd + bd)
+    with pytest.raises(ValueError, match="branch must match"):
+        add_rms_norm_fn(x, torch.randn(3, 1, device=DEV), w, backend="triton")
+    with pytest.raises(ValueError, match="weight must be"):
+        add_rms_norm_fn(x, x, torch.ones(4, device=DEV), backend="triton")
+
+
+def test_add_norm_custom_op_checks_and_compiles():
+    x = torch.randn(3, 5, 24, device=DEV, requires_grad=True)
+    b = torch.randn(3, 5, 24, device=DEV).bfloat16().requires_grad_()
+    w = torch.randn(24, device=DEV, requires_grad=True)
+    torch.library.opcheck(torch.ops.vim_kernels.add_rms_norm_fwd.default, (x, b, w, 1e-5, torch.bfloat16))
+
+    def fn(x, b, w):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            s, y = add_rms_norm_fn(x, b, w, backend="triton")
+        return y.float().square().sum() + s.sum()
+
+    assert_compiled_equals_eager(fn, (x, b, w))
+
+
+@gpu_only
+@pytest.mark.parametrize("dim", [192, 384, 768])
+def test_gpu_add_norm_model_shapes(dim):
+    """A bf16 branch onto the float32 stream at the model widths, batch 64, both outputs used."""
+    x = torch.randn(64, 197, dim, device=DEV)
+    branch = torch.randn(64, 197, dim, device=DEV).bfloat16()
+    (s, y, dx, db, dw), (s_r, y_r, dx_r, db_r, dw_r) = run_add_both(x, branch, torch.bfloat16)
+    assert torch.equal(s, x + branch)
+    assert (y == y_r.float().to(torch.bfloat16)).float().mean() > 0.99   # round to nearest
+    assert rel(dx, dx_r) < 1e-5 and rel(dw, dw_r) < 1e-5
+    assert_rounded(db, dx)

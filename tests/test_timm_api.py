@@ -117,6 +117,47 @@ def test_model_forward_intermediates(name):
     torch.testing.assert_close(pruned[1], feats[2])
 
 
+def test_blocks_chain_their_adds_into_the_next_norm(monkeypatch):
+    """The model adds each block's branch inside the next norm (``forward_pending``); features, intermediates
+    and gradients equal those of the blocks run one by one, and equal again with the fused Triton add + norm
+    (through the interpreter on the CPU)."""
+    torch.manual_seed(0)
+    model = small_model(num_classes=5, depth=3, embed_dim=32, img_size=32).train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def per_block():
+        h = model._pos_embed(model.patch_embed(x)).float()
+        feats = []
+        for blk in model.blocks:
+            h = blk(h)
+            feats.append(h)
+        return model.norm(h), feats
+
+    def run(fn):
+        model.zero_grad()
+        final, feats = fn()
+        (final.square().sum() + sum(f.sum() for f in feats)).backward()
+        return [final, *feats], [p.grad.clone() for n, p in model.named_parameters() if not n.startswith("head")]
+
+    def chained():
+        final, feats = model.forward_intermediates(x, output_fmt="NLC", return_prefix_tokens=True, norm=False)
+        # NLC without the class token, and the token apart: put it back in the middle
+        feats = [vim.models.layers.insert_cls_token(f, c) for f, c in feats]
+        return final, feats
+
+    ref_out, ref_grads = run(per_block)
+    out, grads = run(chained)
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(model.forward_features(x), ref_out[0], rtol=0, atol=0)
+
+    import vim.kernels.norm.interface as norm_interface
+    monkeypatch.setattr(norm_interface, "resolve_backend", lambda *args: "triton")
+    out, grads = run(chained)
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5   # float32 reductions in another order
+
+
 def test_model_forward_features_only():
     model = timm.create_model("vim_tiny", features_only=True, depth=8, embed_dim=64, img_size=64).eval()
     assert model.feature_info.channels() == [64] * 4

@@ -29,13 +29,13 @@ from ..selective_scan import triton_scan
 
 # Backward launch: a program owns BWD_BLOCK_E channels of one batch row and walks its stretch of tokens
 # in segments of BWD_SEG (unrolled); sequences are split over programs only to reach about
-# BWD_TARGET_PROGRAMS. Each segment re-reads a 3-token halo, so longer segments waste less. Chosen from the
-# sm_90 SASS (ptxas, compiled on the CPU; not yet timed on a GPU, see docs/kernels.md, v8): at 4 warps and
-# one channel per thread, SEG 32 takes 80 registers and ~50 instructions per token, channel and direction
-# (SEG 16: 80 and 55; SEG 8: 78 and 62; 2 warps with two channels per thread: 130 and 39; the
-# per-direction kernel it replaces: 252 registers and 164).
+# BWD_TARGET_PROGRAMS. Each segment re-reads a 3-token halo, so longer segments waste less. Chosen by the
+# H100 sweep of session 7 (docs/kernels.md, v8; `tools/benchmark_kernels.py --sweep`): 2 warps (two
+# channels per thread, 130 registers in the sm_90 SASS) beat 4 warps by 7-11% at every shape swept
+# ((128|256, 197, 384), (128, 197, 768), (8, 6085, 384)); SEG 8/16/64, 64 or 256 channels, 1024 or 8192
+# programs were no better at 4 warps, except 1024 programs at the smallest shape.
 BWD_TARGET_PROGRAMS = 2048
-BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 128, 4
+BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 128, 2
 TAPS = 4   # the backward walks a 4-token window; narrower kernels are padded with leading zero taps
 
 

@@ -1,4 +1,4 @@
-from .naive import rms_norm_ref
-from .interface import rms_norm_fn
+from .naive import add_rms_norm_ref, residual_add, rms_norm_ref
+from .interface import add_rms_norm_fn, rms_norm_fn
 
-__all__ = ["rms_norm_fn", "rms_norm_ref"]
+__all__ = ["add_rms_norm_fn", "add_rms_norm_ref", "residual_add", "rms_norm_fn", "rms_norm_ref"]

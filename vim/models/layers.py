@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
-from ..kernels.norm import rms_norm_fn
+from ..kernels.norm import add_rms_norm_fn, rms_norm_fn
+
+# FX leaves: both branch on dtypes and the autocast state (RMSNorm.forward_add is a method, traced into)
+register_notrace_function(add_rms_norm_fn)
 
 
 @register_notrace_module  # its input checks branch on the image size
@@ -81,6 +84,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # like the official fused norm, hands the next layer its compute dtype (autocast's, else the weight's)
         return rms_norm_fn(x, self.weight, self.eps)
+
+    def forward_add(self, x: torch.Tensor, branch: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(x + branch, norm(x + branch))``, the add in float32; one fused pass on CUDA. ``branch=None``:
+        ``(x, norm(x))``."""
+        return add_rms_norm_fn(x, branch, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

@@ -14,7 +14,10 @@ from timm.layers import DropPath
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..kernels import DirectionParams, bimamba_v2_fn
+from ..kernels.norm import residual_add
 from .layers import RMSNorm
+
+register_notrace_function(residual_add)   # an FX leaf: branches on dtypes
 
 
 def _dt_bias_init(dim: int, dt_min: float, dt_max: float, dt_floor: float) -> torch.Tensor:
@@ -76,9 +79,10 @@ class BiMambaMixer(nn.Module):
 class VimBlock(nn.Module):
     """Pre-norm residual block ``x + drop_path(mixer(rmsnorm(x)))`` on a float32 residual stream.
 
-    The official code fuses each block's residual add into the next block's norm; written per block,
-    the same sums happen in the same precision, and block i's drop path is the official rate of the
-    add that follows mixer i.
+    ``forward`` is the block on its own. The model chains ``forward_pending`` instead, which leaves the
+    block's branch to be added by the next block's norm: the official fused add+norm, one Triton pass
+    on CUDA. The same sums happen in the same precision either way, and block i's drop path is the
+    official rate of the add that follows mixer i.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs):
@@ -88,16 +92,15 @@ class VimBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return residual_add(x, self.drop_path(self.mixer(self.norm(x))))
+        return residual_add(*self.forward_pending(x))
 
+    def forward_pending(self, x: torch.Tensor, pending: Optional[torch.Tensor] = None):
+        """``(x, pending) -> (x + pending, this block's branch)``.
 
-@register_notrace_function  # branches on dtypes
-def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x + y.float()`` without the cast's extra pass where promotion already gives float32.
+        ``x`` is the residual stream without the previous block's branch ``pending`` (None: nothing
+        pending); the returned branch, ``drop_path(mixer(norm(x + pending)))``, is in turn left for the
+        caller to add.
+        """
+        x, h = self.norm.forward_add(x, pending)
+        return x, self.drop_path(self.mixer(h))
 
-    float32 + bf16 promotes inside the add kernel and is exactly the same sum; other pairs (bf16 + bf16,
-    a float64 model's branch) keep the cast, so every result and dtype is the old one.
-    """
-    if torch.promote_types(x.dtype, y.dtype) != torch.float32:
-        y = y.float()
-    return x + y

@@ -20,7 +20,7 @@ from timm.models._manipulate import checkpoint
 
 from .checkpoint import checkpoint_filter_fn, load_official_checkpoint
 from .layers import PatchEmbed, RMSNorm, insert_cls_token, lecun_normal_init_, resample_pos_embed, split_cls_token
-from .mixer import VimBlock
+from .mixer import VimBlock, residual_add
 
 __all__ = ["VisionMamba", "checkpoint_filter_fn", "load_official_checkpoint"]
 
@@ -155,16 +155,28 @@ class VisionMamba(nn.Module):
         x = embed_tokens(x, self.cls_token, self.pos_embed, self.patch_embed.grid_size, self.dynamic_img_size)
         return self.pos_drop(x)
 
-    def _run_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
+    def _run_blocks(self, x: torch.Tensor, blocks, pending: Optional[torch.Tensor] = None):
+        """Chains ``VimBlock.forward_pending``: returns the residual stream and the last block's branch,
+        still to be added (each add rides in the next norm, the official fused add+norm)."""
         for blk in blocks:
-            x = checkpoint(blk, x) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(x)
-        return x
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, pending = checkpoint(blk.forward_pending, x, pending)
+            else:
+                x, pending = blk.forward_pending(x, pending)
+        return x, pending
+
+    def _final_norm(self, x: torch.Tensor, pending: Optional[torch.Tensor]):
+        """(residual stream with the last branch added, final norm of it)."""
+        if isinstance(self.norm, RMSNorm):
+            return self.norm.forward_add(x, pending)
+        x = x if pending is None else residual_add(x, pending)
+        return x, self.norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normed tokens (B, tokens, D), the class token at the middle."""
         x = self._pos_embed(self.patch_embed(x))
-        x = self._run_blocks(x.float(), self.blocks)
-        return self.norm(x)
+        x, pending = self._run_blocks(x.float(), self.blocks)
+        return self._final_norm(x, pending)[1]
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -204,10 +216,15 @@ class VisionMamba(nn.Module):
         x = self._pos_embed(self.patch_embed(x)).float()
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
+        pending = None
         for i, blk in enumerate(blocks):
-            x = self._run_blocks(x, [blk])
-            if i in take_indices:
+            # x is now the stream after block i - 1 (its branch added by block i's fused norm)
+            x, pending = self._run_blocks(x, [blk], pending)
+            if i - 1 in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
+        x, x_normed = self._final_norm(x, pending)
+        if len(blocks) - 1 in take_indices:
+            intermediates.append(x_normed if norm else x)
         prefix = None
         if self.cls_token is not None:
             split = [split_cls_token(y) for y in intermediates]
@@ -219,7 +236,7 @@ class VisionMamba(nn.Module):
             intermediates = list(zip(intermediates, prefix))
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return x_normed, intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
