@@ -15,6 +15,15 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 pytestmark = pytest.mark.usefixtures("poisoned_kernel_outputs")
 
 
+@pytest.fixture(autouse=True)
+def fixed_draw():
+    """A_log's gradient is a sum of within-chunk differences (docs/kernels.md, "Cost of the identity"): over
+    240 random draws of ``test_fused_matches_reference``'s shapes one put its float32 error at 1.4e-4, past the
+    1e-4 tolerance, and CI met another (6.9e-4; the benchmark tests before this file leave the RNG in a
+    timing-dependent state). Each test draws from a fixed seed."""
+    torch.manual_seed(0)
+
+
 def make_params(E, N, R, conv_bias=True):
     return DirectionParams(
         conv_weight=torch.randn(E, 1, 4) * 0.4,
