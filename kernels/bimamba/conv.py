@@ -31,9 +31,9 @@ from ..selective_scan import triton_scan
 # in segments of BWD_SEG (unrolled); sequences are split over programs only to reach about
 # BWD_TARGET_PROGRAMS. Each segment re-reads a 3-token halo, so longer segments waste less. Chosen by the
 # H100 sweep of session 7 (docs/kernels.md, v8; `tools/benchmark_kernels.py --sweep`): 2 warps (two
-# channels per thread, 130 registers in the sm_90 SASS) beat 4 warps by 7-11% at every shape swept
-# ((128|256, 197, 384), (128, 197, 768), (8, 6085, 384)); SEG 8/16/64, 64 or 256 channels, 1024 or 8192
-# programs were no better at 4 warps, except 1024 programs at the smallest shape.
+# channels per thread, 130 registers in the sm_90 SASS) beat 4 warps by 9-11% at every shape swept
+# ((128|256, 197, 384), (128, 197, 768), (8, 6085, 384)) and was fastest at the three larger ones; at the
+# smallest, 1024 programs or 64 channels at 2 warps were 9% faster, and 9-58% slower at the others.
 BWD_TARGET_PROGRAMS = 2048
 BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 128, 2
 TAPS = 4   # the backward walks a 4-token window; narrower kernels are padded with leading zero taps

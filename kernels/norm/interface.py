@@ -39,15 +39,15 @@ def add_rms_norm_fn(x: torch.Tensor, branch: Optional[torch.Tensor], weight: tor
     dtype) and ``rms_norm_fn(s)``; returns ``(s, normed s)``. ``branch=None`` skips the add (``s`` is x).
 
     The Triton backend computes both in one pass (``s`` read back from registers, not memory) and one
-    backward pass that also takes ``s``'s gradient from the residual stream. A float32 x is required
-    there; other dtypes (a float64 model) take the reference. ``out_dtype`` and ``backend`` as in
+    backward pass that also takes ``s``'s gradient from the residual stream. It needs a float32 x and a
+    branch that adds to float32 (float32, bf16, fp16); other pairs (a float64 model) take the reference. ``out_dtype`` and ``backend`` as in
     ``rms_norm_fn``.
     """
     out_dtype = _out_dtype(x, weight, out_dtype)
     backend = resolve_backend(backend, x.device, _TRITON_ERROR)
     if branch is None:
         return x, (rms_norm_ref if backend == "reference" else rms_norm_triton)(x, weight, eps, out_dtype)
-    if backend == "reference" or x.dtype != torch.float32:
+    if backend == "reference" or torch.promote_types(x.dtype, branch.dtype) != torch.float32:
         return add_rms_norm_ref(x, branch, weight, eps, out_dtype)
     return add_rms_norm_triton(x, branch, weight, eps, out_dtype)
 

@@ -222,9 +222,15 @@ class VisionMamba(nn.Module):
             x, pending = self._run_blocks(x, [blk], pending)
             if i - 1 in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
-        x, x_normed = self._final_norm(x, pending)
-        if len(blocks) - 1 in take_indices:
-            intermediates.append(x_normed if norm else x)
+        last = len(blocks) - 1
+        if intermediates_only:   # no final norm unless the last block's output is asked for normed
+            if last in take_indices:
+                x = x if pending is None else residual_add(x, pending)
+                intermediates.append(self.norm(x) if norm else x)
+        else:
+            x, x_normed = self._final_norm(x, pending)
+            if last in take_indices:
+                intermediates.append(x_normed if norm else x)
         prefix = None
         if self.cls_token is not None:
             split = [split_cls_token(y) for y in intermediates]
