@@ -336,7 +336,7 @@ def _row_partner(x, k: tl.constexpr):
 @triton.jit
 def _sum_channels_scattered(x, BLOCK_D: tl.constexpr):
     """[R, NS] -> [R], NS <= BLOCK_D: row r ends with the sum over its part's channels of state
-    ``(r % BLOCK_D) % NS`` of that part (``_scattered_states``), the same sums as ``_sum_channels``.
+    ``(r % BLOCK_D) % NS`` of that part (``_bc_grad_rows`` addresses it), the same sums as ``_sum_channels``.
 
     A reduce-scatter: at butterfly level k < log2(NS) a row keeps the half of its states that bit k of its
     index selects and adds its partner row's copy of that half, so the shuffles per token are NS/2 + NS/4
@@ -344,6 +344,7 @@ def _sum_channels_scattered(x, BLOCK_D: tl.constexpr):
     state (80); one sum per row comes out instead of all NS in every row."""
     R: tl.constexpr = x.shape[0]
     NS: tl.constexpr = x.shape[1]
+    tl.static_assert(BLOCK_D <= 256 and NS <= BLOCK_D, "the levels below cover 8 channel bits")
     rows = tl.arange(0, R)
     for k in tl.static_range(8):
         if (1 << k) < NS:
