@@ -43,10 +43,10 @@ def add_rms_norm_fn(x: torch.Tensor, branch: Optional[torch.Tensor], weight: tor
     branch that adds to float32 (float32, bf16, fp16); other pairs (a float64 model) take the reference. ``out_dtype`` and ``backend`` as in
     ``rms_norm_fn``.
     """
+    if branch is None:
+        return x, rms_norm_fn(x, weight, eps, out_dtype, backend)
     out_dtype = _out_dtype(x, weight, out_dtype)
     backend = resolve_backend(backend, x.device, _TRITON_ERROR)
-    if branch is None:
-        return x, (rms_norm_ref if backend == "reference" else rms_norm_triton)(x, weight, eps, out_dtype)
     if backend == "reference" or torch.promote_types(x.dtype, branch.dtype) != torch.float32:
         return add_rms_norm_ref(x, branch, weight, eps, out_dtype)
     return add_rms_norm_triton(x, branch, weight, eps, out_dtype)

@@ -19,12 +19,15 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     return y.to(weight.dtype if out_dtype is None else out_dtype)
 
 
-def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``x + branch.float()`` without the cast's extra pass where promotion already gives float32.
+def residual_add(x: torch.Tensor, branch: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x + branch.float()`` without the cast's extra pass where promotion already gives float32; x itself
+    when there is no branch.
 
     float32 + bf16 promotes inside the add kernel and is exactly the same sum; other pairs (bf16 + bf16,
     a float64 model's branch) keep the cast.
     """
+    if branch is None:
+        return x
     if torch.promote_types(x.dtype, branch.dtype) != torch.float32:
         branch = branch.float()
     return x + branch
@@ -34,5 +37,5 @@ def add_rms_norm_ref(x: torch.Tensor, branch: Optional[torch.Tensor], weight: to
                      out_dtype: Optional[torch.dtype] = None):
     """``(s, rms_norm_ref(s))`` with ``s = residual_add(x, branch)`` (``s = x`` without a branch): the
     pre-norm block's residual add and the next norm, as the official fused add+norm computes them."""
-    s = x if branch is None else residual_add(x, branch)
+    s = residual_add(x, branch)
     return s, rms_norm_ref(s, weight, eps, out_dtype)

@@ -169,7 +169,7 @@ class VisionMamba(nn.Module):
         """(residual stream with the last branch added, final norm of it)."""
         if isinstance(self.norm, RMSNorm):
             return self.norm.forward_add(x, pending)
-        x = x if pending is None else residual_add(x, pending)
+        x = residual_add(x, pending)
         return x, self.norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +225,7 @@ class VisionMamba(nn.Module):
         last = len(blocks) - 1
         if intermediates_only:   # no final norm unless the last block's output is asked for normed
             if last in take_indices:
-                x = x if pending is None else residual_add(x, pending)
+                x = residual_add(x, pending)
                 intermediates.append(self.norm(x) if norm else x)
         else:
             x, x_normed = self._final_norm(x, pending)
