@@ -138,20 +138,6 @@ def test_state_split_configs(split, reverse, monkeypatch):
     run_both(make_inputs(1, 12, 9, 3, groups=2), reverse=reverse)
 
 
-@pytest.mark.parametrize("scatter", [True, False])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_dB_dC_channel_sums_both_ways(scatter, reverse, monkeypatch):
-    """The backward walks sum each token's dB / dC over a block's channels as a reduce-scatter (the default:
-    one state per row afterwards) or as one butterfly per state: the model's 32-channel blocks with 16 states,
-    a block overhanging the channels, grouped B/C, and a block with fewer channels than states (the
-    butterfly either way)."""
-    monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", scatter)
-    triton_scan.CHUNK_OVERRIDE = 7
-    run_both(make_inputs(1, 40, 15, 16), reverse=reverse)
-    run_both(make_inputs(2, 64, 5, 16, groups=2), reverse=reverse)
-    run_both(make_inputs(1, 8, 9, 16), reverse=reverse)
-
-
 def test_length_one_single_state():
     run_both(make_inputs(1, 3, 1, 1))
 
@@ -310,17 +296,6 @@ def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch)
     own = triton_outputs(inputs, reverse)
     monkeypatch.setattr(triton_scan, "_row_asm_ok", lambda *a, **k: False)
     assert_same_results(own, triton_outputs(inputs, reverse))
-
-
-@gpu_only
-@pytest.mark.parametrize("reverse", [False, True])
-def test_gpu_channel_sums_scattered_match_butterflies(reverse, monkeypatch):
-    """dB / dC summed over channels as a reduce-scatter give what one butterfly per state gives, at the
-    model's layout (32-channel blocks, 16 states, bf16 rows)."""
-    inputs = make_inputs(2, 64, 197, 16, model_rows=True)
-    scattered = triton_outputs(inputs, reverse)
-    monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", False)
-    assert_same_results(scattered, triton_outputs(inputs, reverse))
 
 
 @gpu_only

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without install
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -36,9 +38,8 @@ from vim.kernels.selective_scan import triton_scan  # noqa: E402
 
 # (BLOCK_D, SPLIT, UNROLL, NUM_WARPS)
 SWEEP_FWD = [(16, 2, 1, 1), (8, 4, 1, 1), (64, 1, 1, 1)]
-# (BLOCK_D_BWD, SPLIT_BWD, UNROLL_BWD, NUM_WARPS_BWD, MAXNREG_REV, BC_SCATTER)
-SWEEP_BWD = [(32, 1, 2, 1, 168, True), (32, 1, 2, 1, 168, False), (32, 1, 2, 1, None, True), (32, 1, 2, 1, 128, True),
-             (32, 1, 1, 1, 168, True), (16, 2, 2, 1, None, True)]
+# (BLOCK_D_BWD, SPLIT_BWD, UNROLL_BWD, NUM_WARPS_BWD, MAXNREG_REV)
+SWEEP_BWD = [(32, 1, 2, 1, 168), (32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1, 1, 1, 168), (16, 2, 2, 1, None)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
 # conv backward (BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS, BWD_TARGET_PROGRAMS)
 SWEEP_CONV = [(32, 128, 2, 2048), (32, 128, 4, 2048), (16, 128, 2, 2048), (64, 128, 2, 2048), (32, 256, 4, 2048),
@@ -260,7 +261,8 @@ def time_conv_backward(batch, L, E, device, cuda, dtype, with_ref=True):
     def reference():
         for t in (xr, *wr, *br):
             t.grad = None
-        outs = [depthwise_conv_silu_ref(xr, wr[i], br[i], reverse=bool(i)).transpose(1, 2) for i in range(2)]
+        with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=cuda):   # as the model runs it
+            outs = [depthwise_conv_silu_ref(xr, wr[i], br[i], reverse=bool(i)).transpose(1, 2) for i in range(2)]
         torch.autograd.backward(outs, [d.grads[0] + d.grads[1] for d in dirs])
 
     res = {}
@@ -315,8 +317,8 @@ def main(argv=None):
         report["sweep"] = {}
         base = dict(triton_scan.CONFIG)
         fwd_cfgs = [dict(BLOCK_D=bd, SPLIT=sp, UNROLL=un, NUM_WARPS=nw) for bd, sp, un, nw in SWEEP_FWD]
-        bwd_cfgs = [dict(BLOCK_D_BWD=bd, SPLIT_BWD=sp, UNROLL_BWD=un, NUM_WARPS_BWD=nw, MAXNREG_REV=mr, BC_SCATTER=sc)
-                    for bd, sp, un, nw, mr, sc in SWEEP_BWD]
+        bwd_cfgs = [dict(BLOCK_D_BWD=bd, SPLIT_BWD=sp, UNROLL_BWD=un, NUM_WARPS_BWD=nw, MAXNREG_REV=mr)
+                    for bd, sp, un, nw, mr in SWEEP_BWD]
         tgt_cfgs = [dict(TARGET_PROGRAMS=tp, MIN_CHUNK=mc) for tp, mc in SWEEP_CHUNK]
         for kind, cfgs, sweep_shapes in (("fwd", fwd_cfgs, shapes), ("bwd", bwd_cfgs, shapes),
                                          ("chunk", tgt_cfgs, shapes[-1:])):
