@@ -200,6 +200,30 @@ def test_dynamic_img_size_and_errors():
     assert one_channel(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
 
 
+def test_patchify_linear_equals_the_conv():
+    """The CUDA stem (patch rows through one GEMM) is the stride == kernel conv: float64, non-square patches and
+    images, gradients, and under autocast the same output dtype within its rounding."""
+    from vim.models.layers import patchify_linear
+
+    torch.manual_seed(0)
+    for patch, size in (((16, 16), (64, 48)), ((4, 8), (12, 32))):
+        conv = torch.nn.Conv2d(3, 24, kernel_size=patch, stride=patch).double()
+        x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+        ref = conv(x).permute(0, 2, 3, 1)
+        out = patchify_linear(x, conv.weight, conv.bias)
+        torch.testing.assert_close(out, ref)
+        g = torch.randn_like(ref)
+        grads = torch.autograd.grad(out, (x, conv.weight, conv.bias), g)
+        for a, b in zip(grads, torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)):
+            torch.testing.assert_close(a, b)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=16, stride=16)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = patchify_linear(x, conv.weight, conv.bias), conv(x).permute(0, 2, 3, 1)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_set_input_size_resamples_pos_embed():
     model = small_model().eval()
     x = torch.randn(1, 3, 64, 64)

@@ -44,7 +44,24 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H', W', D)."""
         x = _check_and_pad_input(x, self.in_chans, self.patch_size, self.stride, self.dynamic_img_pad)
+        if x.is_cuda and self.patch_size == self.stride:
+            # cuDNN's heuristics pick a generic implicit-GEMM conv for this 3-channel stem (0.84 ms of a 18.5 ms
+            # vim_tiny inference step at bs 256 on an H200); patches as rows of one GEMM cost one copy of the image
+            return patchify_linear(x, self.proj.weight, self.proj.bias)
         return self.proj(x).permute(0, 2, 3, 1)
+
+
+def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A conv whose stride equals its kernel, (B, C, H, W) -> (B, H/ph, W/pw, D), as a GEMM over patch rows.
+
+    The patch rows are one copy that also casts to the autocast dtype (0.17 ms at bs 256 on an H200, against
+    0.22 ms for a cast and then a permuting copy; same result)."""
+    B, C, H, W = x.shape
+    D, _, ph, pw = weight.shape
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    rows = torch.empty((B, H // ph, W // pw, C, ph, pw), dtype=dtype, device=x.device)
+    rows.copy_(x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5))
+    return F.linear(rows.flatten(3), weight.reshape(D, -1), bias)
 
 
 def _check_and_pad_input(x: torch.Tensor, in_chans: int, patch: Tuple[int, int], stride: Tuple[int, int],
