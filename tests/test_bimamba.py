@@ -93,6 +93,17 @@ def test_fused_single_token():
     run_both(1, 1, 4, 1, 1)
 
 
+@pytest.mark.parametrize("align", [1, 8, 16])
+def test_fused_xproj_column_padding(monkeypatch, align):
+    """x_proj's output rows padded to [dt | 0 | B | C | 0] (``XPROJ_ALIGN``; 1: unpadded) give the reference's
+    output and gradients, the padding's weight rows and columns never reaching a parameter's gradient."""
+    from vim.kernels.bimamba import triton_bimamba
+
+    monkeypatch.setattr(triton_bimamba, "XPROJ_ALIGN", align)
+    assert triton_bimamba._xproj_columns(3, 5) == {1: (3, 13), 8: (8, 24), 16: (16, 32)}[align]
+    run_both(2, 7, 8, 5, 3)
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_fused_autocast(dtype):

@@ -1,7 +1,7 @@
 """Fused bidirectional Vim v2 mixer core: one autograd function, no flips.
 
 Per direction: depthwise conv + SiLU (Triton, conv.py; anti-causal for the backward direction), x_proj and
-dt_proj as matmuls (cuBLAS through torch), then the fused selective scan with softplus(delta + bias),
+dt_proj as matmuls (cuBLAS through torch, on column-padded weights: ``XPROJ_ALIGN``), then the fused selective scan with softplus(delta + bias),
 D and the silu(z) gate in-kernel. The second direction's scan adds its half into the first's output
 (``out = y_f / 2 + y_b / 2``), so no separate average pass or flipped copy exists. Only x, z, the
 small x_proj outputs and per-chunk scan summaries are kept for backward; the conv outputs and delta
@@ -22,18 +22,41 @@ from .conv import ConvGrad, conv_silu, conv_silu_backward_pair
 from .naive import DirectionParams
 
 
-def _direction_inputs(x, p: DirectionParams, reverse: bool, cdt):
-    """Recomputable pieces of one direction: conv output, x_proj output, delta (pre-bias)."""
-    xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
-    xdbl = F.linear(xc, p.x_proj_weight.to(cdt))
-    return xc, xdbl
+# Columns of the x_proj output rows, laid out [dt | 0 | B | C | 0] with dt, B and each row starting on a multiple of
+# XPROJ_ALIGN elements (16 bytes in bf16): the GEMMs that write and read these rows (x_proj, dt_proj and their
+# gradients) then get cuBLAS's aligned kernels, where vim's 12 + 2 * 16 = 44 columns got its align-2 ones. The zero
+# weight rows and columns keep every result equal to the unpadded one. 1 turns the padding off.
+XPROJ_ALIGN = 8
 
 
-def _split(xdbl, rank, N):
-    """dt (B, L, R) and B, C as (B, N, L) views of one float32 (B, L, 2N) copy: the rows the scan kernels
+def _xproj_columns(rank: int, N: int):
+    """(dt columns incl. padding, row width) of the padded x_proj output."""
+    def up(n):
+        return -(-n // XPROJ_ALIGN) * XPROJ_ALIGN
+    dt_cols = up(rank)
+    return dt_cols, up(dt_cols + 2 * N)
+
+
+def _padded_weights(p: DirectionParams, cdt):
+    """x_proj (W, E) and dt_proj (E, dt_cols) weights in the padded layout, cast to the compute dtype."""
+    rank, N = p.dt_proj_weight.shape[1], p.A_log.shape[1]
+    dt_cols, width = _xproj_columns(rank, N)
+    wx, wdt = p.x_proj_weight, p.dt_proj_weight
+    if (dt_cols, width) == (rank, rank + 2 * N):
+        return wx.to(cdt), wdt.to(cdt)
+    wx_p = wx.new_zeros((width, wx.shape[1]), dtype=cdt)
+    wx_p[:rank] = wx[:rank]
+    wx_p[dt_cols:dt_cols + 2 * N] = wx[rank:]
+    wdt_p = wdt.new_zeros((wdt.shape[0], dt_cols), dtype=cdt)
+    wdt_p[:, :rank] = wdt
+    return wx_p, wdt_p
+
+
+def _split(xdbl, dt_cols, N):
+    """dt (B, L, dt_cols) and B, C as (B, N, L) views of one float32 (B, L, 2N) copy: the rows the scan kernels
     load whole (``triton_scan._bc_rows``), made in one small pass instead of one per tensor."""
-    dt = xdbl[..., :rank]
-    bc = xdbl[..., rank:rank + 2 * N].float()
+    dt = xdbl[..., :dt_cols]
+    bc = xdbl[..., dt_cols:dt_cols + 2 * N].float()
     return dt, bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
 
 
@@ -48,10 +71,12 @@ def _forward_impl(x, z, flat):
     with torch.autocast(device_type=x.device.type, enabled=False):
         for i, (p, reverse) in enumerate(((fwd, False), (bwd, True))):
             N = p.A_log.shape[1]
-            rank = p.dt_proj_weight.shape[1]
-            xc, xdbl = _direction_inputs(x, p, reverse, cdt)
-            dt, Bm, Cm = _split(xdbl, rank, N)
-            delta = F.linear(dt, p.dt_proj_weight.to(cdt))
+            dt_cols, _ = _xproj_columns(p.dt_proj_weight.shape[1], N)
+            wx, wdt = _padded_weights(p, cdt)
+            xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
+            xdbl = F.linear(xc, wx)
+            dt, Bm, Cm = _split(xdbl, dt_cols, N)
+            delta = F.linear(dt, wdt)
             A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
             _, _, hloc, S = triton_scan.scan_forward(
                 xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
@@ -76,23 +101,28 @@ def _backward_impl(dout, x, z, flat, saved):
             xdbl, hloc, S = saved[3 * i], _none_if_absent(saved[3 * i + 1]), _none_if_absent(saved[3 * i + 2])
             N = p.A_log.shape[1]
             rank = p.dt_proj_weight.shape[1]
+            dt_cols, width = _xproj_columns(rank, N)
+            wx, wdt = _padded_weights(p, cdt)
             xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
-            dt, Bm, Cm = _split(xdbl, rank, N)
-            Wdt = p.dt_proj_weight.to(cdt)
-            delta = F.linear(dt, Wdt)
+            dt, Bm, Cm = _split(xdbl, dt_cols, N)
+            delta = F.linear(dt, wdt)
             A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
             du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan.scan_backward(
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
                 p.dt_proj_bias.float(), True, reverse, hloc, S, dz_out=dz_total, dz_accumulate=i == 1)
             dz_total = dz
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
-            d_dt = ddelta @ Wdt                                                # (B, L, R)
-            dWdt = ddelta.reshape(-1, ddelta.shape[-1]).t() @ dt.reshape(-1, rank)
-            dxdbl = torch.cat([d_dt, dB.transpose(1, 2).to(cdt), dC.transpose(1, 2).to(cdt)], dim=-1)
-            dWx = dxdbl.reshape(-1, dxdbl.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
+            d_dt = ddelta @ wdt                                 # (B, L, dt_cols), zero in the padding
+            dWdt = (ddelta.reshape(-1, ddelta.shape[-1]).t() @ dt.reshape(-1, dt_cols))[:, :rank]
+            parts = [d_dt, dB.transpose(1, 2).to(cdt), dC.transpose(1, 2).to(cdt)]
+            if width > dt_cols + 2 * N:
+                parts.append(d_dt.new_zeros((*d_dt.shape[:2], width - dt_cols - 2 * N)))
+            dxdbl = torch.cat(parts, dim=-1)
+            dWx = dxdbl.reshape(-1, width).t() @ xc.reshape(-1, xc.shape[-1])
+            if width != rank + 2 * N:
+                dWx = torch.cat([dWx[:rank], dWx[dt_cols:dt_cols + 2 * N]])
             # the conv output's gradient is du + dxdbl @ Wx, summed inside the conv backward
-            conv_grads.append(ConvGrad((du.transpose(1, 2), dxdbl @ p.x_proj_weight.to(cdt)),
-                                       p.conv_weight, p.conv_bias))
+            conv_grads.append(ConvGrad((du.transpose(1, 2), dxdbl @ wx), p.conv_weight, p.conv_bias))
             dA_log = (dA.float() * A).to(p.A_log.dtype)                       # dA/dA_log = A
             grads.append([None, None, dWx.to(p.x_proj_weight.dtype), dWdt.to(p.dt_proj_weight.dtype),
                           dbias.to(p.dt_proj_bias.dtype), dA_log, dD.to(p.D.dtype)])
@@ -133,7 +163,7 @@ def _fwd_fake(x, z, *flat):
     outs = [x.new_empty((batch, L, E))]
     for p in (DirectionParams(*flat[:7]), DirectionParams(*flat[7:])):
         N = p.A_log.shape[1]
-        outs.append(x.new_empty((batch, L, p.x_proj_weight.shape[0])))
+        outs.append(x.new_empty((batch, L, _xproj_columns(p.dt_proj_weight.shape[1], N)[1])))
         _, _, _, nc, _ = triton_scan._plan(batch, E, L, 1)
         if nc > 1:
             outs += [x.new_empty((batch, nc, N, E), dtype=torch.float32),
