@@ -4,8 +4,9 @@ Per direction: depthwise conv + SiLU (Triton, conv.py; anti-causal for the backw
 dt_proj as matmuls (cuBLAS through torch, on column-padded weights: ``XPROJ_ALIGN``), then the fused
 selective scan with softplus(delta + bias), D and the silu(z) gate in-kernel. The second direction's scan
 adds its half into the first's output (``out = y_f / 2 + y_b / 2``), so no separate average pass or flipped
-copy exists. Only x, z, the small x_proj outputs and per-chunk scan summaries are kept for backward; the conv outputs and delta
-are recomputed there, and both directions' conv backwards run as one pass over x (they share it).
+copy exists. Only x, z, the small x_proj outputs and per-chunk scan summaries are kept for backward; the
+conv outputs and delta are recomputed there, and both directions' conv backwards run as one pass over x
+(they share it).
 
 The forward and backward are registered as torch custom ops (``vim_kernels::bimamba_v2_fwd`` / ``_bwd``)
 with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces a model
