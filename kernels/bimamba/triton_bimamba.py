@@ -39,18 +39,19 @@ def _xproj_columns(rank: int, N: int):
 
 
 def _padded_weights(p: DirectionParams, cdt):
-    """x_proj (W, E) and dt_proj (E, dt_cols) weights in the padded layout, cast to the compute dtype."""
+    """x_proj (width, E) and dt_proj (E, dt_cols) weights in the padded layout, cast to the compute dtype, and
+    that layout's (dt_cols, width)."""
     rank, N = p.dt_proj_weight.shape[1], p.A_log.shape[1]
     dt_cols, width = _xproj_columns(rank, N)
     wx, wdt = p.x_proj_weight, p.dt_proj_weight
     if (dt_cols, width) == (rank, rank + 2 * N):
-        return wx.to(cdt), wdt.to(cdt)
+        return wx.to(cdt), wdt.to(cdt), dt_cols, width
     wx_p = wx.new_zeros((width, wx.shape[1]), dtype=cdt)
     wx_p[:rank] = wx[:rank]
     wx_p[dt_cols:dt_cols + 2 * N] = wx[rank:]
     wdt_p = wdt.new_zeros((wdt.shape[0], dt_cols), dtype=cdt)
     wdt_p[:, :rank] = wdt
-    return wx_p, wdt_p
+    return wx_p, wdt_p, dt_cols, width
 
 
 def _split(xdbl, dt_cols, N):
@@ -72,8 +73,7 @@ def _forward_impl(x, z, flat):
     with torch.autocast(device_type=x.device.type, enabled=False):
         for i, (p, reverse) in enumerate(((fwd, False), (bwd, True))):
             N = p.A_log.shape[1]
-            dt_cols, _ = _xproj_columns(p.dt_proj_weight.shape[1], N)
-            wx, wdt = _padded_weights(p, cdt)
+            wx, wdt, dt_cols, _ = _padded_weights(p, cdt)
             xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
             xdbl = F.linear(xc, wx)
             dt, Bm, Cm = _split(xdbl, dt_cols, N)
@@ -102,8 +102,7 @@ def _backward_impl(dout, x, z, flat, saved):
             xdbl, hloc, S = saved[3 * i], _none_if_absent(saved[3 * i + 1]), _none_if_absent(saved[3 * i + 2])
             N = p.A_log.shape[1]
             rank = p.dt_proj_weight.shape[1]
-            dt_cols, width = _xproj_columns(rank, N)
-            wx, wdt = _padded_weights(p, cdt)
+            wx, wdt, dt_cols, width = _padded_weights(p, cdt)
             xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
             dt, Bm, Cm = _split(xdbl, dt_cols, N)
             delta = F.linear(dt, wdt)
