@@ -93,6 +93,20 @@ def test_fused_single_token():
     run_both(1, 1, 4, 1, 1)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("batch, L", [(0, 5), (2, 0)])
+def test_empty_batch_or_sequence(backend, batch, L):
+    """An empty batch (or sequence) runs through the mixer and its backward: empty outputs and input
+    gradients, zero parameter gradients where there are any."""
+    params = [p.requires_grad_() if p is not None else None for p in (*make_params(8, 4, 2), *make_params(8, 4, 2))]
+    x, z = (torch.randn(batch, L, 8, requires_grad=True) for _ in range(2))
+    y = bimamba_v2_fn(x, z, DirectionParams(*params[:7]), DirectionParams(*params[7:]), backend=backend)
+    assert y.shape == (batch, L, 8)
+    y.square().sum().backward()
+    assert x.grad.shape == x.shape and z.grad.shape == z.shape
+    assert all(p.grad is None or not p.grad.abs().any() for p in params if p is not None)
+
+
 @pytest.mark.parametrize("align", [1, 8, 16])
 def test_fused_xproj_column_padding(monkeypatch, align):
     """x_proj's output rows padded to [dt | 0 | B | C | 0] (``XPROJ_ALIGN``; 1: unpadded) give the reference's

@@ -105,6 +105,16 @@ def test_cuda_bf16_training_step_is_finite():
         assert torch.isfinite(p).all(), n
 
 
+def test_cuda_empty_batch():
+    """No images through the Triton kernels (scan, conv, norms: no program runs) and back, under bf16 autocast."""
+    model = timm.create_model("vim_tiny", depth=2, num_classes=10).cuda().train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = model(torch.randn(0, 3, 224, 224, device="cuda"))
+    assert y.shape == (0, 10)
+    y.float().sum().backward()
+    assert all(p.grad is None or not p.grad.abs().any() for p in model.parameters())
+
+
 def test_torch_compile_has_no_graph_breaks_in_blocks():
     model = timm.create_model("vim_tiny", depth=2).cuda().eval()
     x = torch.randn(2, 3, 224, 224, device="cuda")

@@ -138,6 +138,20 @@ def test_state_split_configs(split, reverse, monkeypatch):
     run_both(make_inputs(1, 12, 9, 3, groups=2), reverse=reverse)
 
 
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_group_sizes(unroll, reverse, monkeypatch):
+    """The forward at every group size (UNROLL tokens per step): chunks whose length is not a multiple of the
+    group, a sequence shorter than the group and the prefetch distance, a channel block that overhangs the
+    channels, with and without z / bias / softplus."""
+    monkeypatch.setitem(triton_scan.CONFIG, "UNROLL", unroll)
+    triton_scan.CHUNK_OVERRIDE = 7
+    run_both(make_inputs(2, 20, 17, 4), reverse=reverse, grads=False)
+    triton_scan.CHUNK_OVERRIDE = None
+    run_both(make_inputs(1, 6, 3, 4), reverse=reverse, grads=False)
+    run_both(make_inputs(1, 6, 5, 4, has_z=False, has_bias=False), softplus=False, reverse=reverse, grads=False)
+
+
 def test_length_one_single_state():
     run_both(make_inputs(1, 3, 1, 1))
 
@@ -229,6 +243,23 @@ def test_token_major_output_layout_and_no_copy():
     u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 2)
     y = selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, backend="triton")
     assert y.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("batch, L", [(0, 5), (2, 0)])
+def test_empty_batch_or_sequence(backend, batch, L):
+    """An empty batch or sequence gives empty outputs, a zero last state (the initial one) and zero or empty
+    gradients, in both orders; no kernel runs."""
+    inputs = make_inputs(batch, 6, L, 4)
+    for reverse in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        y, last = selective_scan_fn(*leaves, delta_softplus=True, return_last_state=True, reverse=reverse,
+                                    backend=backend)
+        assert y.shape == (batch, 6, L) and last.shape == (batch, 6, 4) and not last.abs().any()
+        y.sum().backward()
+        for name, leaf in zip(NAMES, leaves):
+            if leaf.grad is not None:   # the reference leaves unused inputs without a gradient
+                assert leaf.grad.shape == leaf.shape and not leaf.grad.abs().any(), f"d{name}"
 
 
 def test_bad_shapes_raise_clear_errors():

@@ -172,6 +172,17 @@ def test_model_forward_features_only():
     assert [tuple(o.shape) for o in outs] == [(1, 64, 9, 5)] * 2
 
 
+def test_empty_batch():
+    """A batch of no images goes through the classifier, its backward and the feature maps, as in timm's ViTs."""
+    model = timm.create_model("vim_tiny", num_classes=10, **SMALL)
+    x = torch.randn(0, 3, 64, 64)
+    y = model(x)
+    assert y.shape == (0, 10)
+    y.sum().backward()
+    feats = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert [tuple(f.shape) for f in feats] == [(0, 64, 4, 4)] * 2
+
+
 def test_model_forward_fx():
     model = small_model().eval()
     x = torch.randn(2, 3, 64, 64)

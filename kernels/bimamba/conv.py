@@ -254,8 +254,8 @@ def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[Con
     dx = triton_scan._empty((batch, L, E), dx_dtype or x.dtype, x.device)
     n_e = cdiv(E, BWD_BLOCK_E)
     segs = cdiv(L, BWD_SEG)
-    n_split = max(1, min(segs, cdiv(BWD_TARGET_PROGRAMS, n_e * batch)))
-    tokens = cdiv(segs, n_split) * BWD_SEG
+    n_split = max(1, min(segs, cdiv(BWD_TARGET_PROGRAMS, max(1, n_e * batch))))
+    tokens = max(1, cdiv(segs, n_split)) * BWD_SEG   # an empty batch or sequence launches no program
     n_split = cdiv(L, tokens)
     part = triton_scan._empty((batch * n_split, 2, 5, E), torch.float32, x.device)
     args = []

@@ -34,6 +34,8 @@ def depthwise_conv_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     w = weight.reshape(weight.shape[0], 1, -1)
     width = w.shape[-1]
     xt = x.transpose(1, 2)
+    if L == 0:   # conv1d refuses an empty sequence
+        return F.silu(xt)
     if reverse:
         out = F.conv1d(xt, w.flip(-1), bias, padding=width - 1, groups=w.shape[0])[..., width - 1:]
     else:

@@ -64,6 +64,8 @@ def _scan_forward_order(u, delta, A, B, C):
         hs = torch.einsum("bdtsn,bdsn->bdtn", seg.exp(), bx) + cs.exp() * h.unsqueeze(2)
         ys.append(torch.einsum("bdtn,bdnt->bdt", hs, C[:, :, :, t0:t1]))
         h = hs[:, :, -1]
+    if not ys:   # L = 0: no outputs, the state stays at its initial zero
+        return u.new_zeros(batch, channels, 0), h
     return torch.cat(ys, dim=2), h
 
 

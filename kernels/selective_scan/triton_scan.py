@@ -750,7 +750,7 @@ def _plan(batch: int, Dm: int, L: int, G: int, backward: bool = False):
         T = CHUNK_OVERRIDE
     else:
         units = batch * cdiv(Dm, block_f)
-        want = 1 if units >= CONFIG["SINGLE_CHUNK_UNITS"] else cdiv(CONFIG["TARGET_PROGRAMS"], units)
+        want = 1 if units >= CONFIG["SINGLE_CHUNK_UNITS"] or units == 0 else cdiv(CONFIG["TARGET_PROGRAMS"], units)
         T = max(CONFIG["MIN_CHUNK"], cdiv(L, want))
         T = cdiv(T, 16) * 16
     T = max(1, min(T, L))
@@ -854,6 +854,11 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
+    if batch == 0 or L == 0 or Dm == 0:   # nothing to walk, no program would run: the state stays zero
+        if out is None:
+            out = _empty((batch, L, Dm), u.dtype, u.device).transpose(1, 2)
+        last = torch.zeros((batch, Dm, N), dtype=torch.float32, device=u.device) if want_last else None
+        return out, last, None, None
     A = channel_major(A)
     block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G)
     dev = u.device
@@ -890,6 +895,19 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     return out, last, hloc, S
 
 
+def _empty_gradients(u, delta, A, B, C, D, z, delta_bias, dz_out):
+    """scan_backward's results for an empty batch or sequence: empty token gradients, zero parameter ones."""
+    def token_major(x):
+        return torch.zeros((x.shape[0], x.shape[2], x.shape[1]), dtype=x.dtype, device=x.device).transpose(1, 2)
+
+    dz = None
+    if z is not None:
+        dz = dz_out if dz_out is not None else token_major(z)
+    return (token_major(u), token_major(delta), torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C),
+            torch.zeros_like(D) if D is not None else None, dz,
+            torch.zeros_like(delta_bias) if delta_bias is not None else None)
+
+
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
                   dz_out=None, dz_accumulate=False):
     """All gradients. ``dout`` is the gradient of the (scaled) output. Returns
@@ -898,6 +916,8 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
+    if batch == 0 or L == 0 or Dm == 0:
+        return _empty_gradients(u, delta, A, B, C, D, z, delta_bias, dz_out)
     A = channel_major(A)
     block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True)
     dev = u.device

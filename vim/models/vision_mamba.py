@@ -237,7 +237,7 @@ class VisionMamba(nn.Module):
             intermediates, prefix = [s[0] for s in split], [s[1] for s in split]
         if output_fmt == 'NCHW':
             H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            intermediates = [y.reshape(B, H, W, y.shape[-1]).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if return_prefix_tokens and prefix is not None:
             intermediates = list(zip(intermediates, prefix))
         if intermediates_only:
