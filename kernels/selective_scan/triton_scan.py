@@ -854,11 +854,6 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
-    if batch == 0 or L == 0 or Dm == 0:   # nothing to walk, no program would run: the state stays zero
-        if out is None:
-            out = _empty((batch, L, Dm), u.dtype, u.device).transpose(1, 2)
-        last = torch.zeros((batch, Dm, N), dtype=torch.float32, device=u.device) if want_last else None
-        return out, last, None, None
     A = channel_major(A)
     block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G)
     dev = u.device
@@ -869,7 +864,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     if nc > 1:
         hloc = _empty((batch, nc, N, Dm), torch.float32, dev)
         S = _empty((batch, nc, Dm), torch.float32, dev)
-    last = _empty((batch, Dm, N), torch.float32, dev) if want_last else None
+    last = None
+    if want_last:   # an empty sequence has no chunk to store it: the initial state, zero
+        last = torch.zeros((batch, Dm, N), dtype=torch.float32, device=dev) if nc == 0 else \
+            _empty((batch, Dm, N), torch.float32, dev)
     dummy = u
     B, C = _bc_rows(B), _bc_rows(C)
     common = _common_args(u, delta, A, B, C, z)
@@ -895,19 +893,6 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     return out, last, hloc, S
 
 
-def _empty_gradients(u, delta, A, B, C, D, z, delta_bias, dz_out):
-    """scan_backward's results for an empty batch or sequence: empty token gradients, zero parameter ones."""
-    def token_major(x):
-        return torch.zeros((x.shape[0], x.shape[2], x.shape[1]), dtype=x.dtype, device=x.device).transpose(1, 2)
-
-    dz = None
-    if z is not None:
-        dz = dz_out if dz_out is not None else token_major(z)
-    return (token_major(u), token_major(delta), torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C),
-            torch.zeros_like(D) if D is not None else None, dz,
-            torch.zeros_like(delta_bias) if delta_bias is not None else None)
-
-
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
                   dz_out=None, dz_accumulate=False):
     """All gradients. ``dout`` is the gradient of the (scaled) output. Returns
@@ -916,8 +901,6 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
-    if batch == 0 or L == 0 or Dm == 0:
-        return _empty_gradients(u, delta, A, B, C, D, z, delta_bias, dz_out)
     A = channel_major(A)
     block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True)
     dev = u.device
