@@ -98,8 +98,10 @@ def test_fused_single_token():
 def test_empty_batch_or_sequence(backend, batch, L):
     """An empty batch (or sequence) runs through the mixer and its backward: empty outputs and input
     gradients, zero parameter gradients where there are any."""
-    params = [p.requires_grad_() if p is not None else None for p in (*make_params(8, 4, 2), *make_params(8, 4, 2))]
-    x, z = (torch.randn(batch, L, 8, requires_grad=True) for _ in range(2))
+    dev = DEV if backend == "triton" else "cpu"
+    params = [p.to(dev).requires_grad_() if p is not None else None
+              for p in (*make_params(8, 4, 2), *make_params(8, 4, 2))]
+    x, z = (torch.randn(batch, L, 8, device=dev, requires_grad=True) for _ in range(2))
     y = bimamba_v2_fn(x, z, DirectionParams(*params[:7]), DirectionParams(*params[7:]), backend=backend)
     assert y.shape == (batch, L, 8)
     y.square().sum().backward()

@@ -2,9 +2,9 @@
 
 Per direction: depthwise conv + SiLU (Triton, conv.py; anti-causal for the backward direction), x_proj and
 dt_proj as matmuls (cuBLAS through torch, on column-padded weights: ``XPROJ_ALIGN``), then the fused
-selective scan with softplus(delta + bias), D and the silu(z) gate in-kernel. The second direction's scan
-adds its half into the first's output (``out = y_f / 2 + y_b / 2``), so no separate average pass or flipped
-copy exists. Only x, z, the small x_proj outputs and per-chunk scan summaries are kept for backward; the
+selective scan with softplus(delta + bias) and D in-kernel. The first direction's scan writes its ungated
+output; the second adds its own, applies the silu(z) gate to the sum and halves it (``out = (y_f + y_b) / 2 *
+silu(z)``), so the gate is computed once and no separate average pass or flipped copy exists. Only x, z, the small x_proj outputs and per-chunk scan summaries are kept for backward; the
 conv outputs and delta are recomputed there, and both directions' conv backwards run as one pass over x
 (they share it).
 
@@ -79,10 +79,12 @@ def _forward_impl(x, z, flat):
             dt, Bm, Cm = _split(xdbl, dt_cols, N)
             delta = F.linear(dt, wdt)
             A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
+            # the first direction writes its ungated y; the second adds its own and gates the sum once:
+            # out = (y_f + y_b) / 2 * silu(z), the average of the two gated outputs
             _, _, hloc, S = triton_scan.scan_forward(
-                xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
-                p.dt_proj_bias.float(), True, reverse, out=out.transpose(1, 2), out_scale=0.5,
-                accumulate=(i == 1))
+                xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(),
+                z.transpose(1, 2) if i == 1 else None, p.dt_proj_bias.float(), True, reverse,
+                out=out.transpose(1, 2), out_scale=0.5 if i == 1 else 1.0, accumulate=(i == 1))
             # distinct empty tensors: custom-op outputs must not alias each other
             saved += [xdbl, hloc if hloc is not None else _absent(x),
                       S if S is not None else _absent(x)]

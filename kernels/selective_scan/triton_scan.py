@@ -378,6 +378,7 @@ def _fwd_kernel(
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)   # one part's states
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     o_ptrs = out_ptr + pid_b * so_b + offs_o * so_d
+    zo_ptrs = z_ptr + pid_b * sz_b + offs_o * sz_d
 
     if STATE_PASS:
         h = tl.zeros([R, NS], dtype=tl.float32)
@@ -404,8 +405,13 @@ def _fwd_kernel(
             tt = pp
         m = mask_o[:, None] & (pp < p_end)[None, :]
         optr = o_ptrs[:, None] + tt[None, :] * so_l
-        if ACCUM:   # loaded before the group's arithmetic, which then covers its latency
+        # The output tile's own inputs, loaded before the group's arithmetic, which then covers their latency.
+        # The gate applies to the [BLOCK_D, UNROLL] tile, once per channel and token: per row it would be
+        # computed on every state part, and the prior value has to be added before it.
+        if ACCUM:
             y_old = tl.load(optr, mask=m, other=0.0).to(tl.float32)
+        if HZ:
+            z_tile = tl.load(zo_ptrs[:, None] + tt[None, :] * sz_l, mask=m, other=0.0).to(tl.float32)
         # Outputs of the group are collected and written after it: a store between two tokens' loads
         # would keep the compiler from issuing the group's loads together (it cannot rule out aliasing).
         y_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
@@ -413,7 +419,7 @@ def _fwd_kernel(
             t = _scan_token(p0 + j, p_end, L, REVERSE)
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, p0 + j < p_end, mask_d,
                                                 part, N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                HZ, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
+                                                False, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if STATE_PASS:
                 ssum += dl
@@ -421,14 +427,14 @@ def _fwd_kernel(
                 y = tl.sum(h * Cv, axis=1)
                 if HAS_D:
                     y += Dv * u
-                if HAS_Z:
-                    y = y * z * _sigmoid(z, ASM)
                 y = _sum_parts(y, SPLIT, BLOCK_D)
                 y_tile = tl.where(cols[None, :] == j, y[:, None], y_tile)
         if not STATE_PASS:
-            y_tile = y_tile * out_scale
             if ACCUM:
                 y_tile += y_old
+            if HZ:
+                y_tile = y_tile * z_tile * _sigmoid(z_tile, ASM)
+            y_tile = y_tile * out_scale
             tl.store(optr, y_tile.to(out_ptr.dtype.element_ty), mask=m)
     if STATE_PASS:
         tl.store(hloc_ptr + _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx), h, mask=mask2)
@@ -850,7 +856,9 @@ def _common_args(u, delta, A, B, C, z):
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *, out=None,
                  out_scale=1.0, accumulate=False, want_last=False):
     """Launch the forward. Returns (out, last_state or None, hloc, S). ``out`` may be given
-    (any strides, e.g. a token-major view); with ``accumulate`` the result is added into it."""
+    (any strides, e.g. a token-major view). Per token and channel out = out_scale * (y + prior) * silu(z),
+    y = C h + D u; with ``accumulate``, prior is what ``out`` holds on entry (else 0). The bidirectional
+    mixer writes one direction's ungated y and gates the two directions' sum once, in the second launch."""
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
