@@ -138,13 +138,16 @@ def test_state_split_configs(split, reverse, monkeypatch):
     run_both(make_inputs(1, 12, 9, 3, groups=2), reverse=reverse)
 
 
+@pytest.mark.parametrize("lookahead", [0, 1])
 @pytest.mark.parametrize("unroll", [1, 2, 4])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_forward_group_sizes(unroll, reverse, monkeypatch):
-    """The forward at every group size (UNROLL tokens per step): chunks whose length is not a multiple of the
+def test_forward_group_sizes(unroll, reverse, lookahead, monkeypatch):
+    """The forward at every group size (UNROLL tokens per step), with and without the next group's loads a
+    group early and the output stored a group late (LOOKAHEAD): chunks whose length is not a multiple of the
     group, a sequence shorter than the group and the prefetch distance, a channel block that overhangs the
     channels, with and without z / bias / softplus."""
     monkeypatch.setitem(triton_scan.CONFIG, "UNROLL", unroll)
+    monkeypatch.setitem(triton_scan.CONFIG, "LOOKAHEAD", lookahead)
     triton_scan.CHUNK_OVERRIDE = 7
     run_both(make_inputs(2, 20, 17, 4), reverse=reverse, grads=False)
     triton_scan.CHUNK_OVERRIDE = None

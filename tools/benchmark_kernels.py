@@ -38,6 +38,8 @@ from vim.kernels.selective_scan import triton_scan  # noqa: E402
 
 # (BLOCK_D, SPLIT, UNROLL, NUM_WARPS)
 SWEEP_FWD = [(16, 2, 1, 1), (8, 4, 1, 1), (64, 1, 1, 1)]
+# forward load timing at the default block: the next group's loads a group early (LOOKAHEAD), prefetch distance
+SWEEP_FWD_LOADS = [dict(LOOKAHEAD=1), dict(LOOKAHEAD=1, PREFETCH=1), dict(PREFETCH=1)]
 # (BLOCK_D_BWD, SPLIT_BWD, UNROLL_BWD, NUM_WARPS_BWD, MAXNREG_REV)
 SWEEP_BWD = [(32, 1, 2, 1, 168), (32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1, 1, 1, 168), (16, 2, 2, 1, None)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
@@ -279,7 +281,8 @@ def time_conv_backward(batch, L, E, device, cuda, dtype, with_ref=True):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--sweep", action="store_true", help="also time kernel configs (BLOCK_D, SPLIT, UNROLL, warps)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time kernel configs (BLOCK_D, SPLIT, UNROLL, warps, LOOKAHEAD, PREFETCH)")
     ap.add_argument("--no-check", action="store_true", help="skip the fp32-vs-float64 correctness check")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -317,6 +320,7 @@ def main(argv=None):
         report["sweep"] = {}
         base = dict(triton_scan.CONFIG)
         fwd_cfgs = [dict(BLOCK_D=bd, SPLIT=sp, UNROLL=un, NUM_WARPS=nw) for bd, sp, un, nw in SWEEP_FWD]
+        fwd_cfgs += SWEEP_FWD_LOADS
         bwd_cfgs = [dict(BLOCK_D_BWD=bd, SPLIT_BWD=sp, UNROLL_BWD=un, NUM_WARPS_BWD=nw, MAXNREG_REV=mr)
                     for bd, sp, un, nw, mr in SWEEP_BWD]
         tgt_cfgs = [dict(TARGET_PROGRAMS=tp, MIN_CHUNK=mc) for tp, mc in SWEEP_CHUNK]

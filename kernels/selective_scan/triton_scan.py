@@ -37,10 +37,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Tuning knobs, read at launch; tools/benchmark_kernels.py sweeps them.
 # Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v7). MAXNREG_REV caps
 # the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM). PREFETCH: how
-# many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) prefetches its inputs into L1
-# (0: off).
-CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, BLOCK_D_BWD=32, SPLIT_BWD=1, UNROLL_BWD=2,
-              NUM_WARPS_BWD=1, MAXNREG_REV=168, PREFETCH_BWD=1, TARGET_PROGRAMS=4096, MIN_CHUNK=64,
+# many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) issues `prefetch.global.L1`
+# for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1). LOOKAHEAD: the forward loads the next
+# group's u and delta a group early (see ``_fwd_kernel``); off until measured on a GPU (docs/kernels.md, v15).
+CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=0, BLOCK_D_BWD=32, SPLIT_BWD=1,
+              UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, PREFETCH_BWD=1, TARGET_PROGRAMS=4096, MIN_CHUNK=64,
               SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -160,13 +161,17 @@ def _load_state_rows(base, t, s_l, s_n, N, part, NS: tl.constexpr, SPLIT: tl.con
 def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS: tl.constexpr, SPLIT: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_D: tl.constexpr,
-               EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr):
+               EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr, u_raw=None, d_raw=None):
     """Inputs of one token for every row. ``t`` is always a valid token (the callers clamp the tail of a
     chunk to its last token, so no load needs a per-token predicate); ``ok`` says whether the step is
     real. Returns u, delta (processed; 0 where not ok or masked, so the step is a no-op), d delta / d raw
     delta (the softplus slope, 1 without softplus), z ([R] each), B, C ([R, NS] or [1, NS]; float32).
-    EVEN_D (the channels fill every block) drops the channel masks."""
-    if EVEN_D:
+    EVEN_D (the channels fill every block) drops the channel masks. ``u_raw`` / ``d_raw``: u and raw delta
+    loaded already (the forward's LOOKAHEAD)."""
+    if u_raw is not None:
+        u = u_raw.to(tl.float32)
+        raw = d_raw.to(tl.float32)
+    elif EVEN_D:
         u = tl.load(u_ptrs + t * su_l).to(tl.float32)
         raw = tl.load(dl_ptrs + t * sd_l).to(tl.float32)
     else:
@@ -193,6 +198,25 @@ def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
     Bv = _load_state_rows(B_base, t, sB_l, sB_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
     Cv = _load_state_rows(C_base, t, sC_l, sC_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
     return u, dl, slope, z, Bv, Cv
+
+
+@triton.jit
+def _load_group_raw(u_ptrs, dl_ptrs, p0, p_end, L, cols, su_l, sd_l, mask_d, REVERSE: tl.constexpr,
+                    EVEN_D: tl.constexpr):
+    """u and raw delta of the group starting at scan position p0, as stored: [R, UNROLL] each (positions
+    clamped to the chunk, as ``_scan_token`` does)."""
+    t = _scan_token(p0 + cols, p_end, L, REVERSE)
+    if EVEN_D:
+        return tl.load(u_ptrs[:, None] + t[None, :] * su_l), tl.load(dl_ptrs[:, None] + t[None, :] * sd_l)
+    else:
+        return (tl.load(u_ptrs[:, None] + t[None, :] * su_l, mask=mask_d[:, None], other=0.0),
+                tl.load(dl_ptrs[:, None] + t[None, :] * sd_l, mask=mask_d[:, None], other=0.0))
+
+
+@triton.jit
+def _column(tile, cols, j):
+    """Column j of a [R, UNROLL] tile whose rows sit in one thread each: a select, no data movement."""
+    return tl.sum(tl.where(cols[None, :] == j, tile, 0.0), axis=1)
 
 
 @triton.jit
@@ -353,6 +377,18 @@ def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _store_tile(o_ptrs, y, p0, p_start, p_end, L, cols, so_l, mask_o, REVERSE: tl.constexpr):
+    """Store a [BLOCK_D, UNROLL] output tile of the group at scan position p0 (positions outside the chunk,
+    e.g. the group before its first, are masked off)."""
+    pp = p0 + cols
+    if REVERSE:
+        tt = L - 1 - pp
+    else:
+        tt = pp
+    tl.store(o_ptrs[:, None] + tt[None, :] * so_l, y, mask=mask_o[:, None] & ((pp >= p_start) & (pp < p_end))[None, :])
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hloc_ptr, S_ptr, last_ptr,
     Dm, L, N, T, NC, CPG, out_scale,
@@ -362,10 +398,15 @@ def _fwd_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_PASS: tl.constexpr, ACCUM: tl.constexpr, STORE_LAST: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
 ):
     """Forward walk (the state pass of long sequences stores each chunk's local end state and delta sum
-    instead of outputs)."""
+    instead of outputs).
+
+    LOOKAHEAD: each group loads the next group's u and delta into registers before its own arithmetic, and
+    stores its output tile one group late, after those loads. ptxas sinks a load to just before its first use
+    (to keep registers free), which would leave no time to cover it; a store it cannot tell apart from the
+    load's address keeps the load above it, so the loads stay a whole group ahead of their use."""
     NS: tl.constexpr = BLOCK_N // SPLIT
     R: tl.constexpr = SPLIT * BLOCK_D
     pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
@@ -395,9 +436,20 @@ def _fwd_kernel(
             u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
             B_base, C_base, out_ptr + pid_b * so_b + d0 * so_d, out_ptr, su_l, sd_l, sz_l, sB_l, sC_l, so_l, so_l,
             R, UNROLL, BLOCK_N, HZ, ACCUM, False)
+    if LOOKAHEAD:
+        u_next, d_next = _load_group_raw(u_ptrs, dl_ptrs, p_start, p_end, L, cols, su_l, sd_l, mask_d, REVERSE,
+                                         EVEN_D)
+        y_prev = tl.zeros([BLOCK_D, UNROLL], dtype=out_ptr.dtype.element_ty)
     for p0 in range(p_start, p_end, UNROLL):
         if PREFETCH > 0:
             _prefetch_group(pf_addr, pf_step, _scan_token(p0 + PREFETCH * UNROLL + pf_j, p_end, L, REVERSE))
+        if LOOKAHEAD:
+            u_cur = u_next
+            d_cur = d_next
+            u_next, d_next = _load_group_raw(u_ptrs, dl_ptrs, p0 + UNROLL, p_end, L, cols, su_l, sd_l, mask_d,
+                                             REVERSE, EVEN_D)
+            if not STATE_PASS:   # the previous group's output, after the loads above
+                _store_tile(o_ptrs, y_prev, p0 - UNROLL, p_start, p_end, L, cols, so_l, mask_o, REVERSE)
         pp = p0 + cols
         if REVERSE:
             tt = L - 1 - pp
@@ -417,9 +469,15 @@ def _fwd_kernel(
         y_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         for j in tl.static_range(UNROLL):
             t = _scan_token(p0 + j, p_end, L, REVERSE)
+            if LOOKAHEAD:
+                u_raw = _column(u_cur, cols, j)
+                d_raw = _column(d_cur, cols, j)
+            else:
+                u_raw = None
+                d_raw = None
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, p0 + j < p_end, mask_d,
                                                 part, N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                False, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
+                                                False, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM, u_raw, d_raw)
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if STATE_PASS:
                 ssum += dl
@@ -435,7 +493,13 @@ def _fwd_kernel(
             if HZ:
                 y_tile = y_tile * z_tile * _sigmoid(z_tile, ASM)
             y_tile = y_tile * out_scale
-            tl.store(optr, y_tile.to(out_ptr.dtype.element_ty), mask=m)
+            if LOOKAHEAD:
+                y_prev = y_tile.to(out_ptr.dtype.element_ty)
+            else:
+                tl.store(optr, y_tile.to(out_ptr.dtype.element_ty), mask=m)
+    if LOOKAHEAD and not STATE_PASS:   # the last group's output
+        _store_tile(o_ptrs, y_prev, p_start + ((p_end - p_start - 1) // UNROLL) * UNROLL, p_start, p_end, L, cols,
+                    so_l, mask_o, REVERSE)
     if STATE_PASS:
         tl.store(hloc_ptr + _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx), h, mask=mask2)
         tl.store(S_ptr + (pid_b * NC + pid_c).to(tl.int64) * Dm + offs_d, ssum, mask=mask_d & (part == 0))
@@ -883,6 +947,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], z, delta_bias,
                    delta_softplus, reverse, CONFIG["PREFETCH"])
     flags["HAS_D"] = D is not None
+    flags["LOOKAHEAD"] = bool(CONFIG["LOOKAHEAD"])
     if nc > 1:   # chunked (long L, two passes): the prefetch made the forward slower there (docs/kernels.md, v7)
         flags["PREFETCH"] = 0
     grid = (n_d, nc, batch)
