@@ -4,9 +4,9 @@ Per direction: depthwise conv + SiLU (Triton, conv.py; anti-causal for the backw
 dt_proj as matmuls (cuBLAS through torch, on column-padded weights: ``XPROJ_ALIGN``), then the fused
 selective scan with softplus(delta + bias) and D in-kernel. The first direction's scan writes its ungated
 output; the second adds its own, applies the silu(z) gate to the sum and halves it (``out = (y_f + y_b) / 2 *
-silu(z)``), so the gate is computed once and no separate average pass or flipped copy exists. Only x, z, the small x_proj outputs and per-chunk scan summaries are kept for backward; the
-conv outputs and delta are recomputed there, and both directions' conv backwards run as one pass over x
-(they share it).
+silu(z)``), so the gate is computed once and no separate average pass or flipped copy exists. Only x, z, the
+small x_proj outputs and per-chunk scan summaries are kept for backward; the conv outputs and delta are
+recomputed there, and both directions' conv backwards run as one pass over x (they share it).
 
 The forward and backward are registered as torch custom ops (``vim_kernels::bimamba_v2_fwd`` / ``_bwd``)
 with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces a model
