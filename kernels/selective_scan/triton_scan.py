@@ -404,9 +404,9 @@ def _fwd_kernel(
     instead of outputs).
 
     LOOKAHEAD: each group loads the next group's u and delta into registers before its own arithmetic, and
-    stores its output tile one group late, after those loads. ptxas sinks a load to just before its first use
-    (to keep registers free), which would leave no time to cover it; a store it cannot tell apart from the
-    load's address keeps the load above it, so the loads stay a whole group ahead of their use."""
+    stores its output tile one group late, after those loads. ptxas sinks loads towards their first use (to
+    keep registers free; v11's SASS in docs/kernels.md), which leaves little time to cover them; a store it
+    cannot tell apart from the load's address keeps the load above it, so the loads stay a group ahead."""
     NS: tl.constexpr = BLOCK_N // SPLIT
     R: tl.constexpr = SPLIT * BLOCK_D
     pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
