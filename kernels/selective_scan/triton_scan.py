@@ -220,12 +220,18 @@ def _column(tile, cols, j):
 
 
 @triton.jit
+def _token(p, L, REVERSE: tl.constexpr):
+    """Token at scan position p: p itself, or L - 1 - p when the scan runs backwards."""
+    if REVERSE:
+        return L - 1 - p
+    else:
+        return p
+
+
+@triton.jit
 def _scan_token(p, p_end, L, REVERSE: tl.constexpr):
     """Token at scan position p of a chunk ending at p_end, clamped to the chunk's last position."""
-    if REVERSE:
-        return L - 1 - tl.minimum(p, p_end - 1)
-    else:
-        return tl.minimum(p, p_end - 1)
+    return _token(tl.minimum(p, p_end - 1), L, REVERSE)
 
 
 @triton.jit
@@ -283,11 +289,7 @@ def _prefetch_group(lane_addr, lane_step, t):
 @triton.jit
 def _walk_back_token(q, n_steps, p_end, L, REVERSE: tl.constexpr):
     """Token at step q of a walk from a chunk's last position back to its first (clamped to the first)."""
-    p = p_end - 1 - tl.minimum(q, n_steps - 1)
-    if REVERSE:
-        return L - 1 - p
-    else:
-        return p
+    return _token(p_end - 1 - tl.minimum(q, n_steps - 1), L, REVERSE)
 
 
 @triton.jit
@@ -381,11 +383,8 @@ def _store_tile(o_ptrs, y, p0, p_start, p_end, L, cols, so_l, mask_o, REVERSE: t
     """Store a [BLOCK_D, UNROLL] output tile of the group at scan position p0 (positions outside the chunk,
     e.g. the group before its first, are masked off)."""
     pp = p0 + cols
-    if REVERSE:
-        tt = L - 1 - pp
-    else:
-        tt = pp
-    tl.store(o_ptrs[:, None] + tt[None, :] * so_l, y, mask=mask_o[:, None] & ((pp >= p_start) & (pp < p_end))[None, :])
+    in_chunk = (pp >= p_start) & (pp < p_end)
+    tl.store(o_ptrs[:, None] + _token(pp, L, REVERSE)[None, :] * so_l, y, mask=mask_o[:, None] & in_chunk[None, :])
 
 
 @triton.jit
@@ -451,10 +450,7 @@ def _fwd_kernel(
             if not STATE_PASS:   # the previous group's output, after the loads above
                 _store_tile(o_ptrs, y_prev, p0 - UNROLL, p_start, p_end, L, cols, so_l, mask_o, REVERSE)
         pp = p0 + cols
-        if REVERSE:
-            tt = L - 1 - pp
-        else:
-            tt = pp
+        tt = _token(pp, L, REVERSE)
         m = mask_o[:, None] & (pp < p_end)[None, :]
         optr = o_ptrs[:, None] + tt[None, :] * so_l
         # The output tile's own inputs, loaded before the group's arithmetic, which then covers their latency.
@@ -651,10 +647,7 @@ def _bwd_forward_walk_kernel(
             dC = _sum_channels(dy[:, None] * h, SPLIT, BLOCK_D, NS)
             dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
         pp = p0 + cols
-        if REVERSE:
-            tt = L - 1 - pp
-        else:
-            tt = pp
+        tt = _token(pp, L, REVERSE)
         okv = pp < p_end
         m = mask_o[:, None] & okv[None, :]
         if HAS_Z:
@@ -783,10 +776,7 @@ def _bwd_reverse_walk_kernel(
             gnext = tl.exp2(dl[:, None] * A2) * g
         qq = q0 + cols
         pp = p_end - 1 - qq
-        if REVERSE:
-            tt = L - 1 - pp
-        else:
-            tt = pp
+        tt = _token(pp, L, REVERSE)
         okv = qq < n_steps
         m = mask_o[:, None] & okv[None, :]
         tl.store(du_ptrs[:, None] + tt[None, :] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
