@@ -37,3 +37,10 @@ def test_issue_estimate_follows_dependencies():
     assert tool.issue_estimate(chained) > tool.issue_estimate(independent)
     mufus = [("MUFU.EX2", ["R1"], ["R2"]), ("MUFU.EX2", ["R3"], ["R4"])]
     assert tool.issue_estimate(mufus) >= 2 * tool.MUFU_PIPE_CYCLES
+
+
+def test_layer_shape_round_trips_to_the_child_process():
+    tool = load_tool("kernel_sass")
+    args = tool.parse_args(["--batch", "3", "--dt-rank", "5"])
+    again = tool.parse_args(tool.layer_shape_argv(args))
+    assert [(again.batch, again.length, again.dim, again.dstate, again.dt_rank)] == [(3, 197, 384, 16, 5)]

@@ -79,19 +79,13 @@ def _capture(batch: int, L: int, E: int, N: int, rank: int, backward: bool) -> L
 
     interp.InterpretedFunction.run = record
 
-    from vim.kernels import DirectionParams
+    from benchmark_kernels import bimamba_params
     from vim.kernels.bimamba.triton_bimamba import bimamba_v2_triton
     from vim.kernels.selective_scan import triton_scan
 
     triton_scan._use_asm = lambda t: True   # the CUDA flags: inline PTX and prefetch on
 
-    def params():
-        return DirectionParams(
-            conv_weight=torch.randn(E, 1, 4), conv_bias=torch.randn(E),
-            x_proj_weight=torch.randn(rank + 2 * N, E), dt_proj_weight=torch.randn(E, rank),
-            dt_proj_bias=torch.randn(E), A_log=torch.randn(E, N), D=torch.randn(E))
-
-    fwd, bwd = params(), params()
+    fwd, bwd = bimamba_params(E, N, rank, "cpu")
     for p in (*fwd, *bwd):
         p.requires_grad_(backward)
     xz = torch.randn(batch, L, 2 * E, dtype=torch.bfloat16, requires_grad=backward)
@@ -232,13 +226,24 @@ def summarize(sass: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+LAYER_SHAPE = (("batch", 128, None), ("length", 197, "tokens (197: 224 px with a class token)"),
+               ("dim", 384, "mixer channels E (2 x embed_dim)"), ("dstate", 16, None), ("dt_rank", 12, None))
+
+
+def add_layer_shape_args(p: argparse.ArgumentParser) -> None:
+    """The mixer layer a tool looks at (default: a vim_tiny layer at batch 128); tools/ncu_scan.py takes the same."""
+    for name, default, help_text in LAYER_SHAPE:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=help_text)
+
+
+def layer_shape_argv(args) -> List[str]:
+    """The parsed layer shape as command-line arguments again, for the tool's child process."""
+    return [a for name, _, _ in LAYER_SHAPE for a in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--length", type=int, default=197, help="tokens (197: 224 px with a class token)")
-    p.add_argument("--dim", type=int, default=384, help="mixer channels E (2 x embed_dim)")
-    p.add_argument("--dstate", type=int, default=16)
-    p.add_argument("--dt-rank", type=int, default=12)
+    add_layer_shape_args(p)
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--kernels", nargs="*", help="only these kernel names")
@@ -250,8 +255,7 @@ def parse_args(argv=None):
 
 def capture_launches(args) -> List[dict]:
     """Step 1 in a child process with the interpreter on (it must be set before triton is imported)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--capture", "--batch", str(args.batch), "--length",
-           str(args.length), "--dim", str(args.dim), "--dstate", str(args.dstate), "--dt-rank", str(args.dt_rank)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--capture", *layer_shape_argv(args)]
     if args.forward_only:
         cmd.append("--forward-only")
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")

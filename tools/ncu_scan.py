@@ -34,6 +34,8 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without install
 
+from kernel_sass import add_layer_shape_args, layer_shape_argv  # noqa: E402  (tools/, beside this file)
+
 DETAILS = ("Duration", "Registers Per Thread", "Theoretical Occupancy", "Achieved Occupancy", "Issue Slots Busy",
            "Active Warps Per Scheduler", "Eligible Warps Per Scheduler", "Warp Cycles Per Issued Instruction",
            "L1/TEX Hit Rate", "L2 Hit Rate", "DRAM Throughput", "Block Limit Registers", "Block Limit SM")
@@ -146,32 +148,21 @@ def apply_config(pairs: List[str]) -> None:
 def run_target(args, dev: str = "cuda") -> None:
     """One warm-up mixer call (compiles the kernels), then the profiled one between cudaProfilerStart / Stop
     (``dev="cpu"`` runs the same calls through the Triton interpreter, unprofiled: the tool's test)."""
-    import math
-
     import torch
+    from benchmark_kernels import bimamba_params
 
-    from vim.kernels import DirectionParams, bimamba_v2_fn
+    from vim.kernels import bimamba_v2_fn
 
     apply_config(args.config)
-    E, N, R = args.dim, args.dstate, args.dt_rank
-    g = torch.Generator(device=dev).manual_seed(0)
-
-    def params():
-        return DirectionParams(
-            conv_weight=torch.randn(E, 1, 4, device=dev, generator=g) * 0.4,
-            conv_bias=torch.randn(E, device=dev, generator=g) * 0.1,
-            x_proj_weight=torch.randn(R + 2 * N, E, device=dev, generator=g) / math.sqrt(E),
-            dt_proj_weight=torch.randn(E, R, device=dev, generator=g) / math.sqrt(R),
-            dt_proj_bias=torch.randn(E, device=dev, generator=g) * 0.5 - 1.0,
-            A_log=torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(E, 1),
-            D=torch.randn(E, device=dev, generator=g))
-    fwd, bwd = params(), params()
+    E = args.dim
+    torch.manual_seed(0)
+    fwd, bwd = bimamba_params(E, args.dstate, args.dt_rank, dev)
     if not args.forward_only:
         for p in (*fwd, *bwd):
             p.requires_grad_()
 
     def step():
-        xz = torch.randn(args.batch, args.length, 2 * E, device=dev, generator=g, dtype=torch.bfloat16)
+        xz = torch.randn(args.batch, args.length, 2 * E, device=dev, dtype=torch.bfloat16)
         xz.requires_grad_(not args.forward_only)
         x, z = xz.split([E, E], dim=-1)
         with torch.autocast(dev, dtype=torch.bfloat16), torch.set_grad_enabled(not args.forward_only):
@@ -206,11 +197,7 @@ def find_ncu(given: Optional[str]) -> Optional[str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--length", type=int, default=197, help="tokens (197: 224 px with a class token)")
-    p.add_argument("--dim", type=int, default=384, help="mixer channels E (2 x embed_dim)")
-    p.add_argument("--dstate", type=int, default=16)
-    p.add_argument("--dt-rank", type=int, default=12)
+    add_layer_shape_args(p)
     p.add_argument("--forward-only", action="store_true", help="profile the forward only (no backward)")
     p.add_argument("--kernels", default="^_.*_kernel$", help="regex of kernel names to profile (default: every "
                    "Triton kernel of the mixer, all named _..._kernel; cuBLAS and PyTorch kernels are left out)")
@@ -235,8 +222,7 @@ def main(argv=None) -> int:
         print("error: needs a CUDA GPU and Nsight Compute's ncu (on the PATH, under /opt/nvidia/nsight-compute, or "
               "--ncu); for what the kernels compile to without a GPU, see tools/kernel_sass.py", file=sys.stderr)
         return 2
-    target = [sys.executable, os.path.abspath(__file__), "--target", "--batch", str(args.batch), "--length",
-              str(args.length), "--dim", str(args.dim), "--dstate", str(args.dstate), "--dt-rank", str(args.dt_rank)]
+    target = [sys.executable, os.path.abspath(__file__), "--target", *layer_shape_argv(args)]
     if args.forward_only:
         target.append("--forward-only")
     if args.config:
