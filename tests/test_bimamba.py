@@ -112,17 +112,20 @@ def test_empty_batch_or_sequence(backend, batch, L):
 def test_forward_lookahead_is_bit_identical(monkeypatch):
     """The forward's LOOKAHEAD (loads a group early, stores a group late) changes when values move, not what is
     computed: the mixer's output, the second direction adding into the first's, is the same bit for bit,
-    over several chunks and a channel block that overhangs the channels."""
+    over several chunks and in one, with a channel block that overhangs the channels, whichever launches load
+    ahead (none, every one, or the default: the accumulating one of a single chunk)."""
     fwd, bwd = make_params(24, 4, 3), make_params(24, 4, 3)
     xz = torch.randn(2, 19, 48, device=DEV)
     x, z = xz.split([24, 24], dim=-1)
     params = [p.to(DEV) if p is not None else None for p in (*fwd, *bwd)]
-    outs = []
-    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 8)
-    for lookahead in (0, 1):
-        monkeypatch.setitem(triton_scan.CONFIG, "LOOKAHEAD", lookahead)
-        outs.append(bimamba_v2_fn(x, z, DirectionParams(*params[:7]), DirectionParams(*params[7:]), backend="triton"))
-    assert torch.equal(outs[0], outs[1])
+    for chunk in (8, None):
+        monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+        outs = []
+        for lookahead in (0, 1, "accumulate"):
+            monkeypatch.setitem(triton_scan.CONFIG, "LOOKAHEAD", lookahead)
+            outs.append(bimamba_v2_fn(x, z, DirectionParams(*params[:7]), DirectionParams(*params[7:]),
+                                      backend="triton"))
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @pytest.mark.parametrize("align", [1, 8, 16])

@@ -155,6 +155,15 @@ def test_forward_group_sizes(unroll, reverse, lookahead, monkeypatch):
     run_both(make_inputs(1, 6, 5, 4, has_z=False, has_bias=False), softplus=False, reverse=reverse, grads=False)
 
 
+def test_lookahead_policy():
+    """The default loads ahead in the accumulating launch of a single chunk only (where it measured faster)."""
+    la = triton_scan._lookahead
+    assert la("accumulate", True, 1) and not la("accumulate", False, 1) and not la("accumulate", True, 3)
+    assert la(1, False, 3) and not la(0, True, 1)
+    with pytest.raises(ValueError, match="LOOKAHEAD"):
+        la("sometimes", True, 1)
+
+
 def test_length_one_single_state():
     run_both(make_inputs(1, 3, 1, 1))
 

@@ -68,6 +68,16 @@ def test_unknown_knob_is_refused(tool):
         tool.apply_config(["NO_SUCH_KNOB=1"])
 
 
+def test_knob_values(tool, monkeypatch):
+    """Numbers become ints, None stays None and word-valued knobs keep their word."""
+    from vim.kernels.selective_scan import triton_scan
+
+    monkeypatch.setattr(triton_scan, "CONFIG", dict(triton_scan.CONFIG))
+    tool.apply_config(["LOOKAHEAD=accumulate", "PREFETCH=0", "MAXNREG_REV=None"])
+    assert triton_scan.CONFIG["LOOKAHEAD"] == "accumulate"
+    assert triton_scan.CONFIG["PREFETCH"] == 0 and triton_scan.CONFIG["MAXNREG_REV"] is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the tool would run ncu")
 def test_without_a_gpu_it_says_what_it_needs():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -38,8 +38,9 @@ from vim.kernels.selective_scan import triton_scan  # noqa: E402
 
 # (BLOCK_D, SPLIT, UNROLL, NUM_WARPS)
 SWEEP_FWD = [(16, 2, 1, 1), (8, 4, 1, 1), (64, 1, 1, 1)]
-# forward load timing at the default block: the next group's loads a group early (LOOKAHEAD), prefetch distance
-SWEEP_FWD_LOADS = [dict(LOOKAHEAD=1), dict(LOOKAHEAD=1, PREFETCH=1), dict(PREFETCH=1)]
+# forward load timing at the default block: the next group's loads a group early in no launch / every launch
+# (LOOKAHEAD; the default is the accumulating launch only), prefetch distance
+SWEEP_FWD_LOADS = [dict(LOOKAHEAD=0), dict(LOOKAHEAD=1), dict(PREFETCH=1)]
 # (BLOCK_D_BWD, SPLIT_BWD, UNROLL_BWD, NUM_WARPS_BWD, MAXNREG_REV)
 SWEEP_BWD = [(32, 1, 2, 1, 168), (32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1, 1, 1, 168), (16, 2, 2, 1, None)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]

@@ -142,7 +142,10 @@ def apply_config(pairs: List[str]) -> None:
         if key not in triton_scan.CONFIG:
             raise SystemExit(f"--config {pair}: {key} is not a knob of triton_scan.CONFIG "
                              f"({', '.join(sorted(triton_scan.CONFIG))})")
-        triton_scan.CONFIG[key] = None if value == "None" else int(value)
+        if value == "None":
+            triton_scan.CONFIG[key] = None
+        else:   # numbers, and the few word-valued knobs (LOOKAHEAD="accumulate")
+            triton_scan.CONFIG[key] = int(value) if value.lstrip("-").isdigit() else value
 
 
 def run_target(args, dev: str = "cuda") -> None:

@@ -38,11 +38,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v7). MAXNREG_REV caps
 # the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM). PREFETCH: how
 # many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) issues `prefetch.global.L1`
-# for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1). LOOKAHEAD: the forward loads the next
-# group's u and delta a group early (see ``_fwd_kernel``); off until measured on a GPU (docs/kernels.md, v15).
-CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=0, BLOCK_D_BWD=32, SPLIT_BWD=1,
-              UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, PREFETCH_BWD=1, TARGET_PROGRAMS=4096, MIN_CHUNK=64,
-              SINGLE_CHUNK_UNITS=1024)
+# for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1). LOOKAHEAD: which forward launches load
+# the next group's u and delta a group early (see ``_fwd_kernel``): 0 none, 1 all, "accumulate" (default) the
+# launch that adds to a prior output (the mixer's second direction) when the sequence is one chunk, the only case
+# where it measured faster (docs/kernels.md, v15).
+CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
+              SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, PREFETCH_BWD=1, TARGET_PROGRAMS=4096,
+              MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -656,9 +658,9 @@ def _bwd_forward_walk_kernel(
                 dz_tile += tl.load(dz_addr, mask=m, other=0.0).to(tl.float32)
             tl.store(dz_addr, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
         tl.store(F_ptrs[:, None] + tt[None, :] * Dm, F_tile, mask=m)
-        tl.atomic_add(dC_ptrs[:, None] + tt[None, :], dC_tile, mask=mask_n[:, None] & okv[None, :])
+        tl.atomic_add(dC_ptrs[:, None] + tt[None, :], dC_tile, mask=mask_n[:, None] & okv[None, :], sem="relaxed")
     if HAS_D:
-        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d & (part == 0))
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d & (part == 0), sem="relaxed")
     st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
     tl.store(tx_ptr + st, px, mask=mask2)
     tl.store(qx_ptr + st, qx, mask=mask2)
@@ -781,13 +783,13 @@ def _bwd_reverse_walk_kernel(
         m = mask_o[:, None] & okv[None, :]
         tl.store(du_ptrs[:, None] + tt[None, :] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(ddl_ptrs[:, None] + tt[None, :] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
-        tl.atomic_add(dB_ptrs[:, None] + tt[None, :], dB_tile, mask=mask_n[:, None] & okv[None, :])
+        tl.atomic_add(dB_ptrs[:, None] + tt[None, :], dB_tile, mask=mask_n[:, None] & okv[None, :], sem="relaxed")
     qx_c = tl.load(qx_ptr + st, mask=mask2, other=0.0)
     # sum_t delta_t * dw_t over this chunk; suf now holds the chunk's delta sum
     dA = qx_c - (suf[:, None] * ry - qys) + suf[:, None] * after
-    tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx, dA, mask=mask2)
+    tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx, dA, mask=mask2, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + offs_o, dbias_acc, mask=mask_o)
+        tl.atomic_add(dbias_ptr + offs_o, dbias_acc, mask=mask_o, sem="relaxed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -907,6 +909,15 @@ def _common_args(u, delta, A, B, C, z):
     return [*u.stride(), *delta.stride(), *A.stride(), sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl, *zz.stride()]
 
 
+def _lookahead(knob, accumulate: bool, nc: int) -> bool:
+    """Whether a forward launch loads a group ahead, from ``CONFIG["LOOKAHEAD"]`` (0, 1 or "accumulate")."""
+    if knob == "accumulate":
+        return bool(accumulate) and nc == 1
+    if knob in (0, 1, False, True):
+        return bool(knob)
+    raise ValueError(f'CONFIG["LOOKAHEAD"] must be 0, 1 or "accumulate", got {knob!r}')
+
+
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *, out=None,
                  out_scale=1.0, accumulate=False, want_last=False):
     """Launch the forward. Returns (out, last_state or None, hloc, S). ``out`` may be given
@@ -937,7 +948,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], z, delta_bias,
                    delta_softplus, reverse, CONFIG["PREFETCH"])
     flags["HAS_D"] = D is not None
-    flags["LOOKAHEAD"] = bool(CONFIG["LOOKAHEAD"])
+    flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc)
     if nc > 1:   # chunked (long L, two passes): the prefetch made the forward slower there (docs/kernels.md, v7)
         flags["PREFETCH"] = 0
     grid = (n_d, nc, batch)
