@@ -35,8 +35,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Tuning knobs, read at launch; tools/benchmark_kernels.py sweeps them.
-# Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v7). MAXNREG_REV caps
-# the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM). PREFETCH: how
+# Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v7; the forward's and the
+# walks' knobs re-swept on an H200 in sessions 10 and 11). MAXNREG_REV caps the reverse walk's registers (None:
+# the compiler's choice, 255, which leaves 8 warps per SM). PREFETCH: how
 # many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) issues `prefetch.global.L1`
 # for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1). LOOKAHEAD: which forward launches load
 # the next group's u and delta a group early (see ``_fwd_kernel``): 0 none, 1 all, "accumulate" (default) the
@@ -512,7 +513,8 @@ def _fwd_kernel(
 # The walks split states over threads as the forward does. Per-channel quantities (du, ddelta, dz, F)
 # are sums over a channel's states, so each row adds up its own states and terms that exist once per
 # channel (D, F, the softplus slope applies to the sum) enter on the part-0 row only, before one
-# _sum_parts per output.
+# _sum_parts per output. Their atomic adds are sem="relaxed": plain sums nothing here reads back, and Triton's
+# default (acq_rel) fences every add and invalidates the SM's L1 after it (~21% of a walk; docs/kernels.md, v16).
 @triton.jit
 def _bwd_adjoint_state_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, gout_ptr,
