@@ -155,6 +155,20 @@ def test_forward_group_sizes(unroll, reverse, lookahead, monkeypatch):
     run_both(make_inputs(1, 6, 5, 4, has_z=False, has_bias=False), softplus=False, reverse=reverse, grads=False)
 
 
+@pytest.mark.parametrize("scatter", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_dB_dC_channel_sums_both_ways(scatter, reverse, monkeypatch):
+    """The backward walks sum each token's dB / dC over a block's channels as a reduce-scatter (BC_SCATTER: one
+    state per row afterwards) or as one butterfly per state (the default): the model's 32-channel blocks with 16
+    states, a block overhanging the channels, grouped B/C, and a block with fewer channels than states (the
+    butterfly either way)."""
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", scatter)
+    triton_scan.CHUNK_OVERRIDE = 7
+    run_both(make_inputs(1, 40, 15, 16), reverse=reverse)
+    run_both(make_inputs(2, 64, 5, 16, groups=2), reverse=reverse)
+    run_both(make_inputs(1, 8, 9, 16), reverse=reverse)
+
+
 def test_lookahead_policy():
     """The default loads ahead in the accumulating launch of a single chunk only (where it measured faster)."""
     la = triton_scan._lookahead
@@ -339,6 +353,17 @@ def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch)
     own = triton_outputs(inputs, reverse)
     monkeypatch.setattr(triton_scan, "_row_asm_ok", lambda *a, **k: False)
     assert_same_results(own, triton_outputs(inputs, reverse))
+
+
+@gpu_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_channel_sums_scattered_match_butterflies(reverse, monkeypatch):
+    """dB / dC summed over channels as a reduce-scatter (BC_SCATTER) give what one butterfly per state gives, at
+    the model's layout (32-channel blocks, 16 states, bf16 rows)."""
+    inputs = make_inputs(2, 64, 197, 16, model_rows=True)
+    butterflies = triton_outputs(inputs, reverse)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", True)
+    assert_same_results(butterflies, triton_outputs(inputs, reverse))
 
 
 @gpu_only

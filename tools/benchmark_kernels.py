@@ -43,6 +43,8 @@ SWEEP_FWD = [(16, 2, 1, 1), (8, 4, 1, 1), (64, 1, 1, 1)]
 SWEEP_FWD_LOADS = [dict(LOOKAHEAD=0), dict(LOOKAHEAD=1), dict(PREFETCH=1)]
 # (BLOCK_D_BWD, SPLIT_BWD, UNROLL_BWD, NUM_WARPS_BWD, MAXNREG_REV)
 SWEEP_BWD = [(32, 1, 2, 1, 168), (32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1, 1, 1, 168), (16, 2, 2, 1, None)]
+# the walks' per-token dB / dC channel sums as a reduce-scatter instead of butterflies, at the default block
+SWEEP_BWD_SUMS = [dict(BC_SCATTER=True)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
 # conv backward (BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS, BWD_TARGET_PROGRAMS)
 SWEEP_CONV = [(32, 128, 2, 2048), (32, 128, 4, 2048), (16, 128, 2, 2048), (64, 128, 2, 2048), (32, 256, 4, 2048),
@@ -283,7 +285,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time kernel configs (BLOCK_D, SPLIT, UNROLL, warps, LOOKAHEAD, PREFETCH)")
+                    help="also time kernel configs (BLOCK_D, SPLIT, UNROLL, warps, LOOKAHEAD, PREFETCH, BC_SCATTER)")
     ap.add_argument("--no-check", action="store_true", help="skip the fp32-vs-float64 correctness check")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -324,6 +326,7 @@ def main(argv=None):
         fwd_cfgs += SWEEP_FWD_LOADS
         bwd_cfgs = [dict(BLOCK_D_BWD=bd, SPLIT_BWD=sp, UNROLL_BWD=un, NUM_WARPS_BWD=nw, MAXNREG_REV=mr)
                     for bd, sp, un, nw, mr in SWEEP_BWD]
+        bwd_cfgs += SWEEP_BWD_SUMS
         tgt_cfgs = [dict(TARGET_PROGRAMS=tp, MIN_CHUNK=mc) for tp, mc in SWEEP_CHUNK]
         for kind, cfgs, sweep_shapes in (("fwd", fwd_cfgs, shapes), ("bwd", bwd_cfgs, shapes),
                                          ("chunk", tgt_cfgs, shapes[-1:])):

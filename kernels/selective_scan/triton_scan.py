@@ -42,10 +42,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 # for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1). LOOKAHEAD: which forward launches load
 # the next group's u and delta a group early (see ``_fwd_kernel``): 0 none, 1 all, "accumulate" (default) the
 # launch that adds to a prior output (the mixer's second direction) when the sequence is one chunk, the only case
-# where it measured faster (docs/kernels.md, v15).
+# where it measured faster (docs/kernels.md, v15). BC_SCATTER: the backward walks sum each token's dB / dC over
+# channels as a reduce-scatter (``_sum_channels_scattered``, where a block has at least as many channels as states
+# per row) instead of one butterfly per state; off: it measured slower in session 8, while every atomic add was
+# still fenced (docs/kernels.md, v9 and v16).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
-              SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, PREFETCH_BWD=1, TARGET_PROGRAMS=4096,
-              MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
+              SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, PREFETCH_BWD=1, BC_SCATTER=False,
+              TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -353,6 +356,62 @@ def _sum_channels(x, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexp
 
 
 @triton.jit
+def _row_partner(x, k: tl.constexpr):
+    """``x[r ^ (1 << k), :]`` of an [R, W] tile: one shuffle per element where bit k of the row is a lane bit."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.flip(tl.reshape(x, [R >> (k + 1), 2, 1 << k, W]), 1), [R, W])
+
+
+@triton.jit
+def _sum_channels_scattered(x, BLOCK_D: tl.constexpr):
+    """[R, NS] -> [R], NS <= BLOCK_D: row r ends with the sum over its part's channels of state
+    ``(r % BLOCK_D) % NS`` of that part (``_bc_grad_rows`` addresses it), the same sums as ``_sum_channels``.
+
+    A reduce-scatter: at butterfly level k < log2(NS) a row keeps the half of its states that bit k of its
+    index selects and adds its partner row's copy of that half, so the shuffles per token are NS/2 + NS/4
+    + ... + 1 plus one per remaining channel bit (16 at NS 16, 32 channels) instead of log2(BLOCK_D) per
+    state (80); one sum per row comes out instead of all NS in every row."""
+    R: tl.constexpr = x.shape[0]
+    NS: tl.constexpr = x.shape[1]
+    tl.static_assert(BLOCK_D <= 256 and NS <= BLOCK_D, "the levels below cover 8 channel bits")
+    rows = tl.arange(0, R)
+    for k in tl.static_range(8):
+        if (1 << k) < NS:
+            even, odd = tl.split(tl.reshape(x, [R, NS >> (k + 1), 2]))
+            bit = ((rows >> k) & 1)[:, None] == 1
+            x = tl.where(bit, odd, even) + _row_partner(tl.where(bit, even, odd), k)
+        elif (1 << k) < BLOCK_D:
+            x = x + _row_partner(x, k)
+    return tl.reshape(x, [R])
+
+
+@triton.jit
+def _bc_grad_rows(dX_ptr, pid_b, group, G, N, L, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
+                  R: tl.constexpr, SCATTER: tl.constexpr):
+    """Per row of a dB / dC tile, the address of its state's gradient at token 0 of the (B, G, N, L) float32
+    buffer, and whether the row stores it: the [R] rows ``_sum_channels_scattered`` leaves (one state per
+    row, rows past NS repeating), or the [BLOCK_N] states ``_sum_channels`` leaves."""
+    if SCATTER:
+        rows = tl.arange(0, R)
+        n = (rows // BLOCK_D) * NS + (rows % BLOCK_D) % NS
+        own = ((rows % BLOCK_D) < NS) & (n < N)
+    else:
+        n = tl.arange(0, BLOCK_N)
+        own = n < N
+    return dX_ptr + ((pid_b * G + group) * N + n) * L, own
+
+
+@triton.jit
+def _sum_channels_for_rows(x, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, SCATTER: tl.constexpr):
+    """Per-token dB / dC in the layout ``_bc_grad_rows`` addresses."""
+    if SCATTER:
+        return _sum_channels_scattered(x, BLOCK_D)
+    else:
+        return _sum_channels(x, SPLIT, BLOCK_D, NS)
+
+
+@triton.jit
 def _state_offsets(pid_b, chunk, NC, Dm, N, offs_d, n_idx):
     """Element offsets of one chunk's tile in a (B, NC, N, D) float32 summary buffer: row r of the tile
     is channel offs_d[r] and holds states n_idx[r, :]. Channel-contiguous like A, so loads and stores
@@ -581,7 +640,7 @@ def _bwd_forward_walk_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr,
+    REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start)."""
@@ -599,9 +658,8 @@ def _bwd_forward_walk_kernel(
     F_ptrs = F_ptr + pid_b * L * Dm + offs_o
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    dC_ptrs = dC_ptr + ((pid_b * G + group) * N + offs_n) * L
+    dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, G, N, L, BLOCK_D, BLOCK_N, NS, R, SCATTER)
+    TILE_N: tl.constexpr = R if SCATTER else BLOCK_N
 
     h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N, R, NS)
     px = tl.zeros([R, NS], dtype=tl.float32)
@@ -622,7 +680,7 @@ def _bwd_forward_walk_kernel(
             _prefetch_group(pf_addr, pf_step, _scan_token(p0 + PREFETCH * UNROLL + pf_j, p_end, L, REVERSE))
         dz_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         F_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
-        dC_tile = tl.zeros([BLOCK_N, UNROLL], dtype=tl.float32)
+        dC_tile = tl.zeros([TILE_N, UNROLL], dtype=tl.float32)
         for j in tl.static_range(UNROLL):
             p = p0 + j
             ok = p < p_end
@@ -648,7 +706,7 @@ def _bwd_forward_walk_kernel(
             px += X
             dcum += dl
             qx += X * dcum[:, None]
-            dC = _sum_channels(dy[:, None] * h, SPLIT, BLOCK_D, NS)
+            dC = _sum_channels_for_rows(dy[:, None] * h, SPLIT, BLOCK_D, NS, SCATTER)
             dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
         pp = p0 + cols
         tt = _token(pp, L, REVERSE)
@@ -680,7 +738,7 @@ def _bwd_reverse_walk_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, PREFETCH: tl.constexpr,
+    REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA and ddelta_bias (atomic)."""
@@ -700,9 +758,8 @@ def _bwd_reverse_walk_kernel(
     F_ptrs = F_ptr + pid_b * L * Dm + offs_d
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    dB_ptrs = dB_ptr + ((pid_b * G + group) * N + offs_n) * L
+    dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, G, N, L, BLOCK_D, BLOCK_N, NS, R, SCATTER)
+    TILE_N: tl.constexpr = R if SCATTER else BLOCK_N
 
     # Fold the later chunks into the adjoint entering this chunk from the right, gin. What the later chunks
     # add to every dw_t here is RX_after - RY_after, sums over the whole rest of the sequence whose
@@ -742,7 +799,7 @@ def _bwd_reverse_walk_kernel(
                                                                REVERSE))
         du_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
         ddl_tile = tl.zeros([BLOCK_D, UNROLL], dtype=tl.float32)
-        dB_tile = tl.zeros([BLOCK_N, UNROLL], dtype=tl.float32)
+        dB_tile = tl.zeros([TILE_N, UNROLL], dtype=tl.float32)
         for j in tl.static_range(UNROLL):
             q = q0 + j
             ok = q < n_steps
@@ -775,7 +832,7 @@ def _bwd_reverse_walk_kernel(
             dbias_acc += ddl
             du_tile = tl.where(cols[None, :] == j, du[:, None], du_tile)
             ddl_tile = tl.where(cols[None, :] == j, ddl[:, None], ddl_tile)
-            dB = _sum_channels(g * du_[:, None], SPLIT, BLOCK_D, NS)
+            dB = _sum_channels_for_rows(g * du_[:, None], SPLIT, BLOCK_D, NS, SCATTER)
             dB_tile = tl.where(cols[None, :] == j, dB[:, None], dB_tile)
             gnext = tl.exp2(dl[:, None] * A2) * g
         qq = q0 + cols
@@ -988,6 +1045,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     split = min(CONFIG["SPLIT_BWD"], BLOCK_N)
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], z, delta_bias,
                    delta_softplus, reverse, CONFIG["PREFETCH_BWD"])
+    scatter = CONFIG["BC_SCATTER"] and BLOCK_N // split <= block_d
     grid = (n_d, nc, batch)
     common = _common_args(u, delta, A, B, C, z)
     zz = z if z is not None else u
@@ -1015,13 +1073,13 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
                                    dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg, G,
                                    *common, *dout.stride(), *dzz.stride(), HAS_D=D is not None,
-                                   DZ_ACCUM=dz is not None and dz_accumulate, **flags)
+                                   DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, **flags)
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
     ddelta = _empty((batch, L, Dm), delta.dtype, dev).transpose(1, 2)
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg, G,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(),
-                                   HAS_D=D is not None, **flags,
+                                   HAS_D=D is not None, SCATTER=scatter, **flags,
                                    **({"maxnreg": CONFIG["MAXNREG_REV"]} if CONFIG["MAXNREG_REV"] else {}))
     dB = dB.to(B_in.dtype).reshape(B_in.shape) if B_in.dim() == 3 else dB.to(B_in.dtype)
     dC = dC.to(C_in.dtype).reshape(C_in.shape) if C_in.dim() == 3 else dC.to(C_in.dtype)
