@@ -36,16 +36,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 # Tuning knobs, read at launch; tools/benchmark_kernels.py sweeps them.
 # Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v7; the forward's and the
-# walks' knobs re-swept on an H200 in sessions 10 and 11). MAXNREG_REV caps the reverse walk's registers (None:
-# the compiler's choice, 255, which leaves 8 warps per SM). PREFETCH: how
-# many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) issues `prefetch.global.L1`
-# for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1). LOOKAHEAD: which forward launches load
-# the next group's u and delta a group early (see ``_fwd_kernel``): 0 none, 1 all, "accumulate" (default) the
-# launch that adds to a prior output (the mixer's second direction) when the sequence is one chunk, the only case
-# where it measured faster (docs/kernels.md, v15). BC_SCATTER: the backward walks sum each token's dB / dC over
-# channels as a reduce-scatter (``_sum_channels_scattered``, where a block has at least as many channels as states
-# per row) instead of one butterfly per state; off: it measured slower in session 8, while every atomic add was
-# still fenced (docs/kernels.md, v9 and v16).
+# walks' knobs re-swept on an H200 in sessions 10 and 11).
+# - MAXNREG_REV caps the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM).
+# - PREFETCH: how many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) issues
+#   `prefetch.global.L1` for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1).
+# - LOOKAHEAD: which forward launches load the next group's u and delta a group early (see ``_fwd_kernel``): 0 none,
+#   1 all, "accumulate" (default) the launch that adds to a prior output (the mixer's second direction) when the
+#   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
+# - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
+#   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
+#   butterfly per state; off: it measured slower in session 8, while every atomic add was still fenced
+#   (docs/kernels.md, v9 and v16).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, PREFETCH_BWD=1, BC_SCATTER=False,
               TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
