@@ -477,11 +477,10 @@ def _fwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d & (part == 0), other=0.0).to(tl.float32)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
-    z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)   # one part's states
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     o_ptrs = out_ptr + pid_b * so_b + offs_o * so_d
-    zo_ptrs = z_ptr + pid_b * sz_b + offs_o * sz_d
+    zo_ptrs = z_ptr + pid_b * sz_b + offs_o * sz_d   # z is loaded per output tile, for the gate
 
     if STATE_PASS:
         h = tl.zeros([R, NS], dtype=tl.float32)
@@ -534,7 +533,8 @@ def _fwd_kernel(
             else:
                 u_raw = None
                 d_raw = None
-            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, p0 + j < p_end, mask_d,
+            # HAS_Z off: the gate is applied to the output tile (z_tile), so no per-row z pointer is passed
+            u, dl, slope, _, Bv, Cv = _load_step(u_ptrs, dl_ptrs, u_ptrs, B_base, C_base, t, p0 + j < p_end, mask_d,
                                                 part, N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
                                                 False, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM, u_raw, d_raw)
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
