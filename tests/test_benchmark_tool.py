@@ -92,3 +92,11 @@ def test_kernel_benchmark_conv_rows_run_on_cpu():
     for r in res.values():
         assert r["ms"] > 0 and r["gpu_ms"] is None and r["GBps_gpu_time"] is None
     assert bk.conv_backward_bytes(2, 9, 8, 2) == 6 * 2 * 9 * 8 * 2
+
+
+def test_kernel_benchmark_dt_rows_run_on_cpu():
+    """tools/benchmark_kernels.py's dt_proj + softplus rows (the mixer's delta kernel vs the bare GEMM) on the CPU."""
+    bk = load_tool("benchmark_kernels")
+    res = bk.time_dt_softplus(48, 24, 12, "cpu", False, torch.float32)
+    assert res["dt_softplus"]["ms"] > 0 and res["linear"]["ms"] > 0 and res["dt_softplus"]["gpu_ms"] is None
+    assert res["floor_bytes"] == 48 * 12 * 4 + 48 * 24 * 4

@@ -179,3 +179,51 @@ def test_compiles_without_graph_breaks():
     assert torch.allclose(compiled, eager, rtol=1e-5)
     for a, p in zip(g_eager, fwd):
         assert torch.allclose(p.grad, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K, E", [(1, 8), (12, 70), (24, 200)])
+def test_dt_softplus_matches_torch(dtype, K, E):
+    """dt_proj with softplus(. + bias) in the epilogue (the delta the fused mixer scans) against torch in float64:
+    dt a column slice of wider rows (x_proj's output), any width of dt_proj, channels overhanging the block; float32
+    stays float32, half precision is stored as float16 (``delta_dtype``)."""
+    from vim.kernels.bimamba.delta import delta_dtype, dt_softplus
+
+    rows = torch.randn(2, 13, K + 9, device=DEV).to(dtype)
+    dt = rows[..., 3:3 + K]
+    w = (torch.randn(E, K, device=DEV) / math.sqrt(K)).to(dtype)
+    bias = torch.randn(E, device=DEV) - 2.0
+    out = dt_softplus(dt, w, bias, delta_dtype(dtype))
+    ref = torch.nn.functional.softplus(dt.double() @ w.double().t() + bias.double())
+    assert out.shape == (2, 13, E) and out.is_contiguous()
+    assert out.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
+    err = ((out.double() - ref).abs() / ref).max().item()
+    assert err < (5e-6 if dtype == torch.float32 else 1e-3), err
+
+
+def test_dt_softplus_edges():
+    """float16 storage clamps to its range instead of overflowing; empty inputs; a clear error on a weight that
+    does not match dt."""
+    from vim.kernels.bimamba.delta import dt_softplus
+
+    dt = torch.randn(1, 3, 4, device=DEV, dtype=torch.float16)
+    w = torch.randn(16, 4, device=DEV, dtype=torch.float16)
+    out = dt_softplus(dt, w, torch.full((16,), 1e5, device=DEV), torch.float16)
+    assert torch.equal(out, torch.full_like(out, 65504.0))
+    assert dt_softplus(dt[:0], w, torch.zeros(16, device=DEV), torch.float16).shape == (0, 3, 16)
+    with pytest.raises(ValueError, match="dt_proj weight"):
+        dt_softplus(dt, w[:, :3], torch.zeros(16, device=DEV), torch.float16)
+
+
+def test_dt_softplus_float16_over_the_whole_range():
+    """The float16 epilogue's softplus (``delta._softplus_fast``: a polynomial for log1p) stays within float16
+    rounding of the exact value for pre-activations from -30 (delta ~1e-13, flushed to 0 or a subnormal) to 30."""
+    from vim.kernels.bimamba.delta import dt_softplus
+
+    x = torch.linspace(-30.0, 30.0, 2001, device=DEV)
+    out = dt_softplus(x.reshape(1, -1, 1), torch.ones(1, 1, device=DEV), torch.zeros(1, device=DEV), torch.float16)
+    ref = torch.nn.functional.softplus(x.double())
+    normal = ref > 6.2e-5   # float16's smallest normal: below it, absolute error up to half a subnormal step
+    err = ((out.flatten().double() - ref).abs() / ref)[normal].max().item()
+    assert err < 5e-4, err
+    assert (out.flatten().double() - ref)[~normal].abs().max().item() < 3e-8

@@ -169,6 +169,57 @@ def test_dB_dC_channel_sums_both_ways(scatter, reverse, monkeypatch):
     run_both(make_inputs(1, 8, 9, 16), reverse=reverse)
 
 
+def activated_backward(inputs, reverse, dy, activated):
+    """scan_forward + scan_backward with delta_softplus and bias, delta given raw (the kernels apply softplus) or
+    activated (softplus(delta + bias) computed first, in float64 then rounded, as the mixer's dt_proj does)."""
+    u, delta, A, Bm, Cm, D, z, bias = inputs
+    if activated:
+        delta = torch.nn.functional.softplus(delta.double() + bias.double()[:, None]).to(delta.dtype)
+    kw = dict(delta_activated=True) if activated else {}
+    out, _, hloc, S = triton_scan.scan_forward(u, delta, A, Bm, Cm, D, z, bias, True, reverse, **kw)
+    grads = triton_scan.scan_backward(dy, u, delta, A, Bm, Cm, D, z, bias, True, reverse, hloc, S,
+                                      ddelta_dtype=torch.float64 if activated else None, **kw)
+    return [out, *grads]
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_activated_delta_gives_the_raw_gradients(chunk, reverse):
+    """With delta = softplus(raw + bias) applied by the caller (``delta_activated``), the output and every
+    gradient, ddelta and ddelta_bias still of raw and the bias (softplus's slope recovered from delta, by a
+    series where delta is small), are those of the in-kernel softplus; ddelta in the dtype asked for."""
+    triton_scan.CHUNK_OVERRIDE = chunk
+    inputs = make_inputs(2, 6, 13, 4)
+    inputs[1] = inputs[1] * 4.0 - 2.0   # raw delta over [-8, 4]: slopes from ~3e-4 (the series) to ~1
+    dy = torch.randn_like(inputs[0])
+    raw = activated_backward(inputs, reverse, dy, False)
+    act = activated_backward(inputs, reverse, dy, True)
+    assert act[2].dtype == torch.float64   # ddelta
+    for name, a, b in zip(["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], act, raw):
+        assert rel(a, b) < 2e-5, f"{name}: {rel(a, b):.2e}"
+    with pytest.raises(ValueError, match="delta_softplus=True"):
+        triton_scan.scan_backward(dy, *inputs, False, reverse, None, None, delta_activated=True)
+
+
+def test_reverse_walk_register_cap_by_waves(monkeypatch):
+    """The reverse walk takes the lower cap (MAXNREG_REV_WAVE) only where that fits its grid in fewer waves of
+    resident one-warp programs: 12 per SM at 168 registers, 16 at 128 (132 SMs: 1584 and 2112)."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setitem(triton_scan._SM_COUNTS, gpu, 132)
+    assert triton_scan._resident_programs(168, 1, gpu) == 1584
+    assert triton_scan._resident_programs(128, 1, gpu) == 2112
+    cap = lambda programs, dev=gpu: triton_scan._reverse_walk_maxnreg(programs, 1, dev)  # noqa: E731
+    # chunked long-L grids: (16, 384, 1025) and (8, 384, 6085) have 2112 programs, (2, 384, 6085) 1848
+    assert cap(2112) == cap(1848) == {"maxnreg": 128}
+    # vision batches: bs 128 (one wave either way), 256 (two either way); (32, 384, 1025): 2304, two either way
+    assert cap(1536) == cap(3072) == cap(2304) == cap(0) == {"maxnreg": 168}
+    assert cap(2112, torch.device("cpu")) == {"maxnreg": 168}
+    monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_REV_WAVE", None)
+    assert cap(2112) == {"maxnreg": 168}
+    monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_REV", None)
+    assert cap(2112) == {}
+
+
 def test_lookahead_policy():
     """The default loads ahead in the accumulating launch of a single chunk only (where it measured faster)."""
     la = triton_scan._lookahead

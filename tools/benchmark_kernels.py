@@ -1,6 +1,7 @@
 """Time the selective-scan kernels against the pure-PyTorch reference (and mamba_ssm when importable),
-the fused bidirectional mixer core against two one-direction scans with flips, and the conv + SiLU
-backward of both directions against PyTorch autograd.
+the fused bidirectional mixer core against two one-direction scans with flips, the conv + SiLU
+backward of both directions against PyTorch autograd, and the mixer's dt_proj + softplus kernel against the
+plain dt_proj GEMM (cuBLAS) it replaced.
 
     python tools/benchmark_kernels.py --out kernels.json            # GPU: the issue's shapes, bf16
     python tools/benchmark_kernels.py --out /tmp/k.json             # CPU: tiny shapes (smoke test)
@@ -32,7 +33,7 @@ if not torch.cuda.is_available():
 
 from vim.kernels import DirectionParams, bimamba_v2_fn  # noqa: E402
 from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
-from vim.kernels.bimamba import conv  # noqa: E402
+from vim.kernels.bimamba import conv, delta  # noqa: E402
 from vim.kernels.bimamba.naive import depthwise_conv_silu_ref  # noqa: E402
 from vim.kernels.selective_scan import triton_scan  # noqa: E402
 
@@ -49,6 +50,9 @@ SWEEP_CHUNK = [(16384, 64), (2048, 64)]
 # conv backward (BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS, BWD_TARGET_PROGRAMS)
 SWEEP_CONV = [(32, 128, 2, 2048), (32, 128, 4, 2048), (16, 128, 2, 2048), (64, 128, 2, 2048), (32, 256, 4, 2048),
               (32, 256, 2, 2048), (32, 128, 2, 1024), (32, 128, 2, 4096)]
+# dt_proj + softplus (BLOCK_M, BLOCK_E, NUM_WARPS), at the (tokens, E, dt columns) of DT_SHAPES
+SWEEP_DT = [(64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 64, 4), (32, 128, 4), (128, 128, 4), (256, 64, 8)]
+DT_SHAPES = [(256 * 197, 384, 16), (256 * 197, 768, 24), (256 * 197, 1536, 48)]   # vim_tiny / small / base, bs 256
 GPU_SHAPES = [(128, 384, 197, 16), (128, 768, 197, 16), (8, 384, 6085, 16)]
 CPU_SHAPES = [(2, 8, 24, 4)]
 # mamba_ssm 2.3.2 CUDA kernel on an H100, bf16 (shared/anchors), ms: (fwd, fwd+bwd)
@@ -281,6 +285,24 @@ def time_conv_backward(batch, L, E, device, cuda, dtype, with_ref=True):
     return res
 
 
+def time_dt_softplus(tokens, E, K, device, cuda, dtype, with_ref=True):
+    """The mixer's delta (``delta.dt_softplus``: dt_proj, bias and softplus, float16 out) against the bf16 dt_proj
+    GEMM alone (F.linear, what the scan read before and activated itself), dt a column slice of x_proj's rows.
+    Byte floor: dt read and delta written once."""
+    rows = torch.randn(1, tokens, K + 32, device=device, dtype=dtype)
+    dt = rows[..., :K]
+    w = torch.randn(E, K, device=device, dtype=dtype) / math.sqrt(K)
+    b = torch.randn(E, device=device) - 3.0
+    out_dtype = delta.delta_dtype(dtype)
+    res = {"floor_bytes": tokens * K * dt.element_size() + tokens * E * torch.finfo(out_dtype).bits // 8}
+    fns = {"dt_softplus": lambda: delta.dt_softplus(dt, w, b, out_dtype)}
+    if with_ref:
+        fns["linear"] = lambda: torch.nn.functional.linear(dt, w)
+    for name, fn in fns.items():
+        res[name] = {"ms": _bench(fn, cuda), "gpu_ms": _gpu_ms(fn, cuda)}
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -352,9 +374,22 @@ def main(argv=None):
                 print(f"sweep {key:48s} {str((b, L, E)):20s} GPU time {r['gpu_ms']:.4f} ms"
                       f"  {r['GBps_gpu_time']:.0f} GB/s", flush=True)
         conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS = conv_base
+        dt_base = dict(delta.CONFIG)
+        for bm, be, nw in SWEEP_DT:
+            delta.CONFIG.update(BLOCK_M=bm, BLOCK_E=be, NUM_WARPS=nw)
+            key = f"dt BLOCK_M={bm} BLOCK_E={be} warps={nw}"
+            report["sweep"][key] = {}
+            for shp in DT_SHAPES:
+                r = time_dt_softplus(*shp, device, cuda, dtype, with_ref=False)["dt_softplus"]
+                report["sweep"][key][str(shp)] = r
+                print(f"sweep {key:48s} {str(shp):20s} GPU time {r['gpu_ms']:.4f} ms", flush=True)
+        delta.CONFIG.update(dt_base)
     report["conv_backward"] = {}
     for b, E, L, _ in shapes:
         report["conv_backward"][str((b, L, E))] = time_conv_backward(b, L, E, device, cuda, dtype)
+    report["dt_softplus"] = {}
+    for shp in (DT_SHAPES if cuda else [(48, 24, 12)]):
+        report["dt_softplus"][str(shp)] = time_dt_softplus(*shp, device, cuda, dtype)
     report["bimamba"] = {}
     for shp in (shapes[:1] if cuda else shapes):
         b, E, L, N = shp
@@ -384,6 +419,12 @@ def main(argv=None):
         print(f"conv+SiLU backward, both directions, (B, L, E) = {shp}: triton {v['ms']:.4f} ms wall,"
               f" GPU time {v['gpu_ms'] or nan:.4f} ms ({v['GBps_gpu_time'] or nan:.0f} GB/s);"
               f" PyTorch autograd {ref['ms']:.4f} ms wall, GPU time {ref['gpu_ms'] or nan:.4f} ms")
+    for shp, r in report["dt_softplus"].items():
+        v, ref = r["dt_softplus"], r["linear"]
+        floor = r["floor_bytes"] / bw / 1e6
+        print(f"dt_proj + softplus, (tokens, E, K) = {shp}: {v['ms']:.4f} ms wall, GPU time {v['gpu_ms'] or nan:.4f}"
+              f" ms; dt_proj GEMM alone (F.linear) {ref['ms']:.4f} ms wall, GPU time {ref['gpu_ms'] or nan:.4f} ms;"
+              f" byte floor at the copy bandwidth {floor:.4f} ms")
     print(f"copy bandwidth {bw:.0f} GB/s; wrote {args.out}")
 
 

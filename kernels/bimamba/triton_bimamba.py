@@ -1,8 +1,9 @@
 """Fused bidirectional Vim v2 mixer core: one autograd function, no flips.
 
-Per direction: depthwise conv + SiLU (Triton, conv.py; anti-causal for the backward direction), x_proj and
-dt_proj as matmuls (cuBLAS through torch, on column-padded weights: ``XPROJ_ALIGN``), then the fused
-selective scan with softplus(delta + bias) and D in-kernel. The first direction's scan writes its ungated
+Per direction: depthwise conv + SiLU (Triton, conv.py; anti-causal for the backward direction), x_proj as a
+matmul (cuBLAS through torch, on column-padded weights: ``XPROJ_ALIGN``), dt_proj with softplus(. + bias) in its
+epilogue (Triton, delta.py; delta stored in float16 under half precision), then the fused selective scan with D
+in-kernel. The first direction's scan writes its ungated
 output; the second adds its own, applies the silu(z) gate to the sum and halves it (``out = (y_f + y_b) / 2 *
 silu(z)``), so the gate is computed once and no separate average pass or flipped copy exists. Only x, z, the
 small x_proj outputs and per-chunk scan summaries are kept for backward; the conv outputs and delta are
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from ..selective_scan import triton_scan
 from ..selective_scan.triton_scan import _absent, _none_if_absent
 from .conv import ConvGrad, conv_silu, conv_silu_backward_pair
+from .delta import delta_dtype, dt_softplus
 from .naive import DirectionParams
 
 
@@ -77,13 +79,13 @@ def _forward_impl(x, z, flat):
             xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
             xdbl = F.linear(xc, wx)
             dt, Bm, Cm = _split(xdbl, dt_cols, N)
-            delta = F.linear(dt, wdt)
+            delta = dt_softplus(dt, wdt, p.dt_proj_bias, delta_dtype(cdt))
             A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
             # the first direction writes its ungated y; the second adds its own and gates the sum once:
             # out = (y_f + y_b) / 2 * silu(z), the average of the two gated outputs
             _, _, hloc, S = triton_scan.scan_forward(
                 xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(),
-                z.transpose(1, 2) if i == 1 else None, p.dt_proj_bias.float(), True, reverse,
+                z.transpose(1, 2) if i == 1 else None, p.dt_proj_bias, True, reverse, delta_activated=True,
                 out=out.transpose(1, 2), out_scale=0.5 if i == 1 else 1.0, accumulate=(i == 1))
             # distinct empty tensors: custom-op outputs must not alias each other
             saved += [xdbl, hloc if hloc is not None else _absent(x),
@@ -107,11 +109,13 @@ def _backward_impl(dout, x, z, flat, saved):
             wx, wdt, dt_cols, width = _padded_weights(p, cdt)
             xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
             dt, Bm, Cm = _split(xdbl, dt_cols, N)
-            delta = F.linear(dt, wdt)
+            delta = dt_softplus(dt, wdt, p.dt_proj_bias, delta_dtype(cdt))   # the forward's delta, recomputed
             A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
+            # ddelta: the gradient of dt_proj's output (before bias and softplus), in the compute dtype
             du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan.scan_backward(
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
-                p.dt_proj_bias.float(), True, reverse, hloc, S, dz_out=dz_total, dz_accumulate=i == 1)
+                p.dt_proj_bias.float(), True, reverse, hloc, S, dz_out=dz_total, dz_accumulate=i == 1,
+                delta_activated=True, ddelta_dtype=cdt)
             dz_total = dz
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
             d_dt = ddelta @ wdt                                 # (B, L, dt_cols), zero in the padding

@@ -37,7 +37,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Tuning knobs, read at launch; tools/benchmark_kernels.py sweeps them.
 # Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v7; the forward's and the
 # walks' knobs re-swept on an H200 in sessions 10 and 11).
-# - MAXNREG_REV caps the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM).
+# - MAXNREG_REV caps the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM);
+#   MAXNREG_REV_WAVE is the lower cap taken when it fits the grid in fewer waves (``_reverse_walk_maxnreg``;
+#   None: never).
 # - PREFETCH: how many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) issues
 #   `prefetch.global.L1` for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1).
 # - LOOKAHEAD: which forward launches load the next group's u and delta a group early (see ``_fwd_kernel``): 0 none,
@@ -45,10 +47,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
-#   butterfly per state; off: it measured slower in session 8, while every atomic add was still fenced
-#   (docs/kernels.md, v9 and v16).
+#   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
+#   per direction at vision shapes; docs/kernels.md, v9 and v17).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
-              SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, PREFETCH_BWD=1, BC_SCATTER=False,
+              SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
+              BC_SCATTER=False,
               TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -107,6 +110,15 @@ def _softplus(x, ASM: tl.constexpr):
     r = _rcp(1.0 + e, ASM)
     slope = tl.where(x >= 0.0, r, e * r)
     return sp, slope
+
+
+@triton.jit
+def _softplus_slope_of_output(sp):
+    """sigmoid(x) given sp = softplus(x) >= 0: 1 - exp(-sp), as a series where that difference would cancel
+    (relative error about 1e-6). The walks' slope when delta arrives through softplus already."""
+    d = -sp * LOG2E
+    series = sp * (1.0 - sp * 0.5 * (1.0 - sp * (1.0 / 3.0) * (1.0 - sp * 0.25 * (1.0 - sp * 0.2))))
+    return tl.where(sp < 0.0625, series, 1.0 - tl.exp2(d))
 
 
 @triton.jit
@@ -173,8 +185,9 @@ def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
     chunk to its last token, so no load needs a per-token predicate); ``ok`` says whether the step is
     real. Returns u, delta (processed; 0 where not ok or masked, so the step is a no-op), d delta / d raw
     delta (the softplus slope, 1 without softplus), z ([R] each), B, C ([R, NS] or [1, NS]; float32).
-    EVEN_D (the channels fill every block) drops the channel masks. ``u_raw`` / ``d_raw``: u and raw delta
-    loaded already (the forward's LOOKAHEAD)."""
+    EVEN_D (the channels fill every block) drops the channel masks. SOFTPLUS: 0 none, 1 softplus(delta + bias)
+    here, 2 delta is that already (its slope from the value, the bias not added again). ``u_raw`` / ``d_raw``:
+    u and raw delta loaded already (the forward's LOOKAHEAD)."""
     if u_raw is not None:
         u = u_raw.to(tl.float32)
         raw = d_raw.to(tl.float32)
@@ -184,13 +197,17 @@ def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
     else:
         u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
         raw = tl.load(dl_ptrs + t * sd_l, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        raw = raw + bias
-    if SOFTPLUS:
-        dl, slope = _softplus(raw, ASM)
-    else:
+    if SOFTPLUS == 2:   # delta is softplus(raw + bias) already (``delta_activated``); the slope comes from it
         dl = raw
-        slope = 1.0
+        slope = _softplus_slope_of_output(raw)
+    else:
+        if HAS_BIAS:
+            raw = raw + bias
+        if SOFTPLUS:
+            dl, slope = _softplus(raw, ASM)
+        else:
+            dl = raw
+            slope = 1.0
     if EVEN_D:
         dl = tl.where(ok, dl, 0.0)
     else:
@@ -951,14 +968,24 @@ def _row_asm_ok(B: torch.Tensor, C: torch.Tensor, N: int, split: int, asm: bool)
     return True
 
 
-def _flags(u, B, C, N, block_d, split, unroll, num_warps, z, delta_bias, delta_softplus, reverse, prefetch):
+def _softplus_mode(delta_softplus, delta_activated: bool) -> int:
+    """The kernels' SOFTPLUS switch (``_load_step``)."""
+    if delta_activated:
+        if not delta_softplus:
+            raise ValueError("delta_activated=True means delta = softplus(raw + delta_bias) was applied already; "
+                             "it needs delta_softplus=True")
+        return 2
+    return int(bool(delta_softplus))
+
+
+def _flags(u, B, C, N, block_d, split, unroll, num_warps, z, delta_bias, softplus: int, reverse, prefetch):
     """Compile-time switches shared by the forward and backward launches."""
     BLOCK_N = next_pow2(N)
     asm = _use_asm(u)
     prefetch = int(prefetch) if asm else 0   # inline PTX: GPU only
     return dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=unroll, SPLIT=split,
                 EVEN_D=u.shape[1] % block_d == 0, EVEN_N=N == BLOCK_N, ROW_ASM=_row_asm_ok(B, C, N, split, asm),
-                ASM=asm, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                ASM=asm, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                 REVERSE=bool(reverse), PREFETCH=prefetch, num_warps=num_warps)
 
 
@@ -979,11 +1006,12 @@ def _lookahead(knob, accumulate: bool, nc: int) -> bool:
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *, out=None,
-                 out_scale=1.0, accumulate=False, want_last=False):
+                 out_scale=1.0, accumulate=False, want_last=False, delta_activated=False):
     """Launch the forward. Returns (out, last_state or None, hloc, S). ``out`` may be given
     (any strides, e.g. a token-major view). Per token and channel out = out_scale * (y + prior) * silu(z),
     y = C h + D u; with ``accumulate``, prior is what ``out`` holds on entry (else 0). The bidirectional
-    mixer writes one direction's ungated y and gates the two directions' sum once, in the second launch."""
+    mixer writes one direction's ungated y and gates the two directions' sum once, in the second launch.
+    ``delta_activated``: delta is softplus(raw + delta_bias) already (see ``scan_backward``), used as given."""
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
@@ -1005,8 +1033,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     B, C = _bc_rows(B), _bc_rows(C)
     common = _common_args(u, delta, A, B, C, z)
     split = min(CONFIG["SPLIT"], BLOCK_N)
+    if _softplus_mode(delta_softplus, delta_activated) == 2:   # nothing left to apply to delta
+        delta_bias, delta_softplus = None, False
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], z, delta_bias,
-                   delta_softplus, reverse, CONFIG["PREFETCH"])
+                   int(bool(delta_softplus)), reverse, CONFIG["PREFETCH"])
     flags["HAS_D"] = D is not None
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc)
     if nc > 1:   # chunked (long L, two passes): the prefetch made the forward slower there (docs/kernels.md, v7)
@@ -1027,11 +1057,48 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     return out, last, hloc, S
 
 
+def _resident_programs(regs: int, num_warps: int, device: torch.device) -> int:
+    """Programs of num_warps warps that fit on the device at once with regs registers per thread (64K registers
+    per SM, allocated per warp in units of 256; at most 64 warps and 32 programs per SM: sm_80 and sm_90)."""
+    per_warp = cdiv(regs * 32, 256) * 256
+    per_sm = min(65536 // per_warp // num_warps, 64 // num_warps, 32)
+    return per_sm * _sm_count(device)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[device]
+
+
+_SM_COUNTS: dict = {}
+
+
+def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -> dict:
+    """The reverse walk's register cap: ``MAXNREG_REV``, or ``MAXNREG_REV_WAVE`` when the grid then runs in fewer
+    waves of resident programs (a chunked sequence whose grid just misses one wave at 168 registers; vision
+    batches never do). Measured in session 12 (docs/kernels.md, v17)."""
+    cap, low = CONFIG["MAXNREG_REV"], CONFIG["MAXNREG_REV_WAVE"]
+    if not cap:
+        return {}
+    if low and device.type == "cuda" and programs > 0:
+        if cdiv(programs, _resident_programs(low, num_warps, device)) < \
+                cdiv(programs, _resident_programs(cap, num_warps, device)):
+            cap = low
+    return {"maxnreg": cap}
+
+
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
-                  dz_out=None, dz_accumulate=False):
+                  dz_out=None, dz_accumulate=False, delta_activated=False, ddelta_dtype=None):
     """All gradients. ``dout`` is the gradient of the (scaled) output. Returns
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (None where the input is None). ``dz_out``: where dz is
-    written (any strides); with ``dz_accumulate`` it is added to what is there."""
+    written (any strides); with ``dz_accumulate`` it is added to what is there.
+
+    ``delta_activated`` (with ``delta_softplus``): delta is softplus(raw + delta_bias) already, computed by the
+    caller (the mixer's dt_proj kernel); ddelta and ddelta_bias are still the gradients of raw and of the bias,
+    through softplus's slope recovered from delta. ddelta is written in ``ddelta_dtype`` (default delta's)."""
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
@@ -1045,7 +1112,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     B, C = _bc_rows(B), _bc_rows(C)
     split = min(CONFIG["SPLIT_BWD"], BLOCK_N)
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], z, delta_bias,
-                   delta_softplus, reverse, CONFIG["PREFETCH_BWD"])
+                   _softplus_mode(delta_softplus, delta_activated), reverse, CONFIG["PREFETCH_BWD"])
     scatter = CONFIG["BC_SCATTER"] and BLOCK_N // split <= block_d
     grid = (n_d, nc, batch)
     common = _common_args(u, delta, A, B, C, z)
@@ -1076,12 +1143,12 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
                                    *common, *dout.stride(), *dzz.stride(), HAS_D=D is not None,
                                    DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, **flags)
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
-    ddelta = _empty((batch, L, Dm), delta.dtype, dev).transpose(1, 2)
+    ddelta = _empty((batch, L, Dm), ddelta_dtype or delta.dtype, dev).transpose(1, 2)
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg, G,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(),
                                    HAS_D=D is not None, SCATTER=scatter, **flags,
-                                   **({"maxnreg": CONFIG["MAXNREG_REV"]} if CONFIG["MAXNREG_REV"] else {}))
+                                   **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     dB = dB.to(B_in.dtype).reshape(B_in.shape) if B_in.dim() == 3 else dB.to(B_in.dtype)
     dC = dC.to(C_in.dtype).reshape(C_in.shape) if C_in.dim() == 3 else dC.to(C_in.dtype)
     return (du, ddelta, dA.to(A.dtype), dB, dC, dD.to(D.dtype) if D is not None else None, dz,

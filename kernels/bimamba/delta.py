@@ -1,0 +1,99 @@
+"""dt_proj with softplus(. + bias) in its epilogue, for the fused bidirectional mixer (Triton).
+
+``delta = softplus(dt @ W^T + bias)``, written once as the scan reads it. The scan then loads a finished delta
+instead of computing softplus on every (token, channel) on both threads of a channel, which made the mixer's
+forward scans 10-17% faster (docs/kernels.md, v17); the backward walks recover softplus's slope from delta
+(``triton_scan._softplus_slope_of_output``), so forward and backward use the same delta. The backward of this
+GEMM itself is torch's (the walks return the gradient of the pre-activation, as before).
+
+Storage: float16 when the mixer computes in bf16 or fp16. delta is positive and small (softplus of a few units at
+most in a trained Vim) and float16 keeps 3 more mantissa bits than bf16, so the rounding of delta is 8x smaller
+than the official model's rounding of the raw dt_proj output (measured on the mixer's output: 9e-4 relative
+against the in-scan softplus, 2.7e-3 in bf16). Values above float16's range are clamped; they decay any state
+to zero either way.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..host_math import cdiv, next_pow2
+from ..selective_scan import triton_scan
+from ..selective_scan.triton_scan import LOG2E
+
+FP16_MAX = tl.constexpr(65504.0)
+# Tile of (tokens, channels) per program and its warps (tools/benchmark_kernels.py --sweep times them).
+CONFIG = dict(BLOCK_M=64, BLOCK_E=128, NUM_WARPS=4)
+
+
+@triton.jit
+def _softplus_fast(x):
+    """softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|), to ~3e-6 relative: ample for a float16 result, with one
+    MUFU instruction where the scan's float32-exact ``_softplus`` takes three (an exp2 and two reciprocals) and a
+    precise log takes ~20 instructions. This epilogue, not its bytes, bounds the kernel (docs/kernels.md, v17)."""
+    e = tl.exp2(-tl.abs(x) * LOG2E)
+    # log1p(e) / e on [0, 1], degree 6 (a Chebyshev fit; 3.1e-6 relative evaluated in float32)
+    q = 0.01402662880718708 * e - 0.06576914340257645
+    q = q * e + 0.1481052041053772
+    q = q * e - 0.234172523021698
+    q = q * e + 0.3307874798774719
+    q = q * e - 0.4998254179954529
+    q = q * e + 0.999997079372406
+    return tl.maximum(x, 0.0) + e * q
+
+
+@triton.jit
+def _dt_softplus_kernel(dt_ptr, w_ptr, b_ptr, out_ptr, M, E, K, s_dm, s_dk, s_we, s_wk, s_om, s_oe,
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                        CLAMP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_e = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_e = offs_e < E
+    a = tl.load(dt_ptr + offs_m[:, None] * s_dm + offs_k[None, :] * s_dk,
+                mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+    w = tl.load(w_ptr + offs_e[:, None] * s_we + offs_k[None, :] * s_wk,
+                mask=mask_e[:, None] & (offs_k < K)[None, :], other=0.0)
+    if IEEE:   # float32 products, not TF32: for float32 callers, and in the interpreter (whose bf16 dot is wrong)
+        acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        acc = tl.dot(a, tl.trans(w))
+    acc += tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
+    if CLAMP:   # float16 out
+        sp = tl.minimum(_softplus_fast(acc), FP16_MAX)
+    else:
+        sp, _ = triton_scan._softplus(acc, ASM)
+    tl.store(out_ptr + offs_m[:, None] * s_om + offs_e[None, :] * s_oe, sp.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_e[None, :])
+
+
+def delta_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the mixer stores delta in: float16 for half-precision compute (see the module's docstring)."""
+    return torch.float16 if compute_dtype in (torch.bfloat16, torch.float16) else compute_dtype
+
+
+def dt_softplus(dt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """softplus(dt @ weight^T + bias): dt (B, L, K) any strides (a column slice of x_proj's output), weight (E, K)
+    in dt's dtype, bias (E,) -> contiguous (B, L, E) in ``out_dtype``, accumulated and activated in float32."""
+    batch, L, K = dt.shape
+    E = weight.shape[0]
+    if weight.shape[1] != K or bias.shape != (E,):
+        raise ValueError(f"dt_proj weight (E, {K}) and bias (E,) expected, got {tuple(weight.shape)} and "
+                         f"{tuple(bias.shape)}")
+    M = batch * L
+    out = triton_scan._empty((batch, L, E), out_dtype, dt.device)
+    if M == 0 or E == 0:
+        return out
+    d2 = dt.reshape(M, K)   # a view for a column slice of x_proj's output; other strides may copy (small)
+    BLOCK_M, BLOCK_E = CONFIG["BLOCK_M"], min(CONFIG["BLOCK_E"], max(16, next_pow2(E)))
+    grid = (cdiv(M, BLOCK_M), cdiv(E, BLOCK_E))
+    _dt_softplus_kernel[grid](d2, weight, bias, out, M, E, K, *d2.stride(), *weight.stride(), E, 1,
+                              BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, BLOCK_K=max(16, next_pow2(K)),
+                              CLAMP=out_dtype == torch.float16,
+                              IEEE=dt.dtype == torch.float32 or not triton_scan._use_asm(dt),
+                              ASM=triton_scan._use_asm(dt), num_warps=CONFIG["NUM_WARPS"])
+    return out
