@@ -202,8 +202,8 @@ def test_dt_softplus_matches_torch(dtype, K, E):
 
 
 def test_dt_softplus_edges():
-    """float16 storage clamps to its range instead of overflowing; empty inputs; a clear error on a weight that
-    does not match dt."""
+    """float16 storage clamps to its range instead of overflowing; empty inputs; clear errors on a weight whose
+    shape or dtype does not match dt."""
     from vim.kernels.bimamba.delta import dt_softplus
 
     dt = torch.randn(1, 3, 4, device=DEV, dtype=torch.float16)
@@ -213,6 +213,8 @@ def test_dt_softplus_edges():
     assert dt_softplus(dt[:0], w, torch.zeros(16, device=DEV), torch.float16).shape == (0, 3, 16)
     with pytest.raises(ValueError, match="dt_proj weight"):
         dt_softplus(dt, w[:, :3], torch.zeros(16, device=DEV), torch.float16)
+    with pytest.raises(ValueError, match="dt's dtype"):
+        dt_softplus(dt, w.float(), torch.zeros(16, device=DEV), torch.float16)
 
 
 def test_dt_softplus_float16_over_the_whole_range():

@@ -6,11 +6,10 @@ forward scans 10-17% faster (docs/kernels.md, v17); the backward walks recover s
 (``triton_scan._softplus_slope_of_output``), so forward and backward use the same delta. The backward of this
 GEMM itself is torch's (the walks return the gradient of the pre-activation, as before).
 
-Storage: float16 when the mixer computes in bf16 or fp16. delta is positive and small (softplus of a few units at
-most in a trained Vim) and float16 keeps 3 more mantissa bits than bf16, so the rounding of delta is 8x smaller
-than the official model's rounding of the raw dt_proj output (measured on the mixer's output: 9e-4 relative
-against the in-scan softplus, 2.7e-3 in bf16). Values above float16's range are clamped; they decay any state
-to zero either way.
+Storage: float16 when the mixer computes in bf16 or fp16. delta is positive, and float16 keeps 3 more mantissa
+bits than bf16: delta is rounded to 2^-12 relative instead of 2^-9 (measured on the mixer's output against the
+in-scan softplus: 9.4e-4 relative with delta in float16, 2.7e-3 in bf16). Values above float16's range are
+clamped; they decay any state to zero either way.
 """
 from __future__ import annotations
 
@@ -84,6 +83,8 @@ def dt_softplus(dt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out_
     if weight.shape[1] != K or bias.shape != (E,):
         raise ValueError(f"dt_proj weight (E, {K}) and bias (E,) expected, got {tuple(weight.shape)} and "
                          f"{tuple(bias.shape)}")
+    if weight.dtype != dt.dtype:
+        raise ValueError(f"dt_proj weight must have dt's dtype {dt.dtype} (cast it first), got {weight.dtype}")
     M = batch * L
     out = triton_scan._empty((batch, L, E), out_dtype, dt.device)
     if M == 0 or E == 0:
