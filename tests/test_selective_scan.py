@@ -205,7 +205,7 @@ def test_reverse_walk_register_cap_by_waves(monkeypatch):
     """The reverse walk takes the lower cap (MAXNREG_REV_WAVE) only where that fits its grid in fewer waves of
     resident one-warp programs: 12 per SM at 168 registers, 16 at 128 (132 SMs: 1584 and 2112)."""
     gpu = torch.device("cuda", 0)
-    monkeypatch.setitem(triton_scan._SM_COUNTS, gpu, 132)
+    monkeypatch.setattr(triton_scan, "sm_count", lambda device: 132)
     assert triton_scan._resident_programs(168, 1, gpu) == 1584
     assert triton_scan._resident_programs(128, 1, gpu) == 2112
     cap = lambda programs, dev=gpu: triton_scan._reverse_walk_maxnreg(programs, 1, dev)  # noqa: E731

@@ -92,9 +92,9 @@ def dt_softplus(dt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out_
     d2 = dt.reshape(M, K)   # a view for a column slice of x_proj's output; other strides may copy (small)
     BLOCK_M, BLOCK_E = CONFIG["BLOCK_M"], min(CONFIG["BLOCK_E"], max(16, next_pow2(E)))
     grid = (cdiv(M, BLOCK_M), cdiv(E, BLOCK_E))
+    asm = triton_scan._use_asm(dt)
     _dt_softplus_kernel[grid](d2, weight, bias, out, M, E, K, *d2.stride(), *weight.stride(), E, 1,
                               BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, BLOCK_K=max(16, next_pow2(K)),
                               CLAMP=out_dtype == torch.float16,
-                              IEEE=dt.dtype == torch.float32 or not triton_scan._use_asm(dt),
-                              ASM=triton_scan._use_asm(dt), num_warps=CONFIG["NUM_WARPS"])
+                              IEEE=dt.dtype == torch.float32 or not asm, ASM=asm, num_warps=CONFIG["NUM_WARPS"])
     return out

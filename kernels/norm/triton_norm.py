@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..host_math import cdiv, next_pow2
+from ..host_math import cdiv, next_pow2, sm_count
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
 
 # Widest row held in registers at once (64 KB of float32); Vim's widths are at most 1024.
@@ -108,8 +108,7 @@ def _tile(M: int, N: int):
 def _bwd_programs(device: torch.device, n_tiles: int, num_warps: int) -> int:
     """Enough programs to keep ~32 warps resident per SM; each extra program costs one (dim,) partial."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return min(n_tiles, sms * max(1, 32 // num_warps))
+        return min(n_tiles, sm_count(device) * max(1, 32 // num_warps))
     return min(n_tiles, 4)   # the CPU interpreter: a few programs, each looping over several tiles
 
 

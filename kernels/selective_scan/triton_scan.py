@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..host_math import cdiv, next_pow2
+from ..host_math import cdiv, next_pow2, sm_count
 
 # exp(x) = exp2(x * LOG2E): the kernels keep A * LOG2E only; sums of A * x are rescaled by LN2
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -1033,10 +1033,11 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     B, C = _bc_rows(B), _bc_rows(C)
     common = _common_args(u, delta, A, B, C, z)
     split = min(CONFIG["SPLIT"], BLOCK_N)
-    if _softplus_mode(delta_softplus, delta_activated) == 2:   # nothing left to apply to delta
-        delta_bias, delta_softplus = None, False
+    softplus = _softplus_mode(delta_softplus, delta_activated)
+    if softplus == 2:   # nothing left to apply to delta
+        delta_bias, softplus = None, 0
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], z, delta_bias,
-                   int(bool(delta_softplus)), reverse, CONFIG["PREFETCH"])
+                   softplus, reverse, CONFIG["PREFETCH"])
     flags["HAS_D"] = D is not None
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc)
     if nc > 1:   # chunked (long L, two passes): the prefetch made the forward slower there (docs/kernels.md, v7)
@@ -1062,18 +1063,7 @@ def _resident_programs(regs: int, num_warps: int, device: torch.device) -> int:
     per SM, allocated per warp in units of 256; at most 64 warps and 32 programs per SM: sm_80 and sm_90)."""
     per_warp = cdiv(regs * 32, 256) * 256
     per_sm = min(65536 // per_warp // num_warps, 64 // num_warps, 32)
-    return per_sm * _sm_count(device)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.index is None:
-        device = torch.device(device.type, torch.cuda.current_device())
-    if device not in _SM_COUNTS:
-        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNTS[device]
-
-
-_SM_COUNTS: dict = {}
+    return per_sm * sm_count(device)
 
 
 def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -> dict:
