@@ -186,14 +186,18 @@ def test_compiles_without_graph_breaks():
 def test_dt_softplus_matches_torch(dtype, K, E):
     """dt_proj with softplus(. + bias) in the epilogue (the delta the fused mixer scans) against torch in float64:
     dt a column slice of wider rows (x_proj's output), any width of dt_proj, channels overhanging the block; float32
-    stays float32, half precision is stored as float16 (``delta_dtype``)."""
+    stays float32, half precision is stored as float16 (``delta_dtype``). The same launch widens the rows' other
+    columns (x_proj's B / C) to a contiguous float32 copy, exactly."""
     from vim.kernels.bimamba.delta import delta_dtype, dt_softplus
 
-    rows = torch.randn(2, 13, K + 9, device=DEV).to(dtype)
+    rows = torch.randn(2, 13, K + 9 + 2 * K, device=DEV).to(dtype)
     dt = rows[..., 3:3 + K]
     w = (torch.randn(E, K, device=DEV) / math.sqrt(K)).to(dtype)
     bias = torch.randn(E, device=DEV) - 2.0
     out = dt_softplus(dt, w, bias, delta_dtype(dtype))
+    out2, wide = dt_softplus(dt, w, bias, delta_dtype(dtype), widen=rows[..., K + 9:])
+    assert torch.equal(out2, out)
+    assert wide.dtype == torch.float32 and wide.is_contiguous() and torch.equal(wide, rows[..., K + 9:].float())
     ref = torch.nn.functional.softplus(dt.double() @ w.double().t() + bias.double())
     assert out.shape == (2, 13, E) and out.is_contiguous()
     assert out.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
@@ -203,7 +207,7 @@ def test_dt_softplus_matches_torch(dtype, K, E):
 
 def test_dt_softplus_edges():
     """float16 storage clamps to its range instead of overflowing; empty inputs; clear errors on a weight whose
-    shape or dtype does not match dt."""
+    shape or dtype does not match dt, or rows to widen that are not dt's."""
     from vim.kernels.bimamba.delta import dt_softplus
 
     dt = torch.randn(1, 3, 4, device=DEV, dtype=torch.float16)
@@ -211,6 +215,10 @@ def test_dt_softplus_edges():
     out = dt_softplus(dt, w, torch.full((16,), 1e5, device=DEV), torch.float16)
     assert torch.equal(out, torch.full_like(out, 65504.0))
     assert dt_softplus(dt[:0], w, torch.zeros(16, device=DEV), torch.float16).shape == (0, 3, 16)
+    _, wide = dt_softplus(dt[:0], w, torch.zeros(16, device=DEV), torch.float16, widen=dt[:0])
+    assert wide.shape == (0, 3, 4) and wide.dtype == torch.float32
+    with pytest.raises(ValueError, match="widen must have"):
+        dt_softplus(dt, w, torch.zeros(16, device=DEV), torch.float16, widen=dt[:, :2])
     with pytest.raises(ValueError, match="dt_proj weight"):
         dt_softplus(dt, w[:, :3], torch.zeros(16, device=DEV), torch.float16)
     with pytest.raises(ValueError, match="dt's dtype"):
@@ -229,3 +237,30 @@ def test_dt_softplus_float16_over_the_whole_range():
     err = ((out.flatten().double() - ref).abs() / ref)[normal].max().item()
     assert err < 5e-4, err
     assert (out.flatten().double() - ref)[~normal].abs().max().item() < 3e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("E, N, R", [(8, 4, 2), (70, 16, 12), (130, 5, 24)])
+def test_derived_weights_match_torch(dtype, E, N, R):
+    """One launch gives what torch's casts, zero-padded copies and -exp(A_log) gave: x_proj's rows [dt | 0 | B, C |
+    0], dt_proj's columns [R | 0], both in the compute dtype, and A in float32, from strided parameters. The weights
+    are drawn in the compute dtype's precision (the interpreter's float32 -> bf16 cast truncates)."""
+    from vim.kernels.bimamba.triton_bimamba import _xproj_columns
+    from vim.kernels.bimamba.weights import derive_weights
+
+    wx = torch.randn(E, R + 2 * N, device=DEV).to(dtype).float().t()     # a transposed view
+    wdt = torch.randn(E, R + 3, device=DEV).to(dtype).float()[:, 1:R + 1]
+    A_log = torch.randn(E, N + 1, device=DEV)[:, :N]
+    dt_cols, width = _xproj_columns(R, N)
+    out = derive_weights(wx, wdt, A_log, dt_cols, width, dtype)
+    ref_x = torch.zeros(width, E, dtype=dtype, device=DEV)
+    ref_x[:R], ref_x[dt_cols:dt_cols + 2 * N] = wx[:R].to(dtype), wx[R:].to(dtype)
+    ref_dt = torch.zeros(E, dt_cols, dtype=dtype, device=DEV)
+    ref_dt[:, :R] = wdt.to(dtype)
+    assert torch.equal(out.x_proj, ref_x) and torch.equal(out.dt_proj, ref_dt)
+    assert out.A.dtype == torch.float32 and out.A.is_contiguous()
+    assert rel(out.A, -torch.exp(A_log.double())) < 1e-6
+    with pytest.raises(ValueError, match="do not fit"):
+        derive_weights(wx[:-1], wdt, A_log, dt_cols, width, dtype)
+    with pytest.raises(ValueError, match="narrower than"):
+        derive_weights(wx, wdt, A_log, dt_cols, dt_cols + 2 * N - 1, dtype)

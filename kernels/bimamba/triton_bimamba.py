@@ -23,6 +23,7 @@ from ..selective_scan.triton_scan import _absent, _none_if_absent
 from .conv import ConvGrad, conv_silu, conv_silu_backward_pair
 from .delta import delta_dtype, dt_softplus
 from .naive import DirectionParams
+from .weights import derive_weights
 
 
 # Columns of the x_proj output rows, laid out [dt | 0 | B | C | 0] with dt, B and each row starting on a multiple of
@@ -40,28 +41,20 @@ def _xproj_columns(rank: int, N: int):
     return dt_cols, up(dt_cols + 2 * N)
 
 
-def _padded_weights(p: DirectionParams, cdt):
-    """x_proj (width, E) and dt_proj (E, dt_cols) weights in the padded layout, cast to the compute dtype, and
-    that layout's (dt_cols, width)."""
-    rank, N = p.dt_proj_weight.shape[1], p.A_log.shape[1]
-    dt_cols, width = _xproj_columns(rank, N)
-    wx, wdt = p.x_proj_weight, p.dt_proj_weight
-    if (dt_cols, width) == (rank, rank + 2 * N):
-        return wx.to(cdt), wdt.to(cdt), dt_cols, width
-    wx_p = wx.new_zeros((width, wx.shape[1]), dtype=cdt)
-    wx_p[:rank] = wx[:rank]
-    wx_p[dt_cols:dt_cols + 2 * N] = wx[rank:]
-    wdt_p = wdt.new_zeros((wdt.shape[0], dt_cols), dtype=cdt)
-    wdt_p[:, :rank] = wdt
-    return wx_p, wdt_p, dt_cols, width
+def _weights(p: DirectionParams, cdt):
+    """x_proj (width, E) and dt_proj (E, dt_cols) weights in the padded layout and the compute dtype, A = -exp(A_log)
+    (E, N) in float32, and the layout's (dt_cols, width): one launch (weights.py)."""
+    dt_cols, width = _xproj_columns(p.dt_proj_weight.shape[1], p.A_log.shape[1])
+    return (*derive_weights(p.x_proj_weight, p.dt_proj_weight, p.A_log, dt_cols, width, cdt), dt_cols, width)
 
 
-def _split(xdbl, dt_cols, N):
-    """dt (B, L, dt_cols) and B, C as (B, N, L) views of one float32 (B, L, 2N) copy: the rows the scan kernels
-    load whole (``triton_scan._bc_rows``), made in one small pass instead of one per tensor."""
+def _scan_rows(xdbl, wdt, bias, dt_cols, N, cdt):
+    """From x_proj's output: dt (B, L, dt_cols), delta (dt_proj + softplus, ``delta_dtype``) and B, C as (B, N, L)
+    views of one float32 (B, L, 2N) copy, the rows the scan kernels load whole (``triton_scan._bc_rows``); the copy
+    is made by delta's launch."""
     dt = xdbl[..., :dt_cols]
-    bc = xdbl[..., dt_cols:dt_cols + 2 * N].float()
-    return dt, bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
+    delta, bc = dt_softplus(dt, wdt, bias, delta_dtype(cdt), widen=xdbl[..., dt_cols:dt_cols + 2 * N])
+    return dt, delta, bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
 
 
 def _forward_impl(x, z, flat):
@@ -75,12 +68,10 @@ def _forward_impl(x, z, flat):
     with torch.autocast(device_type=x.device.type, enabled=False):
         for i, (p, reverse) in enumerate(((fwd, False), (bwd, True))):
             N = p.A_log.shape[1]
-            wx, wdt, dt_cols, _ = _padded_weights(p, cdt)
+            wx, wdt, A, dt_cols, _ = _weights(p, cdt)
             xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
             xdbl = F.linear(xc, wx)
-            dt, Bm, Cm = _split(xdbl, dt_cols, N)
-            delta = dt_softplus(dt, wdt, p.dt_proj_bias, delta_dtype(cdt))
-            A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
+            dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)
             # the first direction writes its ungated y; the second adds its own and gates the sum once:
             # out = (y_f + y_b) / 2 * silu(z), the average of the two gated outputs
             _, _, hloc, S = triton_scan.scan_forward(
@@ -106,11 +97,9 @@ def _backward_impl(dout, x, z, flat, saved):
             xdbl, hloc, S = saved[3 * i], _none_if_absent(saved[3 * i + 1]), _none_if_absent(saved[3 * i + 2])
             N = p.A_log.shape[1]
             rank = p.dt_proj_weight.shape[1]
-            wx, wdt, dt_cols, width = _padded_weights(p, cdt)
+            wx, wdt, A, dt_cols, width = _weights(p, cdt)
             xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
-            dt, Bm, Cm = _split(xdbl, dt_cols, N)
-            delta = dt_softplus(dt, wdt, p.dt_proj_bias, delta_dtype(cdt))   # the forward's delta, recomputed
-            A = -torch.exp(p.A_log.float().t()).t()   # channel-contiguous, as the kernels read it
+            dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)   # the forward's, recomputed
             # ddelta: the gradient of dt_proj's output (before bias and softplus), in the compute dtype
             du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan.scan_backward(
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),

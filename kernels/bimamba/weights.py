@@ -1,0 +1,79 @@
+"""The weights a mixer call derives from one direction's parameters, in one Triton launch.
+
+Each call needs x_proj's and dt_proj's weights in the compute dtype and in the column-padded layout of
+``triton_bimamba.XPROJ_ALIGN``, and ``A = -exp(A_log)`` in float32. Written with torch these were up to seven
+small kernels per direction (at vim_tiny's widths: two zero fills, three slice copies with casts, exp and
+negation), 336 launches per vim_tiny forward and as many again in its backward, each a few microseconds even
+inside a CUDA graph (docs/kernels.md, v18). They are derived on every call rather than cached so that optimizer
+steps, ``load_state_dict`` and CUDA-graph replays always see the current parameters.
+
+``A`` comes from Triton's ``exp`` (on the GPU ``ex2.approx``: ~1e-7 relative, where torch's is exact to float32
+rounding) and is (E, N) row-major, the layout the scan kernels have always been given.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..host_math import cdiv, next_pow2
+from ..selective_scan import triton_scan
+
+BLOCK_E = 64
+
+
+class DerivedWeights(NamedTuple):
+    x_proj: torch.Tensor    # (width, E): rows [dt (R) | 0 | B, C (2N) | 0], compute dtype
+    dt_proj: torch.Tensor   # (E, dt_cols): columns [R | 0], compute dtype
+    A: torch.Tensor         # (E, N) float32, contiguous
+
+
+@triton.jit
+def _derive_kernel(wx_ptr, wdt_ptr, alog_ptr, wx_out, wdt_out, a_out, E, R, N, DT_COLS, WIDTH,
+                   s_wx_r, s_wx_e, s_wdt_e, s_wdt_r, s_a_e, s_a_n,
+                   BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    cdt = wx_out.dtype.element_ty
+    # x_proj: output row r reads weight row r (dt) or r - DT_COLS + R (B, C); the padding rows are zero
+    r = tl.arange(0, BLOCK_W)
+    src = tl.where(r < DT_COLS, r, r - DT_COLS + R)
+    keep = (r < R) | ((r >= DT_COLS) & (src < R + 2 * N))
+    w = tl.load(wx_ptr + src[:, None] * s_wx_r + offs_e[None, :] * s_wx_e, mask=keep[:, None] & mask_e[None, :],
+                other=0.0)
+    tl.store(wx_out + r[:, None] * E + offs_e[None, :], w.to(cdt), mask=(r < WIDTH)[:, None] & mask_e[None, :])
+    c = tl.arange(0, BLOCK_DT)
+    w = tl.load(wdt_ptr + offs_e[:, None] * s_wdt_e + c[None, :] * s_wdt_r, mask=mask_e[:, None] & (c < R)[None, :],
+                other=0.0)
+    tl.store(wdt_out + offs_e[:, None] * DT_COLS + c[None, :], w.to(cdt), mask=mask_e[:, None] & (c < DT_COLS)[None, :])
+    n = tl.arange(0, BLOCK_N)
+    m = mask_e[:, None] & (n < N)[None, :]
+    a = tl.load(alog_ptr + offs_e[:, None] * s_a_e + n[None, :] * s_a_n, mask=m, other=0.0)
+    tl.store(a_out + offs_e[:, None] * N + n[None, :], -tl.exp(a.to(tl.float32)), mask=m)
+
+
+def derive_weights(x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor, A_log: torch.Tensor,
+                   dt_cols: int, width: int, dtype: torch.dtype) -> DerivedWeights:
+    """x_proj_weight (R + 2N, E), dt_proj_weight (E, R), A_log (E, N), any float dtypes and strides -> the padded,
+    cast projection weights and A (see ``DerivedWeights``)."""
+    E, R = dt_proj_weight.shape
+    N = A_log.shape[1]
+    if x_proj_weight.shape != (R + 2 * N, E) or A_log.shape[0] != E:
+        raise ValueError(f"derive_weights: x_proj {tuple(x_proj_weight.shape)}, dt_proj {tuple(dt_proj_weight.shape)} "
+                         f"and A_log {tuple(A_log.shape)} do not fit (R + 2N, E), (E, R), (E, N)")
+    if dt_cols < R or width < dt_cols + 2 * N:
+        raise ValueError(f"derive_weights: padded layout (dt_cols={dt_cols}, width={width}) narrower than "
+                         f"R={R}, 2N={2 * N}")
+    dev = x_proj_weight.device
+    out = DerivedWeights(triton_scan._empty((width, E), dtype, dev), triton_scan._empty((E, dt_cols), dtype, dev),
+                         triton_scan._empty((E, N), torch.float32, dev))
+    if E == 0:
+        return out
+    _derive_kernel[(cdiv(E, BLOCK_E),)](
+        x_proj_weight, dt_proj_weight, A_log, out.x_proj, out.dt_proj, out.A, E, R, N, dt_cols, width,
+        *x_proj_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(),
+        BLOCK_E=BLOCK_E, BLOCK_W=max(16, next_pow2(width)), BLOCK_DT=max(16, next_pow2(dt_cols)),
+        BLOCK_N=max(16, next_pow2(N)), num_warps=4)
+    return out
