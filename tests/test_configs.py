@@ -141,3 +141,19 @@ def test_demo_config_is_the_default():
     cfg = Config.fromfile(DEMO_CONFIG)
     assert Path(DEMO_CONFIG) == CONFIGS / "demo" / "shapes_cls.py"
     assert cfg.model.model_name == "vim_tiny" and cfg.train_dataloader.dataset.shapes is not None
+
+
+def test_loaders_unpinned_without_a_gpu(monkeypatch):
+    """The ImageNet configs pin host memory for GPU training; on a machine without a GPU the tools switch it off
+    (torch's DataLoader would warn on every loader), and with one they leave it as configured."""
+    from vim.engine import cli
+
+    cfg = Config.fromfile(CONFIGS / "vim" / "vim_tiny_in1k.py")
+    assert cfg.train_dataloader.pin_memory and cfg.val_dataloader.pin_memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cli.unpin_without_gpu(cfg)
+    assert cfg.train_dataloader.pin_memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cli.unpin_without_gpu(cfg)
+    assert not cfg.train_dataloader.pin_memory and not cfg.val_dataloader.pin_memory
+    assert not cfg.test_dataloader.pin_memory

@@ -62,6 +62,7 @@ def main(argv=None) -> int:
         cfg.pop(key, None)
     cfg.test_cfg = dict(type=cfg.get("test_cfg", {}).get("type", "TestLoop"), fp16=False)
     cli.set_cpu_threads(cfg)
+    cli.unpin_without_gpu(cfg)
 
     from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner

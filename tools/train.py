@@ -72,6 +72,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     threads = cli.set_cpu_threads(cfg)
+    cli.unpin_without_gpu(cfg)
 
     if args.fsdp:
         from mmengine.runner._flexible_runner import FlexibleRunner

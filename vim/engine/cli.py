@@ -116,6 +116,17 @@ def set_cpu_threads(cfg: Config) -> Optional[int]:
     return n
 
 
+def unpin_without_gpu(cfg: Config) -> None:
+    """Pinned host memory only speeds up copies to a GPU; without one, torch's DataLoader warns about it. The ImageNet
+    configs pin (for GPU training), so on a CPU-only machine their loaders are switched off it."""
+    if torch.cuda.is_available():
+        return
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = cfg.get(key)
+        if loader and loader.get("pin_memory"):
+            loader["pin_memory"] = False
+
+
 def format_metrics(metrics: Dict[str, Any]) -> str:
     """``top-1: 76.12  top-5: 93.01``: every metric, two decimals for numbers."""
     parts = []
