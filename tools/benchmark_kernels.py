@@ -103,7 +103,7 @@ def make_inputs(batch, E, L, N, dtype, device, requires_grad=False):
     z = torch.randn(batch, L, E, device=device, dtype=dtype)
     dl = (torch.randn(batch, L, E, device=device) * 0.5 - 1.0).to(dtype)
     xdbl = torch.randn(batch, L, R + 2 * N, device=device, dtype=dtype)
-    A = -torch.exp(torch.rand(E, N, device=device) * 2)   # (E, N) contiguous, as the mixer derives it
+    A = -torch.exp(torch.rand(N, E, device=device) * 2).t()   # channel-contiguous, as the mixer derives it
     D = torch.randn(E, device=device)
     bias = torch.randn(E, device=device) * 0.5
     leaves = [x, dl, A, xdbl, D, z, bias]

@@ -43,7 +43,8 @@ def _xproj_columns(rank: int, N: int):
 
 def _weights(p: DirectionParams, cdt):
     """x_proj (width, E) and dt_proj (E, dt_cols) weights in the padded layout and the compute dtype, A = -exp(A_log)
-    (E, N) in float32, and the layout's (dt_cols, width): one launch (weights.py)."""
+    (E, N) in float32 and channel-contiguous as the scan kernels read it, and the layout's (dt_cols, width): one
+    launch (weights.py)."""
     dt_cols, width = _xproj_columns(p.dt_proj_weight.shape[1], p.A_log.shape[1])
     return (*derive_weights(p.x_proj_weight, p.dt_proj_weight, p.A_log, dt_cols, width, cdt), dt_cols, width)
 

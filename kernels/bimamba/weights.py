@@ -8,7 +8,8 @@ inside a CUDA graph (docs/kernels.md, v18). They are derived on every call rathe
 steps, ``load_state_dict`` and CUDA-graph replays always see the current parameters.
 
 ``A`` comes from Triton's ``exp`` (on the GPU ``ex2.approx``: ~1e-7 relative, where torch's is exact to float32
-rounding) and is (E, N) row-major, the layout the scan kernels have always been given.
+rounding) and is written channel-contiguous, the layout the scan kernels pin their tiles to
+(``triton_scan.channel_major``), so no scan call copies it.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ BLOCK_E = 64
 class DerivedWeights(NamedTuple):
     x_proj: torch.Tensor    # (width, E): rows [dt (R) | 0 | B, C (2N) | 0], compute dtype
     dt_proj: torch.Tensor   # (E, dt_cols): columns [R | 0], compute dtype
-    A: torch.Tensor         # (E, N) float32, contiguous
+    A: torch.Tensor         # (E, N) float32, channel-contiguous: strides (1, E)
 
 
 @triton.jit
@@ -51,7 +52,7 @@ def _derive_kernel(wx_ptr, wdt_ptr, alog_ptr, wx_out, wdt_out, a_out, E, R, N, D
     n = tl.arange(0, BLOCK_N)
     m = mask_e[:, None] & (n < N)[None, :]
     a = tl.load(alog_ptr + offs_e[:, None] * s_a_e + n[None, :] * s_a_n, mask=m, other=0.0)
-    tl.store(a_out + offs_e[:, None] * N + n[None, :], -tl.exp(a.to(tl.float32)), mask=m)
+    tl.store(a_out + n[None, :] * E + offs_e[:, None], -tl.exp(a.to(tl.float32)), mask=m)
 
 
 def derive_weights(x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor, A_log: torch.Tensor,
@@ -68,7 +69,7 @@ def derive_weights(x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor, A_
                          f"R={R}, 2N={2 * N}")
     dev = x_proj_weight.device
     out = DerivedWeights(triton_scan._empty((width, E), dtype, dev), triton_scan._empty((E, dt_cols), dtype, dev),
-                         triton_scan._empty((E, N), torch.float32, dev))
+                         triton_scan._empty((N, E), torch.float32, dev).t())
     if E == 0:
         return out
     _derive_kernel[(cdiv(E, BLOCK_E),)](
