@@ -128,6 +128,26 @@ def test_forward_lookahead_is_bit_identical(monkeypatch):
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def test_pair_conv_is_bit_identical(monkeypatch):
+    """Both directions' conv + SiLU from one launch (``PAIR_CONV``) compute what two launches do: the mixer's
+    output and every gradient are the same bits either way."""
+    from vim.kernels.bimamba import triton_bimamba
+
+    fwd, bwd = make_params(24, 4, 3, conv_bias=False), make_params(24, 4, 3)
+    xz = torch.randn(2, 19, 48, device=DEV)
+    got = []
+    for pair in (False, True):
+        monkeypatch.setattr(triton_bimamba, "PAIR_CONV", pair)
+        xz_ = xz.clone().requires_grad_()
+        ps = [p.clone().to(DEV).requires_grad_() if p is not None else None for p in (*fwd, *bwd)]
+        x, z = xz_.split([24, 24], dim=-1)
+        y = bimamba_v2_fn(x, z, DirectionParams(*ps[:7]), DirectionParams(*ps[7:]), backend="triton")
+        y.backward(torch.randn_like(y, generator=torch.Generator(DEV).manual_seed(1)))
+        got.append([y, xz_.grad] + [p.grad for p in ps if p is not None])
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("align", [1, 8, 16])
 def test_fused_xproj_column_padding(monkeypatch, align):
     """x_proj's output rows padded to [dt | 0 | B | C | 0] (``XPROJ_ALIGN``; 1: unpadded) give the reference's

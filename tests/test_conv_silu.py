@@ -103,6 +103,26 @@ def test_pair_mixed_widths_and_bias():
     check_pair(1, 23, 24, biases=(False, True), widths=(3, 4))
 
 
+@pytest.mark.parametrize("batch, L, E, widths, biases, dtype", [
+    (2, 37, 40, (4, 4), (True, True), torch.float32),     # a ragged token tile and channel block
+    (1, 1, 24, (4, 4), (True, False), torch.float32),     # one token: every tap but one is padding
+    (2, 23, 136, (3, 2), (False, True), torch.float32),   # narrower kernels, a different width per direction
+    (2, 19, 24, (4, 4), (True, True), torch.bfloat16),
+])
+def test_forward_pair_matches_two_launches(batch, L, E, widths, biases, dtype):
+    """``conv_silu_pair`` is both directions' ``conv_silu`` from one read of x: the same bits, and the readable
+    reference's values."""
+    x = strided(batch, L, E, dtype)
+    dirs = [direction(batch, L, E, w, b, dtype, 1) for w, b in zip(widths, biases)]
+    out_f, out_b = conv.conv_silu_pair(x, dirs[0].weight, dirs[0].bias, dirs[1].weight, dirs[1].bias)
+    for out, d, reverse in ((out_f, dirs[0], False), (out_b, dirs[1], True)):
+        assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+        assert torch.equal(out, conv.conv_silu(x, d.weight, d.bias, reverse))
+        ref = depthwise_conv_silu_ref(x.double(), d.weight.double(),
+                                      d.bias.double() if d.bias is not None else None, reverse).transpose(1, 2)
+        assert rel(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
 def test_pair_needs_a_direction():
     x = torch.randn(1, 5, 8, device=DEV)
     with pytest.raises(ValueError, match="at least one direction"):

@@ -4,6 +4,9 @@ Causal: ``out[l] = silu(b + sum_k w[k] x[l + k - (W-1)])``; anti-causal (``rever
 direction): ``out[l] = silu(b + sum_k w[k] x[l + (W-1-k)])``, zero padding in both. x is read in place
 with any strides (the model passes a half of in_proj's output), so no contiguous copy exists.
 
+Forward: tiles of [tokens, channels], each tap a shifted load of the tile that hits L1 after the first;
+``conv_silu_pair`` gives both directions from one launch, so x is read from memory once for the two.
+
 Backward: one ascending walk over the tokens per program, for one or both directions of the same x
 (``conv_silu_backward_pair``). The pre-activation is recomputed from a 4-token window of x held in
 registers, never stored; each direction keeps its last three dact values in registers too, so dx at a
@@ -36,6 +39,11 @@ from ..selective_scan import triton_scan
 # smallest, 1024 programs or 64 channels at 2 warps were 9% faster, and 9-58% slower at the others.
 BWD_TARGET_PROGRAMS = 2048
 BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 128, 2
+# Forward launches: [FWD_BLOCK_L tokens, FWD_BLOCK_E channels] tiles (PAIR_*: both directions in one launch). The
+# pair's tile is the H200 sweep's best of session 14 (docs/kernels.md, v19): 16 x 64 at 2 warps and 16 x 128 at 4
+# (16 elements per thread) tie, first at every shape; more warps or tokens per program ran 1.2-3x slower.
+FWD_BLOCK_L, FWD_BLOCK_E, FWD_NUM_WARPS = 32, 128, 4
+PAIR_BLOCK_L, PAIR_BLOCK_E, PAIR_NUM_WARPS = 16, 64, 2
 TAPS = 4   # the backward walks a 4-token window; narrower kernels are padded with leading zero taps
 
 
@@ -67,9 +75,10 @@ def _preact(x_base, w_ptr, b_ptr, pos, offs_e, mask_e, L, sx_l, sx_e,
 
 
 @triton.jit
-def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
-                      W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
+def _conv_silu_tile(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
+                    W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
+    """silu(conv(x)) of the program's [BLOCK_L tokens, BLOCK_E channels] tile, stored into out."""
     pid_l = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -82,6 +91,27 @@ def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b
     m = (offs_l < L)[:, None] & mask_e[None, :]
     tl.store(out_ptr + pid_b * so_b + offs_l[:, None] * so_l + offs_e[None, :] * so_e,
              out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
+                      W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
+    _conv_silu_tile(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
+                    W, BLOCK_L, BLOCK_E, HAS_BIAS, REVERSE)
+
+
+@triton.jit
+def _conv_silu_pair_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr, L, E, sx_b, sx_l, sx_e,
+                           so_b, so_l, so_e, WF: tl.constexpr, WB: tl.constexpr, BLOCK_L: tl.constexpr,
+                           BLOCK_E: tl.constexpr, HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr):
+    """Both directions of ``_conv_silu_kernel`` on one tile of x (the compiler shares their index arithmetic and
+    the offset-0 load; the other shifted loads hit L1). The causal output is stored before the anti-causal one
+    is accumulated, so one float32 tile is live at a time."""
+    _conv_silu_tile(x_ptr, wf_ptr, bf_ptr, of_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
+                    WF, BLOCK_L, BLOCK_E, HAS_BIAS_F, False)
+    _conv_silu_tile(x_ptr, wb_ptr, bb_ptr, ob_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
+                    WB, BLOCK_L, BLOCK_E, HAS_BIAS_B, True)
 
 
 @triton.jit
@@ -209,12 +239,30 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool) -> tor
     batch, L, E = x.shape
     w = weight.reshape(E, -1).contiguous()
     out = triton_scan._empty((batch, L, E), x.dtype, x.device)
-    BLOCK_L, BLOCK_E = 32, min(128, next_pow2(E))
+    BLOCK_L, BLOCK_E = FWD_BLOCK_L, min(FWD_BLOCK_E, next_pow2(E))
     grid = (cdiv(L, BLOCK_L), cdiv(E, BLOCK_E), batch)
     _conv_silu_kernel[grid](x, w, bias if bias is not None else w, out, L, E, *x.stride(), *out.stride(),
                             W=w.shape[1], BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, HAS_BIAS=bias is not None,
-                            REVERSE=reverse, num_warps=4)
+                            REVERSE=reverse, num_warps=FWD_NUM_WARPS)
     return out
+
+
+def conv_silu_pair(x: torch.Tensor, weight_f: torch.Tensor, bias_f, weight_b: torch.Tensor, bias_b):
+    """``(conv_silu(x, weight_f, bias_f, False), conv_silu(x, weight_b, bias_b, True))`` in one launch: each
+    program loads its tile of x once for both directions (the token offsets 0..3 and -3..0 of the two
+    directions' taps share the offset-0 tile, the rest come from L1), so x is read from memory once instead of
+    twice. The same arithmetic as ``conv_silu``, so the same bits."""
+    batch, L, E = x.shape
+    wf, wb = weight_f.reshape(E, -1).contiguous(), weight_b.reshape(E, -1).contiguous()
+    out_f = triton_scan._empty((batch, L, E), x.dtype, x.device)
+    out_b = triton_scan._empty((batch, L, E), x.dtype, x.device)
+    BLOCK_L, BLOCK_E = PAIR_BLOCK_L, min(PAIR_BLOCK_E, next_pow2(E))
+    grid = (cdiv(L, BLOCK_L), cdiv(E, BLOCK_E), batch)
+    _conv_silu_pair_kernel[grid](x, wf, bias_f if bias_f is not None else wf, wb, bias_b if bias_b is not None else wb,
+                                 out_f, out_b, L, E, *x.stride(), *out_f.stride(), WF=wf.shape[1], WB=wb.shape[1],
+                                 BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, HAS_BIAS_F=bias_f is not None,
+                                 HAS_BIAS_B=bias_b is not None, num_warps=PAIR_NUM_WARPS)
+    return out_f, out_b
 
 
 class ConvGrad(NamedTuple):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..selective_scan import triton_scan
 from ..selective_scan.triton_scan import _absent, _none_if_absent
-from .conv import ConvGrad, conv_silu, conv_silu_backward_pair
+from .conv import ConvGrad, conv_silu, conv_silu_backward_pair, conv_silu_pair
 from .delta import delta_dtype, dt_softplus
 from .naive import DirectionParams
 from .weights import derive_weights
@@ -49,6 +49,17 @@ def _weights(p: DirectionParams, cdt):
     return (*derive_weights(p.x_proj_weight, p.dt_proj_weight, p.A_log, dt_cols, width, cdt), dt_cols, width)
 
 
+# Both directions' conv + SiLU from one launch that reads x once (conv.conv_silu_pair); off: one launch each.
+PAIR_CONV = True
+
+
+def _convs(x, fwd: DirectionParams, bwd: DirectionParams):
+    """The two directions' scan inputs, silu(causal conv(x)) and silu(anti-causal conv(x))."""
+    if PAIR_CONV:
+        return conv_silu_pair(x, fwd.conv_weight, fwd.conv_bias, bwd.conv_weight, bwd.conv_bias)
+    return conv_silu(x, fwd.conv_weight, fwd.conv_bias, False), conv_silu(x, bwd.conv_weight, bwd.conv_bias, True)
+
+
 def _scan_rows(xdbl, wdt, bias, dt_cols, N, cdt):
     """From x_proj's output: dt (B, L, dt_cols), delta (dt_proj + softplus, ``delta_dtype``) and B, C as (B, N, L)
     views of one float32 (B, L, 2N) copy, the rows the scan kernels load whole (``triton_scan._bc_rows``); the copy
@@ -67,10 +78,11 @@ def _forward_impl(x, z, flat):
     out = triton_scan._empty((batch, L, E), cdt, x.device)
     saved = []
     with torch.autocast(device_type=x.device.type, enabled=False):
+        xcs = list(_convs(x, fwd, bwd))
         for i, (p, reverse) in enumerate(((fwd, False), (bwd, True))):
             N = p.A_log.shape[1]
             wx, wdt, A, dt_cols, _ = _weights(p, cdt)
-            xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
+            xc, xcs[i] = xcs[i], None
             xdbl = F.linear(xc, wx)
             dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)
             # the first direction writes its ungated y; the second adds its own and gates the sum once:
@@ -94,12 +106,13 @@ def _backward_impl(dout, x, z, flat, saved):
     conv_grads = []
     dz_total = None
     with torch.autocast(device_type=x.device.type, enabled=False):
+        xcs = list(_convs(x, *params))
         for i, (p, reverse) in enumerate(zip(params, (False, True))):
             xdbl, hloc, S = saved[3 * i], _none_if_absent(saved[3 * i + 1]), _none_if_absent(saved[3 * i + 2])
             N = p.A_log.shape[1]
             rank = p.dt_proj_weight.shape[1]
             wx, wdt, A, dt_cols, width = _weights(p, cdt)
-            xc = conv_silu(x, p.conv_weight, p.conv_bias, reverse)
+            xc, xcs[i] = xcs[i], None
             dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)   # the forward's, recomputed
             # ddelta: the gradient of dt_proj's output (before bias and softplus), in the compute dtype
             du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan.scan_backward(
