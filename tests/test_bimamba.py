@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vim.kernels import DirectionParams, bimamba_v2_fn, bimamba_v2_ref
+from vim.kernels import DirectionParams, bimamba_v2_fn, bimamba_v2_packed_fn, bimamba_v2_ref
 from vim.kernels.selective_scan import triton_scan
 
 CUDA = torch.cuda.is_available()
@@ -175,6 +175,35 @@ def test_gpu_fused_fp32_long():
     run_both(1, 700, 64, 16, 4, tol=1e-4, gtol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("chunk, conv_bias", [(None, True), (8, False)])
+def test_packed_matches_halves(monkeypatch, backend, chunk, conv_bias):
+    """``bimamba_v2_packed_fn(xz)`` is ``bimamba_v2_fn`` on xz's halves: the same output and the same gradients,
+    the input's now written as one (B, L, 2E) tensor by the kernels (in one chunk and over several)."""
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+    fwd, bwd = make_params(24, 4, 3, conv_bias), make_params(24, 4, 3)
+    xz0 = torch.randn(2, 19, 48, device=DEV)
+    dy = torch.randn(2, 19, 24, device=DEV)
+    got = []
+    for packed in (False, True):
+        xz = xz0.clone().requires_grad_()
+        ps = [p.clone().to(DEV).requires_grad_() if p is not None else None for p in (*fwd, *bwd)]
+        f, b = DirectionParams(*ps[:7]), DirectionParams(*ps[7:])
+        y = bimamba_v2_packed_fn(xz, f, b, backend=backend) if packed else \
+            bimamba_v2_fn(*xz.chunk(2, dim=-1), f, b, backend=backend)
+        y.backward(dy)
+        assert xz.grad.is_contiguous()
+        got.append([y, xz.grad] + [p.grad for p in ps if p is not None])
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
+def test_packed_rejects_odd_widths():
+    fwd, bwd = make_params(4, 2, 1), make_params(4, 2, 1)
+    with pytest.raises(ValueError, match=r"xz must be \(B, L, 2E\)"):
+        bimamba_v2_packed_fn(torch.randn(1, 3, 7, device=DEV), fwd, bwd, backend="triton")
+
+
 def test_compiles_without_graph_breaks():
     """The op is a torch custom op with a fake and an autograd formula: fullgraph compile must trace it."""
     E, N, R = 8, 4, 2
@@ -185,20 +214,29 @@ def test_compiles_without_graph_breaks():
     fwd = DirectionParams(*[p.detach().to(DEV).requires_grad_() for p in fwd])
     bwd = DirectionParams(*[p.detach().to(DEV).requires_grad_() for p in bwd])
 
-    def fn(xz):
+    def halves(xz):
         x, z = xz.split([E, E], dim=-1)
         return bimamba_v2_fn(x, z, fwd, bwd, backend="triton").square().sum()
 
-    eager = fn(xz)
-    eager.backward()
-    g_eager = [p.grad.clone() for p in fwd]
-    for p in fwd:
-        p.grad = None
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(xz)
-    compiled.backward()
-    assert torch.allclose(compiled, eager, rtol=1e-5)
-    for a, p in zip(g_eager, fwd):
-        assert torch.allclose(p.grad, a, rtol=1e-4, atol=1e-6)
+    def packed(xz):
+        return bimamba_v2_packed_fn(xz, fwd, bwd, backend="triton").square().sum()
+
+    for fn in (halves, packed):
+        xz_ = xz.clone().requires_grad_()
+        eager = fn(xz_)
+        eager.backward()
+        g_eager = [p.grad.clone() for p in fwd] + [xz_.grad.clone()]
+        for p in fwd:
+            p.grad = None
+        xz_.grad = None
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(xz_)
+        compiled.backward()
+        assert torch.allclose(compiled, eager, rtol=1e-5)
+        for a, g in zip(g_eager, [p.grad for p in fwd] + [xz_.grad]):
+            assert torch.allclose(g, a, rtol=1e-4, atol=1e-6)
+        for p in fwd:
+            p.grad = None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

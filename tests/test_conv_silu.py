@@ -123,6 +123,19 @@ def test_forward_pair_matches_two_launches(batch, L, E, widths, biases, dtype):
         assert rel(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
+def test_backward_into_a_half_of_a_wider_buffer():
+    """``out``: dx written into a (B, L, E) view with the row stride of a (B, L, 2E) gradient, the rest untouched."""
+    x = strided(2, 23, 40, torch.float32)
+    f, b = direction(2, 23, 40, 4, True, torch.float32, 2), direction(2, 23, 40, 4, True, torch.float32, 1)
+    dx, *_ = conv.conv_silu_backward_pair(f, b, x)
+    wide = torch.full((2, 23, 80), 7.0, device=DEV)
+    got, *_ = conv.conv_silu_backward_pair(f, b, x, out=wide[..., :40])
+    assert got.data_ptr() == wide.data_ptr() and torch.equal(wide[..., :40], dx)
+    assert (wide[..., 40:] == 7.0).all()
+    with pytest.raises(ValueError, match="unit channel stride"):
+        conv.conv_silu_backward_pair(f, b, x, out=wide[..., ::2])
+
+
 def test_pair_needs_a_direction():
     x = torch.randn(1, 5, 8, device=DEV)
     with pytest.raises(ValueError, match="at least one direction"):

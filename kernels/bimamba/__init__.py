@@ -1,4 +1,4 @@
 from .naive import DirectionParams, bimamba_v2_ref
-from .interface import bimamba_v2_fn
+from .interface import bimamba_v2_fn, bimamba_v2_packed_fn
 
-__all__ = ["DirectionParams", "bimamba_v2_fn", "bimamba_v2_ref"]
+__all__ = ["DirectionParams", "bimamba_v2_fn", "bimamba_v2_packed_fn", "bimamba_v2_ref"]

@@ -154,7 +154,7 @@ def _taps(w_ptr, b_ptr, offs_e, mask_e, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb_ptr, gb_ptrs, gb_strides,
-                          dx_ptr, part_ptr, L, E, TOKENS, sx_b, sx_l, sx_e,
+                          dx_ptr, part_ptr, L, E, TOKENS, sx_b, sx_l, sx_e, sdx_b, sdx_l,
                           SEG: tl.constexpr, BLOCK_E: tl.constexpr,
                           HAS_F: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr, ASM: tl.constexpr):
@@ -216,7 +216,7 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
                 db1, db2, db3 = d, db1, db2
             if i >= 3:
                 s = p - 3
-                tl.store(dx_ptr + (pid_b * L + s) * E + offs_e, dx.to(dx_ptr.dtype.element_ty),
+                tl.store(dx_ptr + pid_b * sdx_b + s * sdx_l + offs_e, dx.to(dx_ptr.dtype.element_ty),
                          mask=mask_e & (s < L))
             xm3, xm2, xm1 = xm2, xm1, x0
     part = part_ptr + (pid_b * tl.num_programs(2) + pid_s) * 10 * E + offs_e
@@ -285,13 +285,14 @@ def _padded_taps(weight: torch.Tensor, E: int) -> torch.Tensor:
 
 
 def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[ConvGrad], x: torch.Tensor,
-                            dx_dtype: Optional[torch.dtype] = None):
+                            dx_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None):
     """Gradients of ``conv_silu(x, w_f, b_f, False)`` and ``conv_silu(x, w_b, b_b, True)`` (either may be
     None) given their output gradients, in one pass over x: both directions share x, so their input
     gradients are summed in registers and dx is written once.
 
     Returns (dx, (dweight_f, dbias_f), (dweight_b, dbias_b)): dx contiguous (B, L, E) in ``dx_dtype``
-    (default x's dtype); dweight float32 shaped like its weight, dbias float32 (E,) or None without a bias;
+    (default x's dtype), or written into ``out`` ((B, L, E) with unit channel stride, e.g. a half of a wider
+    gradient buffer); dweight float32 shaped like its weight, dbias float32 (E,) or None without a bias;
     None in place of an absent direction's pair.
     """
     if causal is None and anticausal is None:
@@ -299,7 +300,13 @@ def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[Con
     batch, L, E = x.shape
     dirs = (causal, anticausal)
     taps = [_padded_taps(d.weight, E) if d is not None else None for d in dirs]
-    dx = triton_scan._empty((batch, L, E), dx_dtype or x.dtype, x.device)
+    if out is not None:
+        if out.shape != x.shape or out.stride(-1) != 1 or out.dtype != (dx_dtype or x.dtype):
+            raise ValueError(f"out must be a {tuple(x.shape)} {dx_dtype or x.dtype} tensor with unit channel stride, "
+                             f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}")
+        dx = out
+    else:
+        dx = triton_scan._empty((batch, L, E), dx_dtype or x.dtype, x.device)
     n_e = cdiv(E, BWD_BLOCK_E)
     segs = cdiv(L, BWD_SEG)
     n_split = max(1, min(segs, cdiv(BWD_TARGET_PROGRAMS, max(1, n_e * batch))))
@@ -313,7 +320,7 @@ def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[Con
         else:
             args += [w, d.bias if d.bias is not None else w, tuple(d.grads), tuple(g.stride() for g in d.grads)]
     _conv_silu_bwd_kernel[(n_e, batch, n_split)](
-        x, *args, dx, part, L, E, tokens, *x.stride(), SEG=BWD_SEG, BLOCK_E=BWD_BLOCK_E,
+        x, *args, dx, part, L, E, tokens, *x.stride(), dx.stride(0), dx.stride(1), SEG=BWD_SEG, BLOCK_E=BWD_BLOCK_E,
         HAS_F=causal is not None, HAS_B=anticausal is not None,
         HAS_BIAS_F=causal is not None and causal.bias is not None,
         HAS_BIAS_B=anticausal is not None and anticausal.bias is not None, ASM=triton_scan._use_asm(x),

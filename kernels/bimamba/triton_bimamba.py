@@ -97,14 +97,16 @@ def _forward_impl(x, z, flat):
     return out, saved
 
 
-def _backward_impl(dout, x, z, flat, saved):
-    """Gradients of x, z and the 14 direction parameters (empty tensors for an absent conv bias)."""
+def _backward_impl(dout, x, z, flat, saved, dxz=None):
+    """Gradients of x, z and the 14 direction parameters (empty tensors for an absent conv bias). With ``dxz``
+    ((B, L, 2E), x's dtype) dx and dz are written into its two halves."""
     params = (DirectionParams(*flat[:7]), DirectionParams(*flat[7:]))
     cdt = x.dtype
-    dy = (dout.to(cdt) * 0.5).transpose(1, 2)   # each direction carries half the output; exact in fp
+    E = x.shape[-1]
+    dy = dout.to(cdt).transpose(1, 2)   # each direction carries half the output: the scans take it times 0.5
     grads = []
     conv_grads = []
-    dz_total = None
+    dz_total = dxz[..., E:].transpose(1, 2) if dxz is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
         xcs = list(_convs(x, *params))
         for i, (p, reverse) in enumerate(zip(params, (False, True))):
@@ -118,7 +120,7 @@ def _backward_impl(dout, x, z, flat, saved):
             du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan.scan_backward(
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
                 p.dt_proj_bias.float(), True, reverse, hloc, S, dz_out=dz_total, dz_accumulate=i == 1,
-                delta_activated=True, ddelta_dtype=cdt)
+                delta_activated=True, ddelta_dtype=cdt, dout_scale=0.5)
             dz_total = dz
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
             d_dt = ddelta @ wdt                                 # (B, L, dt_cols), zero in the padding
@@ -136,27 +138,39 @@ def _backward_impl(dout, x, z, flat, saved):
             grads.append([None, None, dWx.to(p.x_proj_weight.dtype), dWdt.to(p.dt_proj_weight.dtype),
                           dbias.to(p.dt_proj_bias.dtype), dA_log, dD.to(p.D.dtype)])
         # both convs read the same x: one pass gives their weight gradients and the summed dx
-        dx, *conv_wb = conv_silu_backward_pair(conv_grads[0], conv_grads[1], x)
+        dx, *conv_wb = conv_silu_backward_pair(conv_grads[0], conv_grads[1], x,
+                                               out=dxz[..., :E] if dxz is not None else None)
         for g, p, (dconv_w, dconv_b) in zip(grads, params, conv_wb):
             g[0] = dconv_w.to(p.conv_weight.dtype)
             g[1] = dconv_b.to(p.conv_bias.dtype) if dconv_b is not None else _absent(x)
     return dx, dz_total.transpose(1, 2).to(z.dtype), grads[0] + grads[1]
 
 
-# torch custom ops, so torch.compile sees one opaque node per call instead of breaking the graph.
+# torch custom ops, so torch.compile sees one opaque node per call instead of breaking the graph. ``z`` absent: ``x``
+# is in_proj's whole output (B, L, 2E), x and z its halves, and the backward returns one (B, L, 2E) gradient (written
+# in place by the conv and scan backwards) instead of dx and dz that autograd would concatenate: one pass over it less.
 _PARAM_ARGS = ", ".join(f"Tensor{'?' if k == 1 else ''} {d}{k}" for d in "fb" for k in range(7))
 _lib = torch.library.Library("vim_kernels", "FRAGMENT")
-_lib.define(f"bimamba_v2_fwd(Tensor x, Tensor z, {_PARAM_ARGS}) -> Tensor[]")
-_lib.define(f"bimamba_v2_bwd(Tensor dout, Tensor x, Tensor z, {_PARAM_ARGS}, Tensor[] saved) -> Tensor[]")
+_lib.define(f"bimamba_v2_fwd(Tensor x, Tensor? z, {_PARAM_ARGS}) -> Tensor[]")
+_lib.define(f"bimamba_v2_bwd(Tensor dout, Tensor x, Tensor? z, {_PARAM_ARGS}, Tensor[] saved) -> Tensor[]")
+
+
+def _halves(x, z):
+    """(x, z) as the mixer computes on them: the given pair, or the two halves of a packed x."""
+    return x.chunk(2, dim=-1) if z is None else (x, z)
 
 
 def _fwd_op(x, z, *flat):
-    out, saved = _forward_impl(x, z, flat)
+    out, saved = _forward_impl(*_halves(x, z), flat)
     return [out, *saved]
 
 
 def _bwd_op(dout, x, z, *rest):
     *flat, saved = rest
+    if z is None:
+        dxz = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _, _, grads = _backward_impl(dout, *_halves(x, z), flat, saved, dxz=dxz)
+        return [dxz, _absent(x), *grads]
     dx, dz, grads = _backward_impl(dout, x, z, flat, saved)
     return [dx, dz, *grads]
 
@@ -168,6 +182,7 @@ for _key in ("CPU", "CUDA"):
 
 @torch.library.register_fake("vim_kernels::bimamba_v2_fwd")
 def _fwd_fake(x, z, *flat):
+    x, _ = _halves(x, z)
     batch, L, E = x.shape
     outs = [x.new_empty((batch, L, E))]
     for p in (DirectionParams(*flat[:7]), DirectionParams(*flat[7:])):
@@ -185,33 +200,41 @@ def _fwd_fake(x, z, *flat):
 @torch.library.register_fake("vim_kernels::bimamba_v2_bwd")
 def _bwd_fake(dout, x, z, *rest):
     *flat, saved = rest
-    return [torch.empty_like(x), torch.empty_like(z)] + [
+    return [torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(z) if z is not None else _absent(x)] + [
         torch.empty_like(p) if p is not None else _absent(x) for p in flat]
 
 
 def _setup_context(ctx, inputs, output):
     x, z, *flat = inputs
-    ctx.save_for_backward(x, z, *flat, *output[1:])
+    ctx.packed = z is None
+    ctx.save_for_backward(x, *([] if ctx.packed else [z]), *flat, *output[1:])
     ctx.has_bias = (flat[1] is not None, flat[8] is not None)
 
 
 def _autograd_backward(ctx, grads):
-    x, z, *rest = ctx.saved_tensors
+    x, *rest = ctx.saved_tensors
+    z = None if ctx.packed else rest.pop(0)
     flat, saved = list(rest[:14]), list(rest[14:])
     res = torch.ops.vim_kernels.bimamba_v2_bwd(grads[0].contiguous(), x, z, *flat, saved)
     dx, dz, *pg = res
     for i in (1, 8):
         if not ctx.has_bias[i // 8]:
             pg[i] = None
-    return (dx, dz, *pg)
+    return (dx, None if ctx.packed else dz, *pg)
 
 
 torch.library.register_autograd("vim_kernels::bimamba_v2_fwd", _autograd_backward, setup_context=_setup_context)
 
 
 def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams) -> torch.Tensor:
-    if x.dim() != 3 or z.shape != x.shape:
-        raise ValueError(f"x and z must both be (B, L, E); got {tuple(x.shape)} and {tuple(z.shape)}")
-    if z.dtype != x.dtype:
-        raise ValueError(f"x and z must share a dtype; got {x.dtype} and {z.dtype}")
+    """The mixer core on CUDA (or the interpreter). ``z`` None: x is (B, L, 2E), x and z its halves."""
+    if z is None:
+        if x.dim() != 3 or x.shape[-1] % 2:
+            raise ValueError(f"packed xz must be (B, L, 2E); got {tuple(x.shape)}")
+    else:
+        if x.dim() != 3 or z.shape != x.shape:
+            raise ValueError(f"x and z must both be (B, L, E); got {tuple(x.shape)} and {tuple(z.shape)}")
+        if z.dtype != x.dtype:
+            raise ValueError(f"x and z must share a dtype; got {x.dtype} and {z.dtype}")
     return torch.ops.vim_kernels.bimamba_v2_fwd(x, z, *fwd, *bwd)[0]

@@ -601,7 +601,7 @@ def _bwd_adjoint_state_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, DY_SCALE: tl.constexpr,
 ):
     """Per chunk, the adjoint walked from zero at the chunk's end: stores a_s*g_s at the chunk's first
     position (Gout), (B, NC, N, D) float32."""
@@ -639,7 +639,7 @@ def _bwd_adjoint_state_kernel(
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
                                                 HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
-            dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32)
+            dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32) * DY_SCALE
             if HAS_Z:
                 dy = dy * z * _sigmoid(z, ASM)
             gnext = tl.exp2(dl[:, None] * A2) * (gnext + dy[:, None] * Cv)
@@ -658,7 +658,7 @@ def _bwd_forward_walk_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
+    REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr, DY_SCALE: tl.constexpr,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start)."""
@@ -706,7 +706,7 @@ def _bwd_forward_walk_kernel(
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
                                                 HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
-            dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32)
+            dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32) * DY_SCALE
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if HAS_Z:
                 ypre = tl.sum(h * Cv, axis=1)
@@ -756,7 +756,7 @@ def _bwd_reverse_walk_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
+    REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr, DY_SCALE: tl.constexpr,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA and ddelta_bias (atomic)."""
@@ -826,7 +826,7 @@ def _bwd_reverse_walk_kernel(
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
                                                 HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
-            dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32)
+            dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32) * DY_SCALE
             Ft = tl.load(F_ptrs + t * Dm, mask=md & (part == 0), other=0.0)
             if HAS_Z:
                 dy = dy * z * _sigmoid(z, ASM)
@@ -1081,8 +1081,9 @@ def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -
 
 
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
-                  dz_out=None, dz_accumulate=False, delta_activated=False, ddelta_dtype=None):
-    """All gradients. ``dout`` is the gradient of the (scaled) output. Returns
+                  dz_out=None, dz_accumulate=False, delta_activated=False, ddelta_dtype=None, dout_scale=1.0):
+    """All gradients. ``dout`` is the gradient of the (scaled) output, taken times ``dout_scale`` as it is loaded
+    (the mixer's directions each carry half of its output: 0.5, exact, with no pass over dout). Returns
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (None where the input is None). ``dz_out``: where dz is
     written (any strides); with ``dz_accumulate`` it is added to what is there.
 
@@ -1103,6 +1104,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     split = min(CONFIG["SPLIT_BWD"], BLOCK_N)
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], z, delta_bias,
                    _softplus_mode(delta_softplus, delta_activated), reverse, CONFIG["PREFETCH_BWD"])
+    flags["DY_SCALE"] = float(dout_scale)
     scatter = CONFIG["BC_SCATTER"] and BLOCK_N // split <= block_d
     grid = (n_d, nc, batch)
     common = _common_args(u, delta, A, B, C, z)

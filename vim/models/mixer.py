@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
-from ..kernels import DirectionParams, bimamba_v2_fn
+from ..kernels import DirectionParams, bimamba_v2_packed_fn
 from ..kernels.norm import residual_add
 from .layers import RMSNorm
 
@@ -70,9 +70,8 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, dim) -> (B, L, dim)."""
-        xs, z = self.in_proj(x).chunk(2, dim=-1)
-        y = bimamba_v2_fn(xs, z, self.direction_params(False), self.direction_params(True),
-                          backend=self.scan_backend)
+        y = bimamba_v2_packed_fn(self.in_proj(x), self.direction_params(False), self.direction_params(True),
+                                 backend=self.scan_backend)
         return self.out_proj(y)
 
 
