@@ -168,7 +168,7 @@ def _fwd_op(x, z, *flat):
 def _bwd_op(dout, x, z, *rest):
     *flat, saved = rest
     if z is None:
-        dxz = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dxz = triton_scan._empty(tuple(x.shape), x.dtype, x.device)   # poisoned in tests: both halves must be written
         _, _, grads = _backward_impl(dout, *_halves(x, z), flat, saved, dxz=dxz)
         return [dxz, _absent(x), *grads]
     dx, dz, grads = _backward_impl(dout, x, z, flat, saved)
