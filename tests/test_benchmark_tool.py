@@ -1,10 +1,14 @@
 """tools/benchmark.py on the CPU: a tiny end-to-end run (JSON, table, PNGs, no mmengine import) and
-the batch-size search backing off from out-of-memory."""
+the batch-size search backing off from out-of-memory, and ``--variant`` A/B runs."""
 import json
+import re
+import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import pytest
 import torch
 from tool_loading import load_tool
 
@@ -100,3 +104,126 @@ def test_kernel_benchmark_dt_rows_run_on_cpu():
     res = bk.time_dt_softplus(48, 24, 12, "cpu", False, torch.float32)
     assert res["dt_softplus"]["ms"] > 0 and res["linear"]["ms"] > 0 and res["dt_softplus"]["gpu_ms"] is None
     assert res["floor_bytes"] == 48 * 12 * 4 + 48 * 24 * 4
+
+
+# --variant: knobs set per measurement
+
+
+@pytest.fixture
+def knobs(monkeypatch, tmp_path):
+    """A fake knob module, and one on the path whose import fails on a missing dependency."""
+    mod = types.ModuleType("fake_knobs")
+    mod.FLAG, mod.CONFIG, mod.NS = True, {"LOOKAHEAD": "accumulate", "BLOCK": 16}, types.SimpleNamespace(depth=1)
+    monkeypatch.setitem(sys.modules, "fake_knobs", mod)
+    (tmp_path / "broken_knobs.py").write_text("import no_such_dependency_xyz\nFLAG = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return mod
+
+
+def test_variant_specs_parse(knobs):
+    bench = load_tool("benchmark")
+    (v,) = bench.parse_variants(["a:fake_knobs.FLAG=False,fake_knobs.CONFIG[LOOKAHEAD]=0,fake_knobs.CONFIG['BLOCK']=32,"
+                                 "fake_knobs.NS.depth=(1, 2),fake_knobs.FLAG=hello world"])
+    assert v.name == "a"
+    assert [(k.owner, k.key, k.value, k.item) for k in v.knobs] == [
+        (knobs, "FLAG", False, False), (knobs.CONFIG, "LOOKAHEAD", 0, True), (knobs.CONFIG, "BLOCK", 32, True),
+        (knobs.NS, "depth", (1, 2), False), (knobs, "FLAG", "hello world", False)]
+    base, real = bench.parse_variants(["base:", "r:vim.kernels.selective_scan.triton_scan.CONFIG[LOOKAHEAD]=None"])
+    from vim.kernels.selective_scan import triton_scan
+    assert base.knobs == [] and real.knobs[0].owner is triton_scan.CONFIG and real.knobs[0].value is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("v:no_such_module_xyz.FLAG=1", "no importable module in 'no_such_module_xyz.FLAG'"),
+    ("v:broken_knobs.FLAG=1", "importing broken_knobs failed: No module named 'no_such_dependency_xyz'"),
+    ("v:fake_knobs.MISSING=1", "fake_knobs has no attribute 'MISSING'"),
+    ("v:fake_knobs.NS.width=1", "fake_knobs.NS has no attribute 'width'"),
+    ("v:fake_knobs.CONFIG[NOPE]=1", "'NOPE' is not a key of fake_knobs.CONFIG (LOOKAHEAD, BLOCK)"),
+    ("v:fake_knobs.FLAG[0]=1", "fake_knobs.FLAG is a bool, not a dict"),
+    ("v:fake_knobs.FLAG", "'fake_knobs.FLAG': expected dotted.module.ATTR=VALUE"),
+    ("fake_knobs.FLAG=1", "'fake_knobs.FLAG=1': expected NAME:SPEC"),
+])
+def test_variant_spec_errors(knobs, text, message):
+    bench = load_tool("benchmark")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        bench.parse_variants([text])
+    assert knobs.FLAG is True and "NOPE" not in knobs.CONFIG and not hasattr(knobs, "MISSING")
+
+
+def test_variant_names_are_unique(knobs):
+    with pytest.raises(SystemExit, match="variant 'a' given twice"):
+        load_tool("benchmark").parse_variants(["a:", "a:fake_knobs.FLAG=0"])
+
+
+def test_variants_alternate_with_knobs_set_and_restored(knobs, monkeypatch):
+    bench = load_tool("benchmark")
+    variants = bench.parse_variants(["off:fake_knobs.FLAG=False,fake_knobs.CONFIG[BLOCK]=8", "base:"])
+    seen = []
+
+    def fake_measure(case, *_):
+        seen.append((knobs.FLAG, knobs.CONFIG["BLOCK"]))
+        case.status, case.ms, case.reps = "ok", 2.0 + len(seen), 3
+        return case
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    template = bench.Case("m", "model", "infer", 32, batch_size=4)
+    off, base = bench.measure_variants(template, variants, {}, types.SimpleNamespace(rounds=2), None, None)
+    assert seen == [(False, 8), (True, 16), (False, 8), (True, 16)]
+    assert knobs.FLAG is True and knobs.CONFIG["BLOCK"] == 16
+    assert off.round_ms == [3.0, 5.0] and off.ms == 4.0 and off.reps == 6 and off.img_s == 4 / 4.0 * 1e3
+    assert base.round_ms == [4.0, 6.0] and base.status == "ok" and template.round_ms == []
+
+    def failing_measure(case, *_):
+        assert knobs.FLAG is False
+        raise KeyboardInterrupt  # measure() reports its own errors: only an interrupt gets out
+
+    monkeypatch.setattr(bench, "measure", failing_measure)
+    with pytest.raises(KeyboardInterrupt):
+        bench.measure_variants(template, variants, {}, types.SimpleNamespace(rounds=1), None, None)
+    assert knobs.FLAG is True and knobs.CONFIG["BLOCK"] == 16
+
+
+def test_variant_cpu_run_records_rounds_and_ratios(tmp_path, monkeypatch, capsys):
+    """Two variants of a real kernel knob on a tiny vim: both measured at the one batch, alternating, the
+    knob set inside each measurement and back to its default after; the baseline measured once."""
+    bench = load_tool("benchmark")
+    from vim.kernels.bimamba import triton_bimamba
+
+    default, seen, searched = triton_bimamba.PAIR_CONV, [], []
+    real_time_step, real_search = bench.time_step, bench.search_batch
+
+    def spy(step, *a, **k):
+        seen.append(triton_bimamba.PAIR_CONV)
+        return real_time_step(step, *a, **k)
+
+    def search_spy(name, *a, **k):
+        searched.append((name, triton_bimamba.PAIR_CONV))
+        return real_search(name, *a, **k)
+
+    monkeypatch.setattr(bench, "time_step", spy)
+    monkeypatch.setattr(bench, "search_batch", search_spy)
+    knob = "vim.kernels.bimamba.triton_bimamba.PAIR_CONV"
+    rc = bench.main(["--device", "cpu", "--models", "vim_tiny", "--baselines", "deit_tiny_patch16_224",
+                     "--resolutions", "32", "--modes", "infer", "--max-batch-size", "1", "--min-reps", "1",
+                     "--model-kwargs", "depth=1", "embed_dim=32", "--baseline-kwargs", "depth=1", "embed_dim=32",
+                     "num_heads=2", "--variant", f"two_launches:{knob}=False", "--variant", f"pair:{knob}=True",
+                     "--no-plot", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert seen == [False, True, False, True, default] and triton_bimamba.PAIR_CONV is default  # last: the baseline
+    assert searched == [("vim_tiny", default), ("deit_tiny_patch16_224", default)]  # once, with the defaults
+    doc = json.loads((tmp_path / "benchmark.json").read_text())
+    assert doc["variants"] == [{"name": "two_launches", "specs": [f"{knob}=False"]},
+                               {"name": "pair", "specs": [f"{knob}=True"]}]
+    assert doc["args"]["rounds"] == 2
+    vims = [c for c in doc["cases"] if c["model"] == "vim_tiny"]
+    (deit,) = [c for c in doc["cases"] if c["model"] != "vim_tiny"]
+    assert [c["variant"] for c in vims] == ["two_launches", "pair"] and "variant" not in deit
+    for c in vims:
+        assert c["status"] == "ok" and len(c["round_ms"]) == 2 and c["batch_size"] == deit["batch_size"] == 1
+        assert c["ms"] == statistics.median(c["round_ms"]) and c["batch_source"] == "search"
+    first, second = doc["ab"]
+    assert first["variant"] == "two_launches" and first["ratio"] == 1.0
+    assert abs(second["ratio"] - vims[1]["ms"] / vims[0]["ms"]) < 1e-12 and second["round_ms"] == vims[1]["round_ms"]
+    assert [r["variant"] for r in doc["ratios"]] == ["two_launches", "pair"]
+    assert "ratio: ms / two_launches's ms" in out and "pair" in out.split("rounds (ms)")[1]

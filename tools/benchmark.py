@@ -20,18 +20,30 @@ the smaller of their two batch sizes so that their ratio compares like with like
 Writes ``benchmark.json`` (after every case, so an interrupted run keeps what it measured),
 ``throughput.png`` and ``memory.png`` to ``--out-dir``, and prints a table with ours / baseline
 ratios. Exit status 1 when a case failed with an error other than running out of memory.
+
+``--variant NAME:SPEC[,SPEC...]`` (repeatable) measures each of our models' cases under every variant in
+one process, e.g. a kernel knob off and on: a SPEC is ``dotted.module.ATTR=VALUE`` or
+``dotted.module.DICT[KEY]=VALUE``, set before the model is built and restored after its measurement.
+The variants alternate over ``--rounds`` rounds at the batch size found with the defaults; baselines are
+measured once. The table gains a variant column and an A/B table (ms per step and ratio to the first
+variant) follows; plots show the first variant only.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import gc
+import importlib
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import MutableMapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -83,7 +95,119 @@ def parse_args(argv=None):
                         "the table, JSON and plots still cover what was measured")
     p.add_argument("--out-dir", default="benchmark_results", help="where benchmark.json and the PNGs go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:SPEC[,SPEC...]",
+                   help="repeatable: each of our models' cases is measured under every variant; SPEC is "
+                        "dotted.module.ATTR=VALUE or dotted.module.DICT[KEY]=VALUE (VALUE a Python literal, else "
+                        "a string); NAME: alone keeps the defaults")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="with --variant: rounds over all variants, each variant timed once per round")
     return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# --variant: module-level knobs set for one measurement
+
+
+# a spec's start, so that a comma inside a value (a tuple) does not split it
+_SPEC_SEP = r",(?=\s*[A-Za-z_][\w.]*(?:\[[^\]]*\])?=)"
+_SPEC = re.compile(r"\s*(?P<path>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\[(?P<key>[^\]]+)\])?=(?P<value>.*)", re.S)
+
+
+@dataclass
+class Knob:
+    """One resolved SPEC: ``owner.key = value``, or ``owner[key] = value`` for a dict knob (``item``)."""
+    spec: str
+    owner: Any
+    key: Any
+    value: Any
+    item: bool
+
+    def get(self) -> Any:
+        return self.owner[self.key] if self.item else getattr(self.owner, self.key)
+
+    def set(self, value: Any) -> None:
+        if self.item:
+            self.owner[self.key] = value
+        else:
+            setattr(self.owner, self.key, value)
+
+
+@dataclass
+class Variant:
+    name: str
+    knobs: List[Knob]
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The knobs set, and put back as they were however the block ends, so the next variant (and
+        the baselines) start from the defaults."""
+        saved = []
+        try:
+            for knob in self.knobs:
+                saved.append((knob, knob.get()))
+                knob.set(knob.value)
+            yield
+        finally:
+            for knob, old in reversed(saved):
+                knob.set(old)
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError):  # a bare word such as accumulate
+        return text
+
+
+def _import_prefix(parts: List[str], spec: str) -> Tuple[Any, int]:
+    """The module of the longest importable prefix of ``parts`` (at least one part is left for the
+    attribute) and that prefix's length."""
+    for i in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:i])
+        try:
+            return importlib.import_module(name), i
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise SystemExit(f"--variant {spec!r}: importing {name} failed: {e}") from e
+        except Exception as e:  # noqa: BLE001  (the module exists but does not import)
+            raise SystemExit(f"--variant {spec!r}: importing {name} failed: {type(e).__name__}: {e}") from e
+    raise SystemExit(f"--variant {spec!r}: no importable module in {'.'.join(parts)!r}")
+
+
+def resolve_knob(spec: str) -> Knob:
+    """``spec`` checked against what it names: a knob that does not exist is an error, never created,
+    as a misspelt knob would otherwise time the defaults under a variant's name."""
+    m = _SPEC.fullmatch(spec)
+    if m is None:
+        raise SystemExit(f"--variant {spec!r}: expected dotted.module.ATTR=VALUE or dotted.module.DICT[KEY]=VALUE")
+    parts = m["path"].split(".")
+    owner, i = _import_prefix(parts, spec)
+    for j in range(i, len(parts)):
+        if not hasattr(owner, parts[j]):
+            raise SystemExit(f"--variant {spec!r}: {'.'.join(parts[:j])} has no attribute {parts[j]!r}")
+        if j < len(parts) - 1 or m["key"] is not None:
+            owner = getattr(owner, parts[j])
+    value = _literal(m["value"])
+    if m["key"] is None:
+        return Knob(spec, owner, parts[-1], value, item=False)
+    if not isinstance(owner, MutableMapping):
+        raise SystemExit(f"--variant {spec!r}: {m['path']} is a {type(owner).__name__}, not a dict")
+    key = _literal(m["key"])
+    if key not in owner:
+        raise SystemExit(f"--variant {spec!r}: {key!r} is not a key of {m['path']} ({', '.join(map(str, owner))})")
+    return Knob(spec, owner, key, value, item=True)
+
+
+def parse_variants(texts: Sequence[str]) -> List[Variant]:
+    variants = []
+    for text in texts:
+        name, sep, specs = text.partition(":")
+        if not sep or not name.strip():
+            raise SystemExit(f"--variant {text!r}: expected NAME:SPEC[,SPEC...] (NAME: alone for the defaults)")
+        if name in (v.name for v in variants):
+            raise SystemExit(f"--variant {text!r}: variant {name!r} given twice")
+        variants.append(Variant(name, [resolve_knob(s) for s in re.split(_SPEC_SEP, specs) if s.strip()]))
+    return variants
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +230,16 @@ class Case:
     group: int = 0  # cases of one group (a model and its baseline) share batch sizes
     params_m: Optional[float] = None
     message: str = ""
+    variant: Optional[str] = None  # --variant name (our models only)
+    round_ms: List[float] = field(default_factory=list)  # with a variant: each round's median
+
+
+def record(c: Case) -> Dict[str, Any]:
+    """``c`` for benchmark.json; runs without ``--variant`` keep the fields they always had."""
+    out = asdict(c)
+    if c.variant is None:
+        del out["variant"], out["round_ms"]
+    return out
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -333,6 +467,32 @@ def measure(case: Case, kwargs, args, device, dtype) -> Case:
     return case
 
 
+def measure_variants(template: Case, variants: Sequence[Variant], kwargs, args, device, dtype) -> List[Case]:
+    """``template`` under every variant, one case each. The variants alternate over ``args.rounds``
+    rounds so that drift (clocks, heat, neighbours on the host) affects all alike; a variant's ``ms`` is
+    the median of its rounds' medians. A variant whose round fails keeps that round's status and is not
+    measured again; a ``template`` that already failed (batch search) is copied, not measured."""
+    cases = [replace(template, variant=v.name, round_ms=[]) for v in variants]
+    for _ in range(args.rounds):
+        for variant, case in zip(variants, cases):
+            if case.status != "pending":
+                continue
+            with variant.applied():
+                r = measure(replace(template, round_ms=[]), kwargs, args, device, dtype)
+            if r.status != "ok":
+                case.status, case.message = r.status, r.message
+                continue
+            case.round_ms.append(r.ms)
+            case.reps += r.reps
+            case.params_m = r.params_m
+            case.peak_gib = max(case.peak_gib or 0.0, r.peak_gib) if r.peak_gib is not None else None
+    for case in cases:
+        if case.status == "pending":
+            case.status, case.ms = "ok", statistics.median(case.round_ms)
+            case.img_s = case.batch_size / case.ms * 1e3
+    return cases
+
+
 # ----------------------------------------------------------------------------------------------
 # the run
 
@@ -350,7 +510,24 @@ def ratios(cases: Sequence[Case], pairs: Sequence[Tuple[str, str]]) -> List[Dict
                 continue
             out.append({"model": ours, "baseline": base, "mode": c.mode, "resolution": c.resolution,
                         "batch_size": c.batch_size, "speed": c.img_s / b.img_s,
-                        "memory": (c.peak_gib / b.peak_gib) if c.peak_gib and b.peak_gib else None})
+                        "memory": (c.peak_gib / b.peak_gib) if c.peak_gib and b.peak_gib else None,
+                        **({"variant": c.variant} if c.variant is not None else {})})
+    return out
+
+
+def ab_rows(cases: Sequence[Case]) -> List[Dict[str, Any]]:
+    """Per case measured under variants: each variant's ms and its ratio to the first variant's
+    (< 1: faster than the first)."""
+    first: Dict[Tuple, Case] = {}
+    out = []
+    for c in cases:
+        if c.variant is None:
+            continue
+        key = (c.model, c.mode, c.resolution, c.batch_size)
+        ref = first.setdefault(key, c)  # a case's variants are appended together, the first one first
+        out.append({"model": c.model, "mode": c.mode, "resolution": c.resolution, "batch_size": c.batch_size,
+                    "variant": c.variant, "status": c.status, "ms": c.ms, "round_ms": c.round_ms,
+                    "ratio": c.ms / ref.ms if c.ms and ref.ms else None})
     return out
 
 
@@ -373,24 +550,46 @@ def environment(device: torch.device, dtype: torch.dtype, args) -> Dict[str, Any
     return env
 
 
+def _fmt(v, f):
+    return format(v, f) if v is not None else "-"
+
+
+def _variant_width(names: Sequence[str]) -> int:
+    """Width of a variant column; 0 (no column) without variants."""
+    return max(9, *(len(n) + 2 for n in names)) if names else 0
+
+
 def format_table(cases: Sequence[Case], rat: Sequence[Dict[str, Any]]) -> str:
-    by_key = {(r["model"], r["mode"], r["resolution"], r["batch_size"]): r for r in rat}
-    head = f"{'mode':<6}{'res':>6}{'batch':>7}  {'model':<28}{'img/s':>11}{'ms/step':>10}{'peak GiB':>10}" \
-           f"{'speed x':>9}{'mem x':>7}  status"
+    by_key = {(r["model"], r["mode"], r["resolution"], r["batch_size"], r.get("variant")): r for r in rat}
+    vw = _variant_width([c.variant for c in cases if c.variant is not None])
+    head = f"{'mode':<6}{'res':>6}{'batch':>7}  {'model':<28}{'variant' if vw else '':<{vw}}{'img/s':>11}" \
+           f"{'ms/step':>10}{'peak GiB':>10}{'speed x':>9}{'mem x':>7}  status"
     lines = [head, "-" * len(head)]
     for c in sorted(cases, key=lambda c: (c.mode, c.resolution, c.group, c.role != "model")):
-        r = by_key.get((c.model, c.mode, c.resolution, c.batch_size)) if c.role == "model" else None
-
-        def fmt(v, f):
-            return format(v, f) if v is not None else "-"
+        r = by_key.get((c.model, c.mode, c.resolution, c.batch_size, c.variant)) if c.role == "model" else None
         lines.append(
-            f"{c.mode:<6}{c.resolution:>6}{fmt(c.batch_size, 'd'):>7}  {c.model:<28}{fmt(c.img_s, ',.1f'):>11}"
-            f"{fmt(c.ms, '.2f'):>10}{fmt(c.peak_gib, '.3f'):>10}"
-            f"{fmt(r and r['speed'], '.3f'):>9}{fmt(r and r['memory'], '.2f'):>7}  "
+            f"{c.mode:<6}{c.resolution:>6}{_fmt(c.batch_size, 'd'):>7}  {c.model:<28}{c.variant or '':<{vw}}"
+            f"{_fmt(c.img_s, ',.1f'):>11}{_fmt(c.ms, '.2f'):>10}{_fmt(c.peak_gib, '.3f'):>10}"
+            f"{_fmt(r and r['speed'], '.3f'):>9}{_fmt(r and r['memory'], '.2f'):>7}  "
             f"{c.status}{(' ' + c.message) if c.message else ''}")
     if rat:
         lines.append("speed x / mem x: ours / baseline at the same mode, resolution and batch "
                      "(speed > 1: ours faster; mem < 1: ours smaller)")
+    return "\n".join(lines)
+
+
+def format_ab(rows: Sequence[Dict[str, Any]], rounds: int) -> str:
+    first = rows[0]["variant"]
+    vw = _variant_width([r["variant"] for r in rows])
+    head = f"{'mode':<6}{'res':>6}{'batch':>7}  {'model':<28}{'variant':<{vw}}{'ms/step':>10}{'ratio':>8}  rounds (ms)"
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["mode"], r["resolution"])):  # stable: variants stay in order
+        status = "" if r["status"] == "ok" else f"  {r['status']}"
+        lines.append(f"{r['mode']:<6}{r['resolution']:>6}{_fmt(r['batch_size'], 'd'):>7}  {r['model']:<28}"
+                     f"{r['variant']:<{vw}}{_fmt(r['ms'], '.3f'):>10}{_fmt(r['ratio'], '.3f'):>8}  "
+                     f"{' '.join(f'{t:.3f}' for t in r['round_ms'])}{status}")
+    lines.append(f"ms/step: median of {rounds} rounds' medians, the variants alternating; ratio: ms / {first}'s ms "
+                 f"at the same case and batch (< 1: faster than {first})")
     return "\n".join(lines)
 
 
@@ -449,6 +648,7 @@ def plot(cases: Sequence[Case], out_dir: Path, env: Dict[str, Any]) -> List[Path
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    variants = parse_variants(args.variant)  # up front: a bad knob fails before any measurement
     try:
         device = inf.resolve_device(args.device)
         dtype = inf.resolve_dtype(args.dtype, device)
@@ -465,6 +665,9 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     if args.cuda_graph and (not cuda or args.compile):
         print("error: --cuda-graph needs a CUDA device and cannot be combined with --compile", file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
         return 2
     resolutions = args.resolutions or (GPU_RESOLUTIONS if cuda else CPU_RESOLUTIONS)
     if args.batch_size and len(args.batch_size) not in (1, len(resolutions)):
@@ -497,7 +700,10 @@ def main(argv=None) -> int:
 
     def save():
         doc = {"environment": env, "args": {k: v for k, v in vars(args).items()},
-               "cases": [asdict(c) for c in cases], "ratios": ratios(cases, pairs)}
+               "cases": [record(c) for c in cases], "ratios": ratios(cases, pairs)}
+        if variants:
+            doc["variants"] = [{"name": v.name, "specs": [k.spec for k in v.knobs]} for v in variants]
+            doc["ab"] = ab_rows(cases)
         (out_dir / "benchmark.json").write_text(json.dumps(doc, indent=1))
 
     t_start = time.monotonic()
@@ -526,23 +732,32 @@ def main(argv=None) -> int:
                         case.status, case.message = "error", failure
                     elif batch is None:
                         case.status, case.message = "oom", "batch 1 does not fit"
+                    if role == "model" and variants:  # variants are about our kernels: baselines once
+                        done = measure_variants(case, variants, kw, args, device, dtype)
                     else:
-                        measure(case, kw, args, device, dtype)
-                    cases.append(case)
-                    peak = f", {case.peak_gib:.3f} GiB" if case.peak_gib is not None else ""
-                    speed = f"{case.img_s:,.1f} img/s" if case.img_s else case.status
-                    print(f"{mode:<6}{resolution:>6} bs {batch}: {name}: {speed}{peak} {case.message}".rstrip(),
-                          flush=True)
+                        done = [measure(case, kw, args, device, dtype) if case.status == "pending" else case]
+                    for case in done:
+                        cases.append(case)
+                        peak = f", {case.peak_gib:.3f} GiB" if case.peak_gib is not None else ""
+                        speed = f"{case.img_s:,.1f} img/s" if case.img_s else case.status
+                        label = name if case.variant is None else f"{name} [{case.variant}]"
+                        print(f"{mode:<6}{resolution:>6} bs {batch}: {label}: {speed}{peak} {case.message}".rstrip(),
+                              flush=True)
                     save()
 
     rat = ratios(cases, pairs)
     print()
     print(format_table(cases, rat))
+    ab = ab_rows(cases)
+    if ab:  # none when --time-limit-s skipped every case
+        print()
+        print(format_ab(ab, args.rounds))
     save()
     written = [out_dir / "benchmark.json"]
     if not args.no_plot:
-        try:
-            written += plot(cases, out_dir, env)
+        first = variants[0].name if variants else None
+        try:  # one line per model: with variants, the first one's
+            written += plot([c for c in cases if c.variant in (None, first)], out_dir, env)
         except ImportError:
             print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
     print(f"wrote {', '.join(map(str, written))}")
