@@ -179,7 +179,8 @@ def test_gpu_fused_fp32_long():
 @pytest.mark.parametrize("chunk, conv_bias", [(None, True), (8, False)])
 def test_packed_matches_halves(monkeypatch, backend, chunk, conv_bias):
     """``bimamba_v2_packed_fn(xz)`` is ``bimamba_v2_fn`` on xz's halves: the same output and the same gradients,
-    the input's now written as one (B, L, 2E) tensor by the kernels (in one chunk and over several)."""
+    the input's now written as one (B, L, 2E) tensor by the kernels (in one chunk and over several). On the GPU the
+    walks' float32 atomic adds (dB, dC, dA, dD) land in run-dependent order, so gradients agree to rounding there."""
     monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
     fwd, bwd = make_params(24, 4, 3, conv_bias), make_params(24, 4, 3)
     xz0 = torch.randn(2, 19, 48, device=DEV)
@@ -194,8 +195,9 @@ def test_packed_matches_halves(monkeypatch, backend, chunk, conv_bias):
         y.backward(dy)
         assert xz.grad.is_contiguous()
         got.append([y, xz.grad] + [p.grad for p in ps if p is not None])
-    for a, b in zip(*got):
-        assert torch.equal(a, b)
+    assert torch.equal(got[0][0], got[1][0])
+    for a, b in zip(got[0][1:], got[1][1:]):
+        assert torch.equal(a, b) if DEV == "cpu" else rel(a, b) < 1e-5
 
 
 def test_packed_rejects_odd_widths():
@@ -301,7 +303,7 @@ def test_dt_softplus_float16_over_the_whole_range():
 @pytest.mark.parametrize("E, N, R", [(8, 4, 2), (70, 16, 12), (130, 5, 24)])
 def test_derived_weights_match_torch(dtype, E, N, R):
     """One launch gives what torch's casts, zero-padded copies and -exp(A_log) gave: x_proj's rows [dt | 0 | B, C |
-    0], dt_proj's columns [R | 0], both in the compute dtype, and A in float32, from strided parameters. The weights
+    0], dt_proj's columns [R | 0] up to the same width, both in the compute dtype, and A in float32, from strided parameters. The weights
     are drawn in the compute dtype's precision (the interpreter's float32 -> bf16 cast truncates)."""
     from vim.kernels.bimamba.triton_bimamba import _xproj_columns
     from vim.kernels.bimamba.weights import derive_weights
@@ -313,7 +315,7 @@ def test_derived_weights_match_torch(dtype, E, N, R):
     out = derive_weights(wx, wdt, A_log, dt_cols, width, dtype)
     ref_x = torch.zeros(width, E, dtype=dtype, device=DEV)
     ref_x[:R], ref_x[dt_cols:dt_cols + 2 * N] = wx[:R].to(dtype), wx[R:].to(dtype)
-    ref_dt = torch.zeros(E, dt_cols, dtype=dtype, device=DEV)
+    ref_dt = torch.zeros(E, width, dtype=dtype, device=DEV)
     ref_dt[:, :R] = wdt.to(dtype)
     assert torch.equal(out.x_proj, ref_x) and torch.equal(out.dt_proj, ref_dt)
     assert out.A.dtype == torch.float32 and out.A.stride() == (1, E)   # channel-major: no copy in the scan

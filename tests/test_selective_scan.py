@@ -201,6 +201,38 @@ def test_activated_delta_gives_the_raw_gradients(chunk, reverse):
         triton_scan.scan_backward(dy, *inputs, False, reverse, None, None, delta_activated=True)
 
 
+@pytest.mark.parametrize("chunk, groups", [(None, 0), (4, 2)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_bc_gradients_added_into_given_buffers(chunk, groups, reverse, monkeypatch):
+    """``dB_acc`` / ``dC_acc``: the walks' atomic adds go into the caller's float32 buffers, here strided views of one
+    token-major (B, L, G, 2N) tensor that already holds values, as the mixer passes them: what is there plus the
+    gradients of fresh buffers; every other gradient unchanged. Wrong shapes or dtypes are refused."""
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+    batch, dim, L, N = 2, 8, 13, 4
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(batch, dim, L, N, groups=groups)
+    out, _, hloc, S = triton_scan.scan_forward(u, delta, A, Bm, Cm, D, z, bias, True, reverse)
+    dy = torch.randn_like(out)
+    args = (dy, u, delta, A, Bm, Cm, D, z, bias, True, reverse, hloc, S)
+    fresh = triton_scan.scan_backward(*args)
+    G = max(groups, 1)
+    buf = torch.randn(batch, L, G, 2 * N, device=DEV)
+    start = buf.clone()
+    dB_acc, dC_acc = buf[..., :N].permute(0, 2, 3, 1), buf[..., N:].permute(0, 2, 3, 1)   # (B, G, N, L) views
+    got = triton_scan.scan_backward(*args, dB_acc=dB_acc, dC_acc=dC_acc)
+    for i, (a, b) in enumerate(zip(got, fresh)):
+        if i not in (3, 4):
+            assert rel(a, b) < 1e-6, i
+    for i, half in ((3, start[..., :N]), (4, start[..., N:])):
+        want = half.permute(0, 2, 3, 1) + fresh[i].reshape(batch, G, N, L)
+        assert rel(got[i].reshape(batch, G, N, L), want) < 1e-6
+        assert got[i].shape == fresh[i].shape
+    assert got[3].data_ptr() == dB_acc.data_ptr() and got[4].data_ptr() == dC_acc.data_ptr()   # in place
+    with pytest.raises(ValueError, match="dB_acc must be float32"):
+        triton_scan.scan_backward(*args, dB_acc=dB_acc.double())
+    with pytest.raises(ValueError, match="dC_acc must be float32"):
+        triton_scan.scan_backward(*args, dC_acc=dC_acc[:, :, 1:])
+
+
 def test_reverse_walk_register_cap_by_waves(monkeypatch):
     """The reverse walk takes the lower cap (MAXNREG_REV_WAVE) only where that fits its grid in fewer waves of
     resident one-warp programs: 12 per SM at 168 registers, 16 at 128 (132 SMs: 1584 and 2112)."""

@@ -42,7 +42,7 @@ def _xproj_columns(rank: int, N: int):
 
 
 def _weights(p: DirectionParams, cdt):
-    """x_proj (width, E) and dt_proj (E, dt_cols) weights in the padded layout and the compute dtype, A = -exp(A_log)
+    """x_proj (width, E) and dt_proj (E, width) weights in the padded layout and the compute dtype, A = -exp(A_log)
     (E, N) in float32 and channel-contiguous as the scan kernels read it, and the layout's (dt_cols, width): one
     launch (weights.py)."""
     dt_cols, width = _xproj_columns(p.dt_proj_weight.shape[1], p.A_log.shape[1])
@@ -65,7 +65,7 @@ def _scan_rows(xdbl, wdt, bias, dt_cols, N, cdt):
     views of one float32 (B, L, 2N) copy, the rows the scan kernels load whole (``triton_scan._bc_rows``); the copy
     is made by delta's launch."""
     dt = xdbl[..., :dt_cols]
-    delta, bc = dt_softplus(dt, wdt, bias, delta_dtype(cdt), widen=xdbl[..., dt_cols:dt_cols + 2 * N])
+    delta, bc = dt_softplus(dt, wdt[:, :dt_cols], bias, delta_dtype(cdt), widen=xdbl[..., dt_cols:dt_cols + 2 * N])
     return dt, delta, bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
 
 
@@ -104,6 +104,7 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
     cdt = x.dtype
     E = x.shape[-1]
     dy = dout.to(cdt).transpose(1, 2)   # each direction carries half the output: the scans take it times 0.5
+    batch, L = x.shape[:2]
     grads = []
     conv_grads = []
     dz_total = dxz[..., E:].transpose(1, 2) if dxz is not None else None
@@ -116,19 +117,22 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
             wx, wdt, A, dt_cols, width = _weights(p, cdt)
             xc, xcs[i] = xcs[i], None
             dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)   # the forward's, recomputed
+            # dB and dC are summed by the walks' atomic adds into one zeroed token-major (B, L, 2N) float32 buffer,
+            # the layout of their columns in x_proj's output gradient: one fill and one cast copy for both
+            dbc = torch.zeros((batch, L, 2 * N), dtype=torch.float32, device=x.device)
             # ddelta: the gradient of dt_proj's output (before bias and softplus), in the compute dtype
-            du, ddelta, dA, dB, dC, dD, dz, dbias = triton_scan.scan_backward(
+            du, ddelta, dA, _, _, dD, dz, dbias = triton_scan.scan_backward(
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
                 p.dt_proj_bias.float(), True, reverse, hloc, S, dz_out=dz_total, dz_accumulate=i == 1,
-                delta_activated=True, ddelta_dtype=cdt, dout_scale=0.5)
+                delta_activated=True, ddelta_dtype=cdt, dout_scale=0.5,
+                dB_acc=dbc[..., :N].transpose(1, 2).unsqueeze(1), dC_acc=dbc[..., N:].transpose(1, 2).unsqueeze(1))
             dz_total = dz
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
-            d_dt = ddelta @ wdt                                 # (B, L, dt_cols), zero in the padding
             dWdt = (ddelta.reshape(-1, ddelta.shape[-1]).t() @ dt.reshape(-1, dt_cols))[:, :rank]
-            parts = [d_dt, dB.transpose(1, 2).to(cdt), dC.transpose(1, 2).to(cdt)]
-            if width > dt_cols + 2 * N:
-                parts.append(d_dt.new_zeros((*d_dt.shape[:2], width - dt_cols - 2 * N)))
-            dxdbl = torch.cat(parts, dim=-1)
+            # x_proj's output gradient: dt_proj's input gradient from the full-width weight (zero outside the dt
+            # columns), then dB / dC into their columns
+            dxdbl = ddelta @ wdt
+            dxdbl[..., dt_cols:dt_cols + 2 * N].copy_(dbc)
             dWx = dxdbl.reshape(-1, width).t() @ xc.reshape(-1, xc.shape[-1])
             if width != rank + 2 * N:
                 dWx = torch.cat([dWx[:rank], dWx[dt_cols:dt_cols + 2 * N]])

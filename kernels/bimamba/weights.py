@@ -27,14 +27,15 @@ BLOCK_E = 64
 
 class DerivedWeights(NamedTuple):
     x_proj: torch.Tensor    # (width, E): rows [dt (R) | 0 | B, C (2N) | 0], compute dtype
-    dt_proj: torch.Tensor   # (E, dt_cols): columns [R | 0], compute dtype
+    dt_proj: torch.Tensor   # (E, width): columns [R | 0], compute dtype; the dt GEMM reads its first dt_cols, and
+                            # the backward's ddelta @ dt_proj is then x_proj's whole output gradient row but B, C
     A: torch.Tensor         # (E, N) float32, channel-contiguous: strides (1, E)
 
 
 @triton.jit
 def _derive_kernel(wx_ptr, wdt_ptr, alog_ptr, wx_out, wdt_out, a_out, E, R, N, DT_COLS, WIDTH,
                    s_wx_r, s_wx_e, s_wdt_e, s_wdt_r, s_a_e, s_a_n,
-                   BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     cdt = wx_out.dtype.element_ty
@@ -45,10 +46,10 @@ def _derive_kernel(wx_ptr, wdt_ptr, alog_ptr, wx_out, wdt_out, a_out, E, R, N, D
     w = tl.load(wx_ptr + src[:, None] * s_wx_r + offs_e[None, :] * s_wx_e, mask=keep[:, None] & mask_e[None, :],
                 other=0.0)
     tl.store(wx_out + r[:, None] * E + offs_e[None, :], w.to(cdt), mask=(r < WIDTH)[:, None] & mask_e[None, :])
-    c = tl.arange(0, BLOCK_DT)
+    c = tl.arange(0, BLOCK_W)
     w = tl.load(wdt_ptr + offs_e[:, None] * s_wdt_e + c[None, :] * s_wdt_r, mask=mask_e[:, None] & (c < R)[None, :],
                 other=0.0)
-    tl.store(wdt_out + offs_e[:, None] * DT_COLS + c[None, :], w.to(cdt), mask=mask_e[:, None] & (c < DT_COLS)[None, :])
+    tl.store(wdt_out + offs_e[:, None] * WIDTH + c[None, :], w.to(cdt), mask=mask_e[:, None] & (c < WIDTH)[None, :])
     n = tl.arange(0, BLOCK_N)
     m = mask_e[:, None] & (n < N)[None, :]
     a = tl.load(alog_ptr + offs_e[:, None] * s_a_e + n[None, :] * s_a_n, mask=m, other=0.0)
@@ -68,13 +69,12 @@ def derive_weights(x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor, A_
         raise ValueError(f"derive_weights: padded layout (dt_cols={dt_cols}, width={width}) narrower than "
                          f"R={R}, 2N={2 * N}")
     dev = x_proj_weight.device
-    out = DerivedWeights(triton_scan._empty((width, E), dtype, dev), triton_scan._empty((E, dt_cols), dtype, dev),
+    out = DerivedWeights(triton_scan._empty((width, E), dtype, dev), triton_scan._empty((E, width), dtype, dev),
                          triton_scan._empty((N, E), torch.float32, dev).t())
     if E == 0:
         return out
     _derive_kernel[(cdiv(E, BLOCK_E),)](
         x_proj_weight, dt_proj_weight, A_log, out.x_proj, out.dt_proj, out.A, E, R, N, dt_cols, width,
         *x_proj_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(),
-        BLOCK_E=BLOCK_E, BLOCK_W=max(16, next_pow2(width)), BLOCK_DT=max(16, next_pow2(dt_cols)),
-        BLOCK_N=max(16, next_pow2(N)), num_warps=4)
+        BLOCK_E=BLOCK_E, BLOCK_W=max(16, next_pow2(width)), BLOCK_N=max(16, next_pow2(N)), num_warps=4)
     return out

@@ -405,11 +405,11 @@ def _sum_channels_scattered(x, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _bc_grad_rows(dX_ptr, pid_b, group, G, N, L, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-                  R: tl.constexpr, SCATTER: tl.constexpr):
+def _bc_grad_rows(dX_ptr, pid_b, group, N, s_b, s_g, s_n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  NS: tl.constexpr, R: tl.constexpr, SCATTER: tl.constexpr):
     """Per row of a dB / dC tile, the address of its state's gradient at token 0 of the (B, G, N, L) float32
-    buffer, and whether the row stores it: the [R] rows ``_sum_channels_scattered`` leaves (one state per
-    row, rows past NS repeating), or the [BLOCK_N] states ``_sum_channels`` leaves."""
+    buffer (strides s_b, s_g, s_n), and whether the row stores it: the [R] rows ``_sum_channels_scattered``
+    leaves (one state per row, rows past NS repeating), or the [BLOCK_N] states ``_sum_channels`` leaves."""
     if SCATTER:
         rows = tl.arange(0, R)
         n = (rows // BLOCK_D) * NS + (rows % BLOCK_D) % NS
@@ -417,7 +417,7 @@ def _bc_grad_rows(dX_ptr, pid_b, group, G, N, L, BLOCK_D: tl.constexpr, BLOCK_N:
     else:
         n = tl.arange(0, BLOCK_N)
         own = n < N
-    return dX_ptr + ((pid_b * G + group) * N + n) * L, own
+    return dX_ptr + pid_b * s_b + group * s_g + n * s_n, own
 
 
 @triton.jit
@@ -651,10 +651,10 @@ def _bwd_adjoint_state_kernel(
 def _bwd_forward_walk_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, hloc_ptr, S_ptr,
     dz_ptr, dC_ptr, dD_ptr, F_ptr, tx_ptr, qx_ptr,
-    Dm, L, N, T, NC, CPG, G,
+    Dm, L, N, T, NC, CPG,
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
-    sdz_b, sdz_d, sdz_l,
+    sdz_b, sdz_d, sdz_l, sdC_b, sdC_g, sdC_n, sdC_l,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -677,7 +677,7 @@ def _bwd_forward_walk_kernel(
     F_ptrs = F_ptr + pid_b * L * Dm + offs_o
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
-    dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, G, N, L, BLOCK_D, BLOCK_N, NS, R, SCATTER)
+    dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, N, sdC_b, sdC_g, sdC_n, BLOCK_D, BLOCK_N, NS, R, SCATTER)
     TILE_N: tl.constexpr = R if SCATTER else BLOCK_N
 
     h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N, R, NS)
@@ -737,7 +737,8 @@ def _bwd_forward_walk_kernel(
                 dz_tile += tl.load(dz_addr, mask=m, other=0.0).to(tl.float32)
             tl.store(dz_addr, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
         tl.store(F_ptrs[:, None] + tt[None, :] * Dm, F_tile, mask=m)
-        tl.atomic_add(dC_ptrs[:, None] + tt[None, :], dC_tile, mask=mask_n[:, None] & okv[None, :], sem="relaxed")
+        tl.atomic_add(dC_ptrs[:, None] + tt[None, :] * sdC_l, dC_tile, mask=mask_n[:, None] & okv[None, :],
+                      sem="relaxed")
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d & (part == 0), sem="relaxed")
     st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
@@ -750,10 +751,10 @@ def _bwd_reverse_walk_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, F_ptr,
     hloc_ptr, S_ptr, gout_ptr, tx_ptr, qx_ptr,
     du_ptr, ddl_ptr, dB_ptr, dA_ptr, dbias_ptr,
-    Dm, L, N, T, NC, CPG, G,
+    Dm, L, N, T, NC, CPG,
     su_b, su_d, su_l, sd_b, sd_d, sd_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
-    sdu_b, sdu_d, sdu_l, sdd_b, sdd_d, sdd_l,
+    sdu_b, sdu_d, sdu_l, sdd_b, sdd_d, sdd_l, sdB_b, sdB_g, sdB_n, sdB_l,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -777,7 +778,7 @@ def _bwd_reverse_walk_kernel(
     F_ptrs = F_ptr + pid_b * L * Dm + offs_d
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
-    dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, G, N, L, BLOCK_D, BLOCK_N, NS, R, SCATTER)
+    dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, N, sdB_b, sdB_g, sdB_n, BLOCK_D, BLOCK_N, NS, R, SCATTER)
     TILE_N: tl.constexpr = R if SCATTER else BLOCK_N
 
     # Fold the later chunks into the adjoint entering this chunk from the right, gin. What the later chunks
@@ -861,7 +862,8 @@ def _bwd_reverse_walk_kernel(
         m = mask_o[:, None] & okv[None, :]
         tl.store(du_ptrs[:, None] + tt[None, :] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(ddl_ptrs[:, None] + tt[None, :] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
-        tl.atomic_add(dB_ptrs[:, None] + tt[None, :], dB_tile, mask=mask_n[:, None] & okv[None, :], sem="relaxed")
+        tl.atomic_add(dB_ptrs[:, None] + tt[None, :] * sdB_l, dB_tile, mask=mask_n[:, None] & okv[None, :],
+                      sem="relaxed")
     qx_c = tl.load(qx_ptr + st, mask=mask2, other=0.0)
     # sum_t delta_t * dw_t over this chunk; suf now holds the chunk's delta sum
     dA = qx_c - (suf[:, None] * ry - qys) + suf[:, None] * after
@@ -1081,8 +1083,18 @@ def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -
     return {"maxnreg": cap}
 
 
+def _grad_buffer(acc, shape, dev, name):
+    """A zeroed float32 buffer for a dB / dC accumulated by atomic adds, or the caller's ``acc`` after checking it."""
+    if acc is None:
+        return torch.zeros(shape, dtype=torch.float32, device=dev)
+    if tuple(acc.shape) != shape or acc.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32 {shape}, got {acc.dtype} {tuple(acc.shape)}")
+    return acc
+
+
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
-                  dz_out=None, dz_accumulate=False, delta_activated=False, ddelta_dtype=None, dout_scale=1.0):
+                  dz_out=None, dz_accumulate=False, delta_activated=False, ddelta_dtype=None, dout_scale=1.0,
+                  dB_acc=None, dC_acc=None):
     """All gradients. ``dout`` is the gradient of the (scaled) output, taken times ``dout_scale`` as it is loaded
     (the mixer's directions each carry half of its output: 0.5, exact, with no pass over dout). Returns
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (None where the input is None). ``dz_out``: where dz is
@@ -1090,7 +1102,11 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
 
     ``delta_activated`` (with ``delta_softplus``): delta is softplus(raw + delta_bias) already, computed by the
     caller (the mixer's dt_proj kernel); ddelta and ddelta_bias are still the gradients of raw and of the bias,
-    through softplus's slope recovered from delta. ddelta is written in ``ddelta_dtype`` (default delta's)."""
+    through softplus's slope recovered from delta. ddelta is written in ``ddelta_dtype`` (default delta's).
+
+    ``dB_acc`` / ``dC_acc``: float32 (batch, G, N, L) tensors, any strides (the mixer passes views of one token-major
+    buffer, the layout its x_proj gradient wants), that the B / C gradients are added into instead of fresh zeroed
+    buffers; returned as dB / dC (reshaped to B's and C's shapes)."""
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
@@ -1122,8 +1138,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     dz = None
     if z is not None:
         dz = dz_out if dz_out is not None else _empty((batch, L, Dm), z.dtype, dev).transpose(1, 2)
-    dC = torch.zeros((batch, G, N, L), dtype=f32, device=dev)
-    dB = torch.zeros((batch, G, N, L), dtype=f32, device=dev)
+    dB, dC = (_grad_buffer(acc, (batch, G, N, L), dev, name) for acc, name in ((dB_acc, "dB_acc"), (dC_acc, "dC_acc")))
     dD = torch.zeros((Dm,), dtype=f32, device=dev)
     dA = torch.zeros((Dm, N), dtype=f32, device=dev)
     dbias = torch.zeros((Dm,), dtype=f32, device=dev)
@@ -1132,14 +1147,14 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     qx = _empty((batch, nc, N, Dm), f32, dev)
     dzz = dz if dz is not None else F
     _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
-                                   dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg, G,
-                                   *common, *dout.stride(), *dzz.stride(), HAS_D=D is not None,
+                                   dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg,
+                                   *common, *dout.stride(), *dzz.stride(), *dC.stride(), HAS_D=D is not None,
                                    DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, **flags)
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
     ddelta = _empty((batch, L, Dm), ddelta_dtype or delta.dtype, dev).transpose(1, 2)
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
-                                   du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg, G,
-                                   *common, *dout.stride(), *du.stride(), *ddelta.stride(),
+                                   du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg,
+                                   *common, *dout.stride(), *du.stride(), *ddelta.stride(), *dB.stride(),
                                    HAS_D=D is not None, SCATTER=scatter, **flags,
                                    **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     dB = dB.to(B_in.dtype).reshape(B_in.shape) if B_in.dim() == 3 else dB.to(B_in.dtype)
