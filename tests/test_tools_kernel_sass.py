@@ -30,6 +30,23 @@ def test_forward_scan_compiles_for_sm90_and_reports_its_loop(tmp_path):
         assert r["loop_cycles_one_warp"] >= r["loop_instructions"]
 
 
+def test_every_mixer_kernel_compiles_for_sm90(tmp_path):
+    """What the interpreter cannot catch (a kernel reading a module global that is not a constexpr, a construct only
+    the compiler rejects): every launch of one mixer forward and backward, compiled for sm_90, with no spills."""
+    out = tmp_path / "sass.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_sass.py"), "--batch", "2", "--length", "9",
+                          "--dim", "32", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["kernels"]
+    names = {r["kernel"] for r in rows}
+    assert {"_conv_silu_pair_kernel", "_derive_kernel", "_dt_softplus_kernel", "_fwd_kernel", "_bwd_forward_walk_kernel",
+            "_bwd_reverse_walk_kernel", "_conv_silu_bwd_kernel"} <= names, names
+    for r in rows:
+        assert "error" not in r, (r["kernel"], r["error"][:2000])
+        assert 0 < r["registers"] <= 255 and r["local"] == 0, r["kernel"]
+
+
 def test_issue_estimate_follows_dependencies():
     tool = load_tool("kernel_sass")
     independent = [("FFMA", ["R1"], ["R2"]), ("FFMA", ["R3"], ["R4"])]

@@ -287,7 +287,9 @@ def main(argv=None) -> int:
         try:
             sass, usage = compile_launch(rec, args.arch)
         except Exception as e:   # report and go on: one kernel's failure should not hide the others
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            # Triton's CompilationError quotes the kernel's source first; the cause is its last line
+            lines = str(e).strip().splitlines() or [""]
+            row["error"] = f"{type(e).__name__}: {lines[-1][:300]}"
             rows.append(row)
             continue
         row.update(usage)
