@@ -102,9 +102,8 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
     ((B, L, 2E), x's dtype) dx and dz are written into its two halves."""
     params = (DirectionParams(*flat[:7]), DirectionParams(*flat[7:]))
     cdt = x.dtype
-    E = x.shape[-1]
+    batch, L, E = x.shape
     dy = dout.to(cdt).transpose(1, 2)   # each direction carries half the output: the scans take it times 0.5
-    batch, L = x.shape[:2]
     grads = []
     conv_grads = []
     dz_total = dxz[..., E:].transpose(1, 2) if dxz is not None else None
@@ -232,11 +231,9 @@ torch.library.register_autograd("vim_kernels::bimamba_v2_fwd", _autograd_backwar
 
 
 def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams) -> torch.Tensor:
-    """The mixer core on CUDA (or the interpreter). ``z`` None: x is (B, L, 2E), x and z its halves."""
-    if z is None:
-        if x.dim() != 3 or x.shape[-1] % 2:
-            raise ValueError(f"packed xz must be (B, L, 2E); got {tuple(x.shape)}")
-    else:
+    """The mixer core on CUDA (or the interpreter). ``z`` None: x is (B, L, 2E), x and z its halves (checked by
+    ``interface.bimamba_v2_packed_fn``, for both backends)."""
+    if z is not None:
         if x.dim() != 3 or z.shape != x.shape:
             raise ValueError(f"x and z must both be (B, L, E); got {tuple(x.shape)} and {tuple(z.shape)}")
         if z.dtype != x.dtype:
