@@ -153,9 +153,12 @@ def test_whole_sequence_per_program(reverse, monkeypatch):
 
 def test_segments_split_over_programs(monkeypatch):
     """Many programs per sequence, segments not dividing L: each segment's halo and each program's partial
-    sums must meet exactly."""
+    sums must meet exactly, and their reduction must cover ragged tiles of partials (12 rows in tiles of 8) and
+    of channels (24 in blocks of 16)."""
     monkeypatch.setattr(conv, "BWD_TARGET_PROGRAMS", 10 ** 6)
     monkeypatch.setattr(conv, "BWD_SEG", 4)
+    monkeypatch.setattr(conv, "SUM_BLOCK_P", 8)
+    monkeypatch.setattr(conv, "SUM_BLOCK_E", 16)
     check_pair(2, 23, 24)
 
 

@@ -233,6 +233,19 @@ def test_bc_gradients_added_into_given_buffers(chunk, groups, reverse, monkeypat
         triton_scan.scan_backward(*args, dC_acc=dC_acc[:, :, 1:])
 
 
+def test_zeros_from_one_launch(monkeypatch):
+    """``_zeros``: distinct float32 tensors, every element zeroed (they start as NaN here), across ragged blocks, an
+    empty tensor among them, and tensors smaller and larger than one block."""
+    monkeypatch.setattr(triton_scan, "ZERO_BLOCK", 16)
+    shapes = [(3, 5), (0, 4), (16,), (2, 17, 3), (1,)]
+    outs = triton_scan._zeros(shapes, DEV)
+    assert [tuple(t.shape) for t in outs] == shapes
+    for t in outs:
+        assert t.dtype == torch.float32 and t.is_contiguous() and (t == 0).all()
+    assert len({t.data_ptr() for t in outs if t.numel()}) == 4   # no two share storage
+    assert triton_scan._zeros([], DEV) == []
+
+
 def test_reverse_walk_register_cap_by_waves(monkeypatch):
     """The reverse walk takes the lower cap (MAXNREG_REV_WAVE) only where that fits its grid in fewer waves of
     resident one-warp programs: 12 per SM at 168 registers, 16 at 128 (132 SMs: 1584 and 2112)."""

@@ -15,15 +15,14 @@ contributions summed before the one write of dx in its final dtype. x and each g
 once (a 3-token halo per segment of ``BWD_SEG``), nothing is re-read per tap and no float32 dx buffer
 travels between the directions. The output gradient arrives as several tensors (scan du and the x_proj
 input gradient) that are summed in float32 in-kernel. dweight and dbias are summed in registers over a
-program's stretch of tokens and leave through a small per-program buffer that torch reduces: one write
-per program instead of contended atomics, and a deterministic result.
+program's stretch of tokens and leave through a small per-program buffer that a second launch reduces into the
+returned gradients: one write per program instead of contended atomics, and a deterministic result.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -45,6 +44,8 @@ BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 128, 2
 FWD_BLOCK_L, FWD_BLOCK_E, FWD_NUM_WARPS = 32, 128, 4
 PAIR_BLOCK_L, PAIR_BLOCK_E, PAIR_NUM_WARPS = 16, 64, 2
 TAPS = 4   # the backward walks a 4-token window; narrower kernels are padded with leading zero taps
+_TAPS = tl.constexpr(TAPS)   # the same, for the kernels
+SUM_BLOCK_P, SUM_BLOCK_E = 32, 128   # tiles of the partials' reduction (_conv_grad_sum_kernel)
 
 
 @triton.jit
@@ -139,12 +140,23 @@ def _silu_backward(a, g, ASM: tl.constexpr):
 
 
 @triton.jit
-def _taps(w_ptr, b_ptr, offs_e, mask_e, HAS_BIAS: tl.constexpr):
-    """The 4 (padded) weights and the bias of a direction, float32 per channel."""
-    w0 = tl.load(w_ptr + offs_e * 4, mask=mask_e, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + offs_e * 4 + 1, mask=mask_e, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + offs_e * 4 + 2, mask=mask_e, other=0.0).to(tl.float32)
-    w3 = tl.load(w_ptr + offs_e * 4 + 3, mask=mask_e, other=0.0).to(tl.float32)
+def _tap4(w_ptr, k: tl.constexpr, offs_e, mask_e, W: tl.constexpr):
+    """Tap k of a W-tap kernel right-aligned in 4, float32 per channel: the leading 4 - W taps are zero, which
+    changes nothing in either direction (tap k of 4 reads the token that tap k - (4 - W) of W reads)."""
+    if k < _TAPS - W:
+        w = tl.zeros([offs_e.shape[0]], dtype=tl.float32)
+    else:
+        w = tl.load(w_ptr + offs_e * W + (k - (_TAPS - W)), mask=mask_e, other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _taps(w_ptr, b_ptr, offs_e, mask_e, W: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The 4 (padded) weights and the bias of a direction, float32 per channel; w_ptr: (E, W) contiguous."""
+    w0 = _tap4(w_ptr, 0, offs_e, mask_e, W)
+    w1 = _tap4(w_ptr, 1, offs_e, mask_e, W)
+    w2 = _tap4(w_ptr, 2, offs_e, mask_e, W)
+    w3 = _tap4(w_ptr, 3, offs_e, mask_e, W)
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     else:
@@ -155,7 +167,7 @@ def _taps(w_ptr, b_ptr, offs_e, mask_e, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb_ptr, gb_ptrs, gb_strides,
                           dx_ptr, part_ptr, L, E, TOKENS, sx_b, sx_l, sx_e, sdx_b, sdx_l,
-                          SEG: tl.constexpr, BLOCK_E: tl.constexpr,
+                          SEG: tl.constexpr, BLOCK_E: tl.constexpr, WF: tl.constexpr, WB: tl.constexpr,
                           HAS_F: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr, ASM: tl.constexpr):
     """Backward of the causal (f) and/or anti-causal (b) conv + SiLU of the same x, in one ascending walk.
@@ -166,7 +178,7 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
     values kept in registers, so dx[p-3] of both directions is complete at p: every tensor is read once per
     token (plus a 3-token halo per segment) and dx is written once, in its final dtype. dweight and dbias
     are summed in registers and leave through part[(b, s), dir, 0..4, e]: one write per program, reduced by
-    torch (deterministic, no atomics)."""
+    ``_conv_grad_sum_kernel`` (deterministic, no atomics)."""
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
@@ -175,9 +187,9 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
     x_base = x_ptr + pid_b * sx_b
     zero = tl.zeros([BLOCK_E], dtype=tl.float32)
     if HAS_F:
-        wf0, wf1, wf2, wf3, bf = _taps(wf_ptr, bf_ptr, offs_e, mask_e, HAS_BIAS_F)
+        wf0, wf1, wf2, wf3, bf = _taps(wf_ptr, bf_ptr, offs_e, mask_e, WF, HAS_BIAS_F)
     if HAS_B:
-        wb0, wb1, wb2, wb3, bb = _taps(wb_ptr, bb_ptr, offs_e, mask_e, HAS_BIAS_B)
+        wb0, wb1, wb2, wb3, bb = _taps(wb_ptr, bb_ptr, offs_e, mask_e, WB, HAS_BIAS_B)
     # weight / bias gradient sums, f then b
     sf0, sf1, sf2, sf3, sfb = zero, zero, zero, zero, zero
     sb0, sb1, sb2, sb3, sbb = zero, zero, zero, zero, zero
@@ -234,6 +246,44 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
         tl.store(part + 9 * E, sbb, mask=mask_e)
 
 
+@triton.jit
+def _conv_grad_sum_kernel(part_ptr, P, E, dwf_ptr, dbf_ptr, dwb_ptr, dbb_ptr, WF: tl.constexpr, WB: tl.constexpr,
+                          HAS_F: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_F: tl.constexpr,
+                          HAS_BIAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Sum of the backward's per-program partials part (P, 2, 5, E) over P, written straight into the weight
+    gradients in their own layouts ((E, W) float32 per direction, its padding taps dropped) and the bias
+    gradients: one launch where torch needed a reduction and a copy per returned tensor. Program (pid_e, j):
+    row j of the (2, 5) block, i.e. direction j // 5, tap j % 5 (4: the bias)."""
+    pid_e = tl.program_id(0)
+    j = tl.program_id(1)
+    d = j // 5
+    k = j % 5
+    if d == 0:
+        wanted = HAS_F & (((k < _TAPS) & (k >= _TAPS - WF)) | ((k == _TAPS) & HAS_BIAS_F))
+    else:
+        wanted = HAS_B & (((k < _TAPS) & (k >= _TAPS - WB)) | ((k == _TAPS) & HAS_BIAS_B))
+    if wanted:
+        offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        rows = tl.arange(0, BLOCK_P)
+        acc = tl.zeros([BLOCK_P, BLOCK_E], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            m = ((p0 + rows) < P)[:, None] & mask_e[None, :]
+            acc += tl.load(part_ptr + (p0 + rows)[:, None].to(tl.int64) * (10 * E) + j * E + offs_e[None, :],
+                           mask=m, other=0.0)
+        total = tl.sum(acc, axis=0)
+        if d == 0:
+            if k == _TAPS:
+                tl.store(dbf_ptr + offs_e, total, mask=mask_e)
+            else:
+                tl.store(dwf_ptr + offs_e * WF + (k - (_TAPS - WF)), total, mask=mask_e)
+        else:
+            if k == _TAPS:
+                tl.store(dbb_ptr + offs_e, total, mask=mask_e)
+            else:
+                tl.store(dwb_ptr + offs_e * WB + (k - (_TAPS - WB)), total, mask=mask_e)
+
+
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool) -> torch.Tensor:
     """SiLU(depthwise conv over tokens) of x (B, L, E), any strides -> contiguous (B, L, E) in x's dtype."""
     batch, L, E = x.shape
@@ -273,15 +323,13 @@ class ConvGrad(NamedTuple):
     bias: Optional[torch.Tensor]    # (E,)
 
 
-def _padded_taps(weight: torch.Tensor, E: int) -> torch.Tensor:
-    """(E, 4) float32 weights with W <= 4 taps right-aligned: the leading zero taps change nothing in
-    either direction (tap k' of 4 reads the token tap k = k' - (4 - W) of W reads)."""
+def _tap_weights(weight: torch.Tensor, E: int) -> torch.Tensor:
+    """(E, W) view of a (E, 1, W) or (E, W) conv weight (a copy only if its taps are not contiguous), W <= 4."""
     w = weight.reshape(E, -1)
-    W = w.shape[1]
-    if W > TAPS:
-        raise ValueError(f"the Triton conv backward handles kernel widths up to {TAPS} (Vim's d_conv), got {W}; "
-                         "use backend='reference'")
-    return F.pad(w.float(), (TAPS - W, 0)).contiguous()
+    if w.shape[1] > TAPS:
+        raise ValueError(f"the Triton conv backward handles kernel widths up to {TAPS} (Vim's d_conv), "
+                         f"got {w.shape[1]}; use backend='reference'")
+    return w.contiguous()
 
 
 def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[ConvGrad], x: torch.Tensor,
@@ -299,7 +347,7 @@ def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[Con
         raise ValueError("conv_silu_backward_pair needs at least one direction")
     batch, L, E = x.shape
     dirs = (causal, anticausal)
-    taps = [_padded_taps(d.weight, E) if d is not None else None for d in dirs]
+    taps = [_tap_weights(d.weight, E) if d is not None else None for d in dirs]
     if out is not None:
         if out.shape != x.shape or out.stride(-1) != 1 or out.dtype != (dx_dtype or x.dtype):
             raise ValueError(f"out must be a {tuple(x.shape)} {dx_dtype or x.dtype} tensor with unit channel stride, "
@@ -319,22 +367,25 @@ def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[Con
             args += [x, x, (x,), ((0, 0, 0),)]
         else:
             args += [w, d.bias if d.bias is not None else w, tuple(d.grads), tuple(g.stride() for g in d.grads)]
+    widths = [w.shape[1] if w is not None else TAPS for w in taps]
     _conv_silu_bwd_kernel[(n_e, batch, n_split)](
         x, *args, dx, part, L, E, tokens, *x.stride(), dx.stride(0), dx.stride(1), SEG=BWD_SEG, BLOCK_E=BWD_BLOCK_E,
-        HAS_F=causal is not None, HAS_B=anticausal is not None,
+        WF=widths[0], WB=widths[1], HAS_F=causal is not None, HAS_B=anticausal is not None,
         HAS_BIAS_F=causal is not None and causal.bias is not None,
         HAS_BIAS_B=anticausal is not None and anticausal.bias is not None, ASM=triton_scan._use_asm(x),
         num_warps=BWD_NUM_WARPS)
-    part = part.sum(0)   # (2, 5, E); the copies below keep the returned gradients from aliasing
-    results = []
-    for i, d in enumerate(dirs):
-        if d is None:
-            results.append(None)
-            continue
-        W = d.weight.shape[-1]
-        dweight = part[i, TAPS - W:TAPS].t().reshape(d.weight.shape).contiguous()
-        dbias = part[i, TAPS].contiguous() if d.bias is not None else None
-        results.append((dweight, dbias))
+    results = [None if d is None else
+               (triton_scan._empty(tuple(d.weight.shape), torch.float32, x.device),
+                triton_scan._empty((E,), torch.float32, x.device) if d.bias is not None else None) for d in dirs]
+    outs = []
+    for r in results:   # placeholders of what is absent, never written
+        outs += [part, part] if r is None else [r[0], r[1] if r[1] is not None else part]
+    if E:
+        _conv_grad_sum_kernel[(cdiv(E, SUM_BLOCK_E), 10)](
+            part, part.shape[0], E, *outs, WF=widths[0], WB=widths[1], HAS_F=causal is not None,
+            HAS_B=anticausal is not None, HAS_BIAS_F=causal is not None and causal.bias is not None,
+            HAS_BIAS_B=anticausal is not None and anticausal.bias is not None, BLOCK_P=SUM_BLOCK_P,
+            BLOCK_E=SUM_BLOCK_E, num_warps=4)
     return dx, results[0], results[1]
 
 

@@ -108,6 +108,9 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
     conv_grads = []
     dz_total = dxz[..., E:].transpose(1, 2) if dxz is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
+        # each direction's dB and dC are summed by the walks' atomic adds into one zeroed token-major (B, L, 2N)
+        # float32 buffer, the layout of their columns in x_proj's output gradient: both zeroed by one launch
+        dbcs = triton_scan._zeros([(batch, L, 2 * p.A_log.shape[1]) for p in params], x.device)
         xcs = list(_convs(x, *params))
         for i, (p, reverse) in enumerate(zip(params, (False, True))):
             xdbl, hloc, S = saved[3 * i], _none_if_absent(saved[3 * i + 1]), _none_if_absent(saved[3 * i + 2])
@@ -116,9 +119,7 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
             wx, wdt, A, dt_cols, width = _weights(p, cdt)
             xc, xcs[i] = xcs[i], None
             dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)   # the forward's, recomputed
-            # dB and dC are summed by the walks' atomic adds into one zeroed token-major (B, L, 2N) float32 buffer,
-            # the layout of their columns in x_proj's output gradient: one fill and one cast copy for both
-            dbc = torch.zeros((batch, L, 2 * N), dtype=torch.float32, device=x.device)
+            dbc = dbcs[i]
             # ddelta: the gradient of dt_proj's output (before bias and softplus), in the compute dtype
             du, ddelta, dA, _, _, dD, dz, dbias = triton_scan.scan_backward(
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),

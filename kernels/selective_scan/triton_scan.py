@@ -65,6 +65,33 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+ZERO_BLOCK = 1024
+
+
+@triton.jit
+def _zero_kernel(ptrs, starts, sizes, BLOCK: tl.constexpr):
+    """Program p zeroes block p - starts[k] of tensor k, for the k with starts[k] <= p < starts[k + 1]."""
+    pid = tl.program_id(0)
+    for k in tl.static_range(len(ptrs)):
+        if (pid >= starts[k]) & (pid < starts[k + 1]):
+            offs = (pid - starts[k]) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(ptrs[k] + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < sizes[k])
+
+
+def _zeros(shapes, device):
+    """Zeroed float32 tensors of the given shapes from one launch (each of the backward's atomic sums needs its
+    own zeroed buffer, a torch fill each; they are distinct allocations, so they may be distinct outputs of a
+    custom op)."""
+    outs = [_empty(shape, torch.float32, device) for shape in shapes]   # poisoned in tests: all must be written
+    live = [t for t in outs if t.numel()]
+    if live:
+        starts = [0]
+        for t in live:
+            starts.append(starts[-1] + cdiv(t.numel(), ZERO_BLOCK))
+        _zero_kernel[(starts[-1],)](tuple(live), tuple(starts), tuple(t.numel() for t in live), BLOCK=ZERO_BLOCK)
+    return outs
+
+
 def _absent(like: torch.Tensor) -> torch.Tensor:
     """A fresh empty float32 tensor standing for an absent output of a custom op (the ops' outputs must all
     be tensors and must not alias each other)."""
@@ -1083,13 +1110,9 @@ def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -
     return {"maxnreg": cap}
 
 
-def _grad_buffer(acc, shape, dev, name):
-    """A zeroed float32 buffer for a dB / dC accumulated by atomic adds, or the caller's ``acc`` after checking it."""
-    if acc is None:
-        return torch.zeros(shape, dtype=torch.float32, device=dev)
-    if tuple(acc.shape) != shape or acc.dtype != torch.float32:
+def _check_acc(acc, shape, name):
+    if acc is not None and (tuple(acc.shape) != shape or acc.dtype != torch.float32):
         raise ValueError(f"{name} must be float32 {shape}, got {acc.dtype} {tuple(acc.shape)}")
-    return acc
 
 
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
@@ -1138,10 +1161,13 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     dz = None
     if z is not None:
         dz = dz_out if dz_out is not None else _empty((batch, L, Dm), z.dtype, dev).transpose(1, 2)
-    dB, dC = (_grad_buffer(acc, (batch, G, N, L), dev, name) for acc, name in ((dB_acc, "dB_acc"), (dC_acc, "dC_acc")))
-    dD = torch.zeros((Dm,), dtype=f32, device=dev)
-    dA = torch.zeros((Dm, N), dtype=f32, device=dev)
-    dbias = torch.zeros((Dm,), dtype=f32, device=dev)
+    _check_acc(dB_acc, (batch, G, N, L), "dB_acc")
+    _check_acc(dC_acc, (batch, G, N, L), "dC_acc")
+    # the atomic sums' buffers, zeroed by one launch: dD, dA, dbias and the dB / dC the caller did not give
+    own = [(batch, G, N, L)] * ((dB_acc is None) + (dC_acc is None))
+    dD, dA, dbias, *fresh = _zeros([(Dm,), (Dm, N), (Dm,), *own], dev)
+    dB = dB_acc if dB_acc is not None else fresh.pop(0)
+    dC = dC_acc if dC_acc is not None else fresh.pop(0)
     F = _empty((batch, L, Dm), f32, dev)
     tx = _empty((batch, nc, N, Dm), f32, dev)
     qx = _empty((batch, nc, N, Dm), f32, dev)
