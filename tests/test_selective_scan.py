@@ -233,6 +233,22 @@ def test_bc_gradients_added_into_given_buffers(chunk, groups, reverse, monkeypat
         triton_scan.scan_backward(*args, dC_acc=dC_acc[:, :, 1:])
 
 
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grad_A_log_is_dA_times_A(chunk, reverse, monkeypatch):
+    """``grad_A_log``: the third gradient is A_log's (A = -exp(A_log)), dA * A, taken per program before the
+    atomic sum; every other gradient unchanged."""
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(2, 8, 13, 4)
+    out, _, hloc, S = triton_scan.scan_forward(u, delta, A, Bm, Cm, D, z, bias, True, reverse)
+    args = (torch.randn_like(out), u, delta, A, Bm, Cm, D, z, bias, True, reverse, hloc, S)
+    plain, logs = triton_scan.scan_backward(*args), triton_scan.scan_backward(*args, grad_A_log=True)
+    assert rel(logs[2], plain[2] * A) < 1e-6
+    for i, (a, b) in enumerate(zip(logs, plain)):
+        if i != 2 and a is not None:
+            assert rel(a, b) < 1e-6, i
+
+
 def test_zeros_from_one_launch(monkeypatch):
     """``_zeros``: distinct float32 tensors, every element zeroed (they start as NaN here), across ragged blocks, an
     empty tensor among them, and tensors smaller and larger than one block."""

@@ -121,10 +121,10 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
             dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)   # the forward's, recomputed
             dbc = dbcs[i]
             # ddelta: the gradient of dt_proj's output (before bias and softplus), in the compute dtype
-            du, ddelta, dA, _, _, dD, dz, dbias = triton_scan.scan_backward(
+            du, ddelta, dA_log, _, _, dD, dz, dbias = triton_scan.scan_backward(
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
                 p.dt_proj_bias.float(), True, reverse, hloc, S, dz_out=dz_total, dz_accumulate=i == 1,
-                delta_activated=True, ddelta_dtype=cdt, dout_scale=0.5,
+                delta_activated=True, ddelta_dtype=cdt, dout_scale=0.5, grad_A_log=True,
                 dB_acc=dbc[..., :N].transpose(1, 2).unsqueeze(1), dC_acc=dbc[..., N:].transpose(1, 2).unsqueeze(1))
             dz_total = dz
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
@@ -138,9 +138,8 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
                 dWx = torch.cat([dWx[:rank], dWx[dt_cols:dt_cols + 2 * N]])
             # the conv output's gradient is du + dxdbl @ Wx, summed inside the conv backward
             conv_grads.append(ConvGrad((du.transpose(1, 2), dxdbl @ wx), p.conv_weight, p.conv_bias))
-            dA_log = (dA.float() * A).to(p.A_log.dtype)                       # dA/dA_log = A
             grads.append([None, None, dWx.to(p.x_proj_weight.dtype), dWdt.to(p.dt_proj_weight.dtype),
-                          dbias.to(p.dt_proj_bias.dtype), dA_log, dD.to(p.D.dtype)])
+                          dbias.to(p.dt_proj_bias.dtype), dA_log.to(p.A_log.dtype), dD.to(p.D.dtype)])
         # both convs read the same x: one pass gives their weight gradients and the summed dx
         dx, *conv_wb = conv_silu_backward_pair(conv_grads[0], conv_grads[1], x,
                                                out=dxz[..., :E] if dxz is not None else None)

@@ -786,9 +786,10 @@ def _bwd_reverse_walk_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr, DY_SCALE: tl.constexpr,
+    DA_LOG: tl.constexpr,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
-    dA and ddelta_bias (atomic)."""
+    dA (or with DA_LOG, A_log's gradient dA * A) and ddelta_bias (atomic)."""
     NS: tl.constexpr = BLOCK_N // SPLIT
     R: tl.constexpr = SPLIT * BLOCK_D
     pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
@@ -894,6 +895,8 @@ def _bwd_reverse_walk_kernel(
     qx_c = tl.load(qx_ptr + st, mask=mask2, other=0.0)
     # sum_t delta_t * dw_t over this chunk; suf now holds the chunk's delta sum
     dA = qx_c - (suf[:, None] * ry - qys) + suf[:, None] * after
+    if DA_LOG:   # from A2, live anyway: keeping A too through the token loop costs this register-capped kernel
+        dA = dA * (A2 * (1.0 / LOG2E))
     tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx, dA, mask=mask2, sem="relaxed")
     if HAS_BIAS:
         tl.atomic_add(dbias_ptr + offs_o, dbias_acc, mask=mask_o, sem="relaxed")
@@ -1117,7 +1120,7 @@ def _check_acc(acc, shape, name):
 
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
                   dz_out=None, dz_accumulate=False, delta_activated=False, ddelta_dtype=None, dout_scale=1.0,
-                  dB_acc=None, dC_acc=None):
+                  dB_acc=None, dC_acc=None, grad_A_log=False):
     """All gradients. ``dout`` is the gradient of the (scaled) output, taken times ``dout_scale`` as it is loaded
     (the mixer's directions each carry half of its output: 0.5, exact, with no pass over dout). Returns
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (None where the input is None). ``dz_out``: where dz is
@@ -1129,7 +1132,9 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
 
     ``dB_acc`` / ``dC_acc``: float32 (batch, G, N, L) tensors, any strides (the mixer passes views of one token-major
     buffer, the layout its x_proj gradient wants), that the B / C gradients are added into instead of fresh zeroed
-    buffers; returned as dB / dC (reshaped to B's and C's shapes)."""
+    buffers; returned as dB / dC (reshaped to B's and C's shapes). ``grad_A_log``: the third gradient is that of
+    A_log where A = -exp(A_log), i.e. dA * A, each program's part multiplied before the atomic sum (no pass of
+    its own)."""
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
@@ -1181,7 +1186,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(), *dB.stride(),
-                                   HAS_D=D is not None, SCATTER=scatter, **flags,
+                                   HAS_D=D is not None, SCATTER=scatter, DA_LOG=bool(grad_A_log), **flags,
                                    **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     dB = dB.to(B_in.dtype).reshape(B_in.shape) if B_in.dim() == 3 else dB.to(B_in.dtype)
     dC = dC.to(C_in.dtype).reshape(C_in.shape) if C_in.dim() == 3 else dC.to(C_in.dtype)
