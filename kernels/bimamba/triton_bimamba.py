@@ -69,6 +69,14 @@ def _scan_rows(xdbl, wdt, bias, dt_cols, N, cdt):
     return dt, delta, bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
 
 
+def _grad_mm(a, b):
+    """a @ b (2-D) as a float32 weight gradient: on CUDA cuBLAS writes float32 from half inputs (``out_dtype``), so
+    the gradient is not rounded to the half type and needs no cast pass to the float32 parameter's dtype."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
 def _forward_impl(x, z, flat):
     """Returns out (B, L, E) and what backward needs: per direction (x_proj output, chunk states, delta sums);
     absent chunk summaries (one chunk) come back as empty tensors so the op's outputs are all tensors."""
@@ -128,12 +136,12 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
                 dB_acc=dbc[..., :N].transpose(1, 2).unsqueeze(1), dC_acc=dbc[..., N:].transpose(1, 2).unsqueeze(1))
             dz_total = dz
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
-            dWdt = (ddelta.reshape(-1, ddelta.shape[-1]).t() @ dt.reshape(-1, dt_cols))[:, :rank]
+            dWdt = _grad_mm(ddelta.reshape(-1, ddelta.shape[-1]).t(), dt.reshape(-1, dt_cols)[:, :rank])
             # x_proj's output gradient: dt_proj's input gradient from the full-width weight (zero outside the dt
             # columns), then dB / dC into their columns
             dxdbl = ddelta @ wdt
             dxdbl[..., dt_cols:dt_cols + 2 * N].copy_(dbc)
-            dWx = dxdbl.reshape(-1, width).t() @ xc.reshape(-1, xc.shape[-1])
+            dWx = _grad_mm(dxdbl.reshape(-1, width).t(), xc.reshape(-1, xc.shape[-1]))
             if width != rank + 2 * N:
                 dWx = torch.cat([dWx[:rank], dWx[dt_cols:dt_cols + 2 * N]])
             # the conv output's gradient is du + dxdbl @ Wx, summed inside the conv backward
