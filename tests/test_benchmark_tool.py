@@ -227,3 +227,21 @@ def test_variant_cpu_run_records_rounds_and_ratios(tmp_path, monkeypatch, capsys
     assert abs(second["ratio"] - vims[1]["ms"] / vims[0]["ms"]) < 1e-12 and second["round_ms"] == vims[1]["round_ms"]
     assert [r["variant"] for r in doc["ratios"]] == ["two_launches", "pair"]
     assert "ratio: ms / two_launches's ms" in out and "pair" in out.split("rounds (ms)")[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_repeated_cuda_graph_cases_report_the_same_peak():
+    """The same captured case measured three times reports the same peak memory: nothing a case leaves behind (such
+    as cuBLAS's per-stream workspace of its capture stream) is counted in the next case's peak."""
+    bench = load_tool("benchmark")
+    args = bench.parse_args(["--models", "deit_tiny_patch16_224", "--baselines", "--modes", "train",
+                             "--resolutions", "64", "--batch-size", "4", "--cuda-graph"])
+    args.warmup_ms, args.rep_ms, args.min_reps = 10, 10, 3
+    device = torch.device("cuda")
+    peaks = []
+    for _ in range(3):
+        case = bench.Case(model="deit_tiny_patch16_224", role="model", mode="train", resolution=64, batch_size=4)
+        bench.measure(case, {}, args, device, torch.bfloat16)
+        assert case.status == "ok", case.message
+        peaks.append(case.peak_gib)
+    assert max(peaks) - min(peaks) < 1 / 1024, peaks   # within 1 MiB

@@ -45,7 +45,10 @@ FWD_BLOCK_L, FWD_BLOCK_E, FWD_NUM_WARPS = 32, 128, 4
 PAIR_BLOCK_L, PAIR_BLOCK_E, PAIR_NUM_WARPS = 16, 64, 2
 TAPS = 4   # the backward walks a 4-token window; narrower kernels are padded with leading zero taps
 _TAPS = tl.constexpr(TAPS)   # the same, for the kernels
-SUM_BLOCK_P, SUM_BLOCK_E = 32, 128   # tiles of the partials' reduction (_conv_grad_sum_kernel)
+# Tiles of the partials' reduction (_conv_grad_sum_kernel): 32 channels per program, so that E=384 makes 120
+# programs instead of 30; at 128 channels a few SMs read all the partials and the reduction took ~15 us per layer
+# (session 16, docs/kernels.md v22: the backward pair 227.6 -> 197.2 us at (256, 197, 384)).
+SUM_BLOCK_P, SUM_BLOCK_E = 256, 32
 
 
 @triton.jit
