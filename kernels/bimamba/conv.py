@@ -47,7 +47,7 @@ TAPS = 4   # the backward walks a 4-token window; narrower kernels are padded wi
 _TAPS = tl.constexpr(TAPS)   # the same, for the kernels
 # Tiles of the partials' reduction (_conv_grad_sum_kernel): 32 channels per program, so that E=384 makes 120
 # programs instead of 30; at 128 channels a few SMs read all the partials and the reduction took ~15 us per layer
-# (session 16, docs/kernels.md v22: the backward pair 227.6 -> 197.2 us at (256, 197, 384)).
+# (session 16, docs/kernels.md v23: the backward pair 227.6 -> 197.2 us at (256, 197, 384)).
 SUM_BLOCK_P, SUM_BLOCK_E = 256, 32
 
 
