@@ -106,6 +106,15 @@ def test_kernel_benchmark_dt_rows_run_on_cpu():
     assert res["floor_bytes"] == 48 * 12 * 4 + 48 * 24 * 4
 
 
+def test_kernel_benchmark_sweep_groups(capsys):
+    """--sweep takes the groups to sweep (none named: all); an unknown group stops the run before it measures."""
+    bk = load_tool("benchmark_kernels")
+    with pytest.raises(SystemExit):
+        bk.main(["--out", "unused.json", "--sweep", "conv", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert bk.SWEEP_GROUPS == ["fwd", "bwd", "chunk", "conv", "dt"]
+
+
 # --variant: knobs set per measurement
 
 

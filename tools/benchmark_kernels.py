@@ -6,6 +6,7 @@ plain dt_proj GEMM (cuBLAS) it replaced.
     python tools/benchmark_kernels.py --out kernels.json            # GPU: the issue's shapes, bf16
     python tools/benchmark_kernels.py --out /tmp/k.json             # CPU: tiny shapes (smoke test)
     python tools/benchmark_kernels.py --sweep --out sweep.json      # GPU: also sweep kernel configs
+    python tools/benchmark_kernels.py --sweep conv dt --out s.json  # GPU: only these sweep groups
 
 Inputs are token-major, as in the model: u, delta, z are (B, L, E) storage viewed as (B, E, L), and
 B, C are slices of the x_proj output (B, L, R + 2N). Timings are medians of triton.testing.do_bench
@@ -47,9 +48,12 @@ SWEEP_BWD = [(32, 1, 2, 1, 168), (32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1
 # the walks' per-token dB / dC channel sums as a reduce-scatter instead of butterflies, at the default block
 SWEEP_BWD_SUMS = [dict(BC_SCATTER=True)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
+SWEEP_GROUPS = ["fwd", "bwd", "chunk", "conv", "dt"]   # --sweep GROUP ...
 # conv backward (BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS, BWD_TARGET_PROGRAMS)
 SWEEP_CONV = [(32, 128, 2, 2048), (32, 128, 4, 2048), (16, 128, 2, 2048), (64, 128, 2, 2048), (32, 256, 4, 2048),
-              (32, 256, 2, 2048), (32, 128, 2, 1024), (32, 128, 2, 4096)]
+              (32, 256, 2, 2048), (32, 128, 2, 1024), (32, 128, 2, 4096),
+              # more, shorter programs: cheap since the partials' reduction got 120+ programs (session 16, v23)
+              (32, 128, 2, 8192), (16, 128, 2, 4096), (32, 64, 2, 4096), (32, 64, 1, 4096)]
 # dt_proj + softplus (BLOCK_M, BLOCK_E, NUM_WARPS), at the (tokens, E, dt columns) of DT_SHAPES
 SWEEP_DT = [(64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 64, 4), (32, 128, 4), (128, 128, 4), (256, 64, 8)]
 DT_SHAPES = [(256 * 197, 384, 16), (256 * 197, 768, 24), (256 * 197, 1536, 48)]   # vim_tiny / small / base, bs 256
@@ -306,8 +310,10 @@ def time_dt_softplus(tokens, E, K, device, cuda, dtype, with_ref=True):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--sweep", action="store_true",
-                    help="also time kernel configs (BLOCK_D, SPLIT, UNROLL, warps, LOOKAHEAD, PREFETCH, BC_SCATTER)")
+    ap.add_argument("--sweep", nargs="*", choices=SWEEP_GROUPS, default=None, metavar="GROUP",
+                    help="also time kernel configs (GPU only): the scan forward's and backward's blocks and loads, its "
+                         f"chunking, the conv backward's tiles, the dt kernel's tiles; groups {SWEEP_GROUPS}, "
+                         "none named: all")
     ap.add_argument("--no-check", action="store_true", help="skip the fp32-vs-float64 correctness check")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -341,7 +347,8 @@ def main(argv=None):
             anc = ANCHORS.get(shp)
             rows.append((shp, rev, tr["fwd_ms"], tr["fwd_bwd_ms"], gbs_f, gbs_b,
                          r.get("reference", {}).get("fwd_ms"), anc, tr["gpu_fwd_ms"], tr["gpu_fwd_bwd_ms"]))
-    if args.sweep and cuda:
+    groups = set(SWEEP_GROUPS if args.sweep == [] else args.sweep or [])
+    if groups and cuda:
         report["sweep"] = {}
         base = dict(triton_scan.CONFIG)
         fwd_cfgs = [dict(BLOCK_D=bd, SPLIT=sp, UNROLL=un, NUM_WARPS=nw) for bd, sp, un, nw in SWEEP_FWD]
@@ -352,7 +359,7 @@ def main(argv=None):
         tgt_cfgs = [dict(TARGET_PROGRAMS=tp, MIN_CHUNK=mc) for tp, mc in SWEEP_CHUNK]
         for kind, cfgs, sweep_shapes in (("fwd", fwd_cfgs, shapes), ("bwd", bwd_cfgs, shapes),
                                          ("chunk", tgt_cfgs, shapes[-1:])):
-            for cfg in cfgs:
+            for cfg in (cfgs if kind in groups else []):
                 triton_scan.CONFIG.update(base)
                 triton_scan.CONFIG.update(cfg)
                 key = f"{kind} " + " ".join(f"{k}={v}" for k, v in cfg.items())
@@ -364,7 +371,7 @@ def main(argv=None):
                           f"  GPU time fwd {r['gpu_fwd_ms']:.4f} fwd+bwd {r['gpu_fwd_bwd_ms']:.4f} ms", flush=True)
         triton_scan.CONFIG.update(base)
         conv_base = (conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS)
-        for cfg in SWEEP_CONV:
+        for cfg in (SWEEP_CONV if "conv" in groups else []):
             conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS = cfg
             key = "conv SEG={} BLOCK_E={} warps={} programs={}".format(*cfg)
             report["sweep"][key] = {}
@@ -375,7 +382,7 @@ def main(argv=None):
                       f"  {r['GBps_gpu_time']:.0f} GB/s", flush=True)
         conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS = conv_base
         dt_base = dict(delta.CONFIG)
-        for bm, be, nw in SWEEP_DT:
+        for bm, be, nw in (SWEEP_DT if "dt" in groups else []):
             delta.CONFIG.update(BLOCK_M=bm, BLOCK_E=be, NUM_WARPS=nw)
             key = f"dt BLOCK_M={bm} BLOCK_E={be} warps={nw}"
             report["sweep"][key] = {}
