@@ -285,6 +285,22 @@ def test_dt_softplus_edges():
         dt_softplus(dt, w.float(), torch.zeros(16, device=DEV), torch.float16)
 
 
+@pytest.mark.parametrize("out_dtype_overload", [True, False])
+def test_weight_gradient_products_are_float32(out_dtype_overload, monkeypatch):
+    """x_proj's and dt_proj's weight gradients come out as float32 for half inputs, with torch.mm's ``out_dtype``
+    (CUDA, torch >= 2.8) or, on an older torch, from the half product cast afterwards; float32 inputs stay float32."""
+    from vim.kernels.bimamba import triton_bimamba as tb
+
+    monkeypatch.setattr(tb, "MM_OUT_DTYPE", out_dtype_overload and tb.MM_OUT_DTYPE)
+    a = torch.randn(40, 24, device=DEV)[:, :16].t()   # transposed and strided, as the backward passes them
+    b = torch.randn(40, 32, device=DEV)[:, 8:20]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        got = tb._grad_mm(a.to(dtype), b.to(dtype))
+        ref = a.to(dtype).double() @ b.to(dtype).double()
+        assert got.dtype == torch.float32 and got.shape == (16, 12)
+        assert ((got.double() - ref).norm() / ref.norm()).item() < (1e-2 if dtype != torch.float32 else 1e-6)
+
+
 def test_dt_softplus_float16_over_the_whole_range():
     """The float16 epilogue's softplus (``delta._softplus_fast``: a polynomial for log1p) stays within float16
     rounding of the exact value for pre-activations from -30 (delta ~1e-13, flushed to 0 or a subnormal) to 30."""

@@ -69,11 +69,18 @@ def _scan_rows(xdbl, wdt, bias, dt_cols, N, cdt):
     return dt, delta, bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
 
 
+# torch.mm(..., out_dtype=) (the aten::mm.dtype overload, CUDA only) is newer than the oldest torch we support
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
 def _grad_mm(a, b):
     """a @ b (2-D) as a float32 weight gradient: on CUDA cuBLAS writes float32 from half inputs (``out_dtype``), so
-    the gradient is not rounded to the half type and needs no cast pass to the float32 parameter's dtype."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
+    the gradient is not rounded to the half type and needs no cast pass to the float32 parameter's dtype. Without
+    that overload, the half-precision product is cast afterwards; on the CPU the product is taken in float32."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        if MM_OUT_DTYPE:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b).float()
     return torch.mm(a.float(), b.float())
 
 
