@@ -31,10 +31,8 @@ variant) follows; plots show the first variant only.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import gc
-import importlib
 import json
 import math
 import platform
@@ -42,7 +40,6 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -53,6 +50,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # tools/, for its shared modules also when not run as a script
+from knobs import SPEC_SEP, Knob, resolve_knob  # noqa: E402
 from vim import inference as inf  # noqa: E402  (also registers the vim_* models)
 
 DEFAULT_MODELS = ["vim_tiny", "vim_small", "vim_base"]
@@ -108,30 +107,6 @@ def parse_args(argv=None):
 # --variant: module-level knobs set for one measurement
 
 
-# a spec's start, so that a comma inside a value (a tuple) does not split it
-_SPEC_SEP = r",(?=\s*[A-Za-z_][\w.]*(?:\[[^\]]*\])?=)"
-_SPEC = re.compile(r"\s*(?P<path>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\[(?P<key>[^\]]+)\])?=(?P<value>.*)", re.S)
-
-
-@dataclass
-class Knob:
-    """One resolved SPEC: ``owner.key = value``, or ``owner[key] = value`` for a dict knob (``item``)."""
-    spec: str
-    owner: Any
-    key: Any
-    value: Any
-    item: bool
-
-    def get(self) -> Any:
-        return self.owner[self.key] if self.item else getattr(self.owner, self.key)
-
-    def set(self, value: Any) -> None:
-        if self.item:
-            self.owner[self.key] = value
-        else:
-            setattr(self.owner, self.key, value)
-
-
 @dataclass
 class Variant:
     name: str
@@ -152,52 +127,6 @@ class Variant:
                 knob.set(old)
 
 
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError):  # a bare word such as accumulate
-        return text
-
-
-def _import_prefix(parts: List[str], spec: str) -> Tuple[Any, int]:
-    """The module of the longest importable prefix of ``parts`` (at least one part is left for the
-    attribute) and that prefix's length."""
-    for i in range(len(parts) - 1, 0, -1):
-        name = ".".join(parts[:i])
-        try:
-            return importlib.import_module(name), i
-        except ModuleNotFoundError as e:
-            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
-                raise SystemExit(f"--variant {spec!r}: importing {name} failed: {e}") from e
-        except Exception as e:  # noqa: BLE001  (the module exists but does not import)
-            raise SystemExit(f"--variant {spec!r}: importing {name} failed: {type(e).__name__}: {e}") from e
-    raise SystemExit(f"--variant {spec!r}: no importable module in {'.'.join(parts)!r}")
-
-
-def resolve_knob(spec: str) -> Knob:
-    """``spec`` checked against what it names: a knob that does not exist is an error, never created,
-    as a misspelt knob would otherwise time the defaults under a variant's name."""
-    m = _SPEC.fullmatch(spec)
-    if m is None:
-        raise SystemExit(f"--variant {spec!r}: expected dotted.module.ATTR=VALUE or dotted.module.DICT[KEY]=VALUE")
-    parts = m["path"].split(".")
-    owner, i = _import_prefix(parts, spec)
-    for j in range(i, len(parts)):
-        if not hasattr(owner, parts[j]):
-            raise SystemExit(f"--variant {spec!r}: {'.'.join(parts[:j])} has no attribute {parts[j]!r}")
-        if j < len(parts) - 1 or m["key"] is not None:
-            owner = getattr(owner, parts[j])
-    value = _literal(m["value"])
-    if m["key"] is None:
-        return Knob(spec, owner, parts[-1], value, item=False)
-    if not isinstance(owner, MutableMapping):
-        raise SystemExit(f"--variant {spec!r}: {m['path']} is a {type(owner).__name__}, not a dict")
-    key = _literal(m["key"])
-    if key not in owner:
-        raise SystemExit(f"--variant {spec!r}: {key!r} is not a key of {m['path']} ({', '.join(map(str, owner))})")
-    return Knob(spec, owner, key, value, item=True)
-
-
 def parse_variants(texts: Sequence[str]) -> List[Variant]:
     variants = []
     for text in texts:
@@ -206,7 +135,7 @@ def parse_variants(texts: Sequence[str]) -> List[Variant]:
             raise SystemExit(f"--variant {text!r}: expected NAME:SPEC[,SPEC...] (NAME: alone for the defaults)")
         if name in (v.name for v in variants):
             raise SystemExit(f"--variant {text!r}: variant {name!r} given twice")
-        variants.append(Variant(name, [resolve_knob(s) for s in re.split(_SPEC_SEP, specs) if s.strip()]))
+        variants.append(Variant(name, [resolve_knob(s) for s in re.split(SPEC_SEP, specs) if s.strip()]))
     return variants
 
 

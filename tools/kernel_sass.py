@@ -6,6 +6,7 @@ of every kernel that one bidirectional mixer forward and backward launches at a 
     python tools/kernel_sass.py                                    # a vim_tiny layer at bs 128, sm_90
     python tools/kernel_sass.py --batch 256 --dim 768 --json sass.json
     python tools/kernel_sass.py --kernels _fwd_kernel --dump sass/  # also write each kernel's SASS
+    python tools/kernel_sass.py --set "vim.kernels.selective_scan.triton_scan.CONFIG[BC_PICK]=True"  # a knob set
 
 How the launches are found: the mixer runs on CPU tensors under the Triton interpreter with every kernel
 call intercepted (nothing executes) and the GPU-only paths (inline PTX, L1 prefetch) switched on as on
@@ -35,6 +36,9 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without install
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # tools/, for its shared modules
+
+from knobs import resolve_knob  # noqa: E402
 
 LDG_LATENCY = 35
 LATENCY = {"LDG": LDG_LATENCY, "MUFU": 20, "SHFL": 25, "F2FP": 6, "I2F": 6, "F2I": 6, "LDC": 10, "LDS": 25,
@@ -249,6 +253,9 @@ def parse_args(argv=None):
     p.add_argument("--kernels", nargs="*", help="only these kernel names")
     p.add_argument("--dump", help="write each kernel's SASS into this folder")
     p.add_argument("--json", help="write the table as JSON")
+    p.add_argument("--set", action="append", default=[], metavar="SPEC",
+                   help="repeatable: a kernel knob set for the launches, dotted.module.ATTR=VALUE or "
+                        "dotted.module.DICT[KEY]=VALUE, as tools/benchmark.py --variant takes them")
     p.add_argument("--capture", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -258,6 +265,8 @@ def capture_launches(args) -> List[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--capture", *layer_shape_argv(args)]
     if args.forward_only:
         cmd.append("--forward-only")
+    for spec in args.set:
+        cmd += ["--set", spec]
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
@@ -267,7 +276,10 @@ def capture_launches(args) -> List[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    knobs = [resolve_knob(spec, "--set") for spec in args.set]   # a misspelt knob stops here, in either process
     if args.capture:
+        for knob in knobs:
+            knob.set(knob.value)
         recs = _capture(args.batch, args.length, args.dim, args.dstate, args.dt_rank, not args.forward_only)
         print(json.dumps(recs))
         return 0
@@ -302,7 +314,7 @@ def main(argv=None) -> int:
     cols = ["kernel", "registers", "local", "shared_bytes", "loop_instructions", "mufu", "loads", "stores", "shuffles",
             "atomics", "shared_ops", "loop_cycles_one_warp"]
     print(f"sm_{args.arch}, (batch, L, E, N) = ({args.batch}, {args.length}, {args.dim}, {args.dstate}); "
-          f"loop = the kernel's largest loop, counts per iteration")
+          f"loop = the kernel's largest loop, counts per iteration" + "".join(f"; {k.spec}" for k in knobs))
     print(" | ".join(cols))
     for row in rows:
         if "error" in row:
@@ -311,8 +323,8 @@ def main(argv=None) -> int:
             print(" | ".join(str(row.get(c, "-")) for c in cols))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(arch=args.arch, shape=[args.batch, args.length, args.dim, args.dstate], kernels=rows), f,
-                      indent=1)
+            json.dump(dict(arch=args.arch, shape=[args.batch, args.length, args.dim, args.dstate], set=args.set,
+                           kernels=rows), f, indent=1)
     return 0 if rows and not all("error" in r for r in rows) else 1
 
 
