@@ -6,7 +6,7 @@ of every kernel that one bidirectional mixer forward and backward launches at a 
     python tools/kernel_sass.py                                    # a vim_tiny layer at bs 128, sm_90
     python tools/kernel_sass.py --batch 256 --dim 768 --json sass.json
     python tools/kernel_sass.py --kernels _fwd_kernel --dump sass/  # also write each kernel's SASS
-    python tools/kernel_sass.py --set "vim.kernels.selective_scan.triton_scan.CONFIG[BC_PICK]=True"  # a knob set
+    python tools/kernel_sass.py --set "vim.kernels.selective_scan.triton_scan.CONFIG[LOOKAHEAD]=1"  # a knob set
 
 How the launches are found: the mixer runs on CPU tensors under the Triton interpreter with every kernel
 call intercepted (nothing executes) and the GPU-only paths (inline PTX, L1 prefetch) switched on as on
