@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tool_loading import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,19 +64,15 @@ def test_layer_shape_round_trips_to_the_child_process():
     assert [(again.batch, again.length, again.dim, again.dstate, again.dt_rank)] == [(3, 197, 384, 16, 5)]
 
 
-def test_set_knobs_reach_the_recorded_launches(tmp_path):
+def test_set_knobs_reach_the_recorded_launches(monkeypatch, capsys):
     """--set: a kernel knob set in the process that records the launches (the forward's group lookahead on every
     launch, where the default has it on the accumulating one only); a misspelt knob stops the tool first."""
-    out = tmp_path / "sass.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    tool = [sys.executable, str(ROOT / "tools" / "kernel_sass.py"), "--forward-only", "--kernels", "_fwd_kernel",
-            "--batch", "2", "--length", "9", "--dim", "32"]
-    run = subprocess.run(tool + ["--set", "vim.kernels.selective_scan.triton_scan.CONFIG[LOOKAHEAD]=1", "--json",
-                                 str(out)], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert doc["set"] == ["vim.kernels.selective_scan.triton_scan.CONFIG[LOOKAHEAD]=1"]
-    assert [r["flags"]["LOOKAHEAD"] for r in doc["kernels"]] == [True, True]
-    bad = subprocess.run(tool + ["--set", "vim.kernels.bimamba.conv.NO_SUCH_KNOB=1"], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert bad.returncode != 0 and "has no attribute 'NO_SUCH_KNOB'" in bad.stderr
+    tool = load_tool("kernel_sass")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the recording child sets it itself
+    shape = ["--forward-only", "--batch", "2", "--length", "9", "--dim", "32"]
+    args = tool.parse_args(shape + ["--set", "vim.kernels.selective_scan.triton_scan.CONFIG[LOOKAHEAD]=1"])
+    recs = [r for r in tool.capture_launches(args) if r["name"] == "_fwd_kernel"]
+    flags = [{n: v for n, kind, _, v in r["args"] if kind == "constexpr"} for r in recs]
+    assert [(f["REVERSE"], f["LOOKAHEAD"]) for f in flags] == [(False, True), (True, True)]   # default: first False
+    with pytest.raises(SystemExit, match="has no attribute 'NO_SUCH_KNOB'"):
+        tool.main(shape + ["--set", "vim.kernels.bimamba.conv.NO_SUCH_KNOB=1"])
