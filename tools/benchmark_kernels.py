@@ -49,11 +49,13 @@ SWEEP_BWD = [(32, 1, 2, 1, 168), (32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1
 SWEEP_BWD_SUMS = [dict(BC_SCATTER=True)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
 SWEEP_GROUPS = ["fwd", "bwd", "chunk", "conv", "dt"]   # --sweep GROUP ...
-# conv backward (BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS, BWD_TARGET_PROGRAMS)
-SWEEP_CONV = [(32, 128, 2, 2048), (32, 128, 4, 2048), (16, 128, 2, 2048), (64, 128, 2, 2048), (32, 256, 4, 2048),
-              (32, 256, 2, 2048), (32, 128, 2, 1024), (32, 128, 2, 4096),
+# conv backward (BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS, BWD_TARGET_PROGRAMS, BWD_LOOKAHEAD)
+SWEEP_CONV = [(32, 128, 2, 2048, 0), (32, 128, 4, 2048, 0), (16, 128, 2, 2048, 0), (64, 128, 2, 2048, 0),
+              (32, 256, 4, 2048, 0), (32, 256, 2, 2048, 0), (32, 128, 2, 1024, 0), (32, 128, 2, 4096, 0),
               # more, shorter programs: cheap since the partials' reduction got 120+ programs (session 16, v23)
-              (32, 128, 2, 8192), (16, 128, 2, 4096), (32, 64, 2, 4096), (32, 64, 1, 4096)]
+              (32, 128, 2, 8192, 0), (16, 128, 2, 4096, 0), (32, 64, 2, 4096, 0), (32, 64, 1, 4096, 0),
+              # each position's rows loaded one or two positions ahead, before the previous dx store (session 16)
+              (32, 128, 2, 2048, 1), (32, 128, 2, 2048, 2), (32, 128, 2, 4096, 2), (32, 64, 1, 4096, 2)]
 # dt_proj + softplus (BLOCK_M, BLOCK_E, NUM_WARPS), at the (tokens, E, dt columns) of DT_SHAPES
 SWEEP_DT = [(64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 64, 4), (32, 128, 4), (128, 128, 4), (256, 64, 8)]
 DT_SHAPES = [(256 * 197, 384, 16), (256 * 197, 768, 24), (256 * 197, 1536, 48)]   # vim_tiny / small / base, bs 256
@@ -370,17 +372,17 @@ def main(argv=None):
                     print(f"sweep {key:48s} {str(shp):20s} fwd {r['fwd_ms']:.4f} ms  fwd+bwd {r['fwd_bwd_ms']:.4f} ms"
                           f"  GPU time fwd {r['gpu_fwd_ms']:.4f} fwd+bwd {r['gpu_fwd_bwd_ms']:.4f} ms", flush=True)
         triton_scan.CONFIG.update(base)
-        conv_base = (conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS)
+        conv_base = (conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS, conv.BWD_LOOKAHEAD)
         for cfg in (SWEEP_CONV if "conv" in groups else []):
-            conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS = cfg
-            key = "conv SEG={} BLOCK_E={} warps={} programs={}".format(*cfg)
+            conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS, conv.BWD_LOOKAHEAD = cfg
+            key = "conv SEG={} BLOCK_E={} warps={} programs={} lookahead={}".format(*cfg)
             report["sweep"][key] = {}
             for b, E, L, _ in shapes:
                 r = time_conv_backward(b, L, E, device, cuda, dtype, with_ref=False)["triton_pair"]
                 report["sweep"][key][str((b, L, E))] = r
                 print(f"sweep {key:48s} {str((b, L, E)):20s} GPU time {r['gpu_ms']:.4f} ms"
                       f"  {r['GBps_gpu_time']:.0f} GB/s", flush=True)
-        conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS = conv_base
+        conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS, conv.BWD_LOOKAHEAD = conv_base
         dt_base = dict(delta.CONFIG)
         for bm, be, nw in (SWEEP_DT if "dt" in groups else []):
             delta.CONFIG.update(BLOCK_M=bm, BLOCK_E=be, NUM_WARPS=nw)

@@ -38,6 +38,8 @@ from ..selective_scan import triton_scan
 # smallest, 1024 programs or 64 channels at 2 warps were 9% faster, and 9-58% slower at the others.
 BWD_TARGET_PROGRAMS = 2048
 BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 128, 2
+# Positions ahead whose rows the backward walk loads before the current position's store (0-2; see the kernel).
+BWD_LOOKAHEAD = 0
 # Forward launches: [FWD_BLOCK_L tokens, FWD_BLOCK_E channels] tiles (PAIR_*: both directions in one launch). The
 # pair's tile is the H200 sweep's best of session 14 (docs/kernels.md, v19): 16 x 64 at 2 warps and 16 x 128 at 4
 # (16 elements per thread) tie, first at every shape; more warps or tokens per program ran 1.2-3x slower.
@@ -136,6 +138,22 @@ def _grad_row(g_ptrs, g_strides, pid_b, pos, offs_e, mask_e, L):
 
 
 @triton.jit
+def _step_rows(x_base, gf_ptrs, gf_strides, gb_ptrs, gb_strides, pid_b, p, offs_e, mask_e, L, sx_l, sx_e,
+               HAS_F: tl.constexpr, HAS_B: tl.constexpr):
+    """What the backward walk reads at position p: x[p], the causal gradient at p, the anti-causal one at p - 3."""
+    x0 = _row(x_base, p, offs_e, mask_e, L, sx_l, sx_e)
+    if HAS_F:
+        gf = _grad_row(gf_ptrs, gf_strides, pid_b, p, offs_e, mask_e, L)
+    else:
+        gf = tl.zeros([offs_e.shape[0]], dtype=tl.float32)
+    if HAS_B:
+        gb = _grad_row(gb_ptrs, gb_strides, pid_b, p - 3, offs_e, mask_e, L)
+    else:
+        gb = tl.zeros([offs_e.shape[0]], dtype=tl.float32)
+    return x0, gf, gb
+
+
+@triton.jit
 def _silu_backward(a, g, ASM: tl.constexpr):
     """d silu(a) / da times g; on the GPU the sigmoid's reciprocal is one MUFU.RCP (triton_scan._rcp)."""
     sig = triton_scan._sigmoid(a, ASM)
@@ -172,7 +190,8 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
                           dx_ptr, part_ptr, L, E, TOKENS, sx_b, sx_l, sx_e, sdx_b, sdx_l,
                           SEG: tl.constexpr, BLOCK_E: tl.constexpr, WF: tl.constexpr, WB: tl.constexpr,
                           HAS_F: tl.constexpr, HAS_B: tl.constexpr,
-                          HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr, ASM: tl.constexpr):
+                          HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr, ASM: tl.constexpr,
+                          LOOKAHEAD: tl.constexpr):
     """Backward of the causal (f) and/or anti-causal (b) conv + SiLU of the same x, in one ascending walk.
 
     One program: channel block pid_e of batch row pid_b, tokens [pid_s * TOKENS, +TOKENS), SEG tokens at a
@@ -181,7 +200,11 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
     values kept in registers, so dx[p-3] of both directions is complete at p: every tensor is read once per
     token (plus a 3-token halo per segment) and dx is written once, in its final dtype. dweight and dbias
     are summed in registers and leave through part[(b, s), dir, 0..4, e]: one write per program, reduced by
-    ``_conv_grad_sum_kernel`` (deterministic, no atomics)."""
+    ``_conv_grad_sum_kernel`` (deterministic, no atomics).
+
+    LOOKAHEAD (0-2): the rows of position p + LOOKAHEAD are loaded at the start of step p, before its dx store.
+    ptxas does not move a load above a store it cannot tell apart from it, so without this every step's loads
+    wait behind the previous step's store and each step pays a full load latency."""
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
@@ -203,13 +226,32 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
         xm1 = _row(x_base, l0 - 1, offs_e, mask_e, L, sx_l, sx_e)
         df1, df2, df3 = zero, zero, zero   # causal dact at p-1, p-2, p-3
         db1, db2, db3 = zero, zero, zero   # anti-causal dact at p-4, p-5, p-6
+        if LOOKAHEAD >= 1:   # the rows one and two positions ahead
+            x_1, gf_1, gb_1 = _step_rows(x_base, gf_ptrs, gf_strides, gb_ptrs, gb_strides, pid_b, l0, offs_e, mask_e,
+                                         L, sx_l, sx_e, HAS_F, HAS_B)
+        if LOOKAHEAD >= 2:
+            x_2, gf_2, gb_2 = _step_rows(x_base, gf_ptrs, gf_strides, gb_ptrs, gb_strides, pid_b, l0 + 1, offs_e,
+                                         mask_e, L, sx_l, sx_e, HAS_F, HAS_B)
         for i in tl.static_range(SEG + 3):
             p = l0 + i
-            x0 = _row(x_base, p, offs_e, mask_e, L, sx_l, sx_e)
+            if LOOKAHEAD == 0:
+                x0, gf, gb = _step_rows(x_base, gf_ptrs, gf_strides, gb_ptrs, gb_strides, pid_b, p, offs_e, mask_e,
+                                        L, sx_l, sx_e, HAS_F, HAS_B)
+            else:
+                x0, gf, gb = x_1, gf_1, gb_1
+                if LOOKAHEAD == 1:
+                    if i + 1 < SEG + 3:
+                        x_1, gf_1, gb_1 = _step_rows(x_base, gf_ptrs, gf_strides, gb_ptrs, gb_strides, pid_b, p + 1,
+                                                     offs_e, mask_e, L, sx_l, sx_e, HAS_F, HAS_B)
+                else:
+                    x_1, gf_1, gb_1 = x_2, gf_2, gb_2
+                    if i + 2 < SEG + 3:
+                        x_2, gf_2, gb_2 = _step_rows(x_base, gf_ptrs, gf_strides, gb_ptrs, gb_strides, pid_b, p + 2,
+                                                     offs_e, mask_e, L, sx_l, sx_e, HAS_F, HAS_B)
             dx = zero
             if HAS_F:   # causal: a[p] = b + w0 x[p-3] + w1 x[p-2] + w2 x[p-1] + w3 x[p]
                 a = bf + wf0 * xm3 + wf1 * xm2 + wf2 * xm1 + wf3 * x0
-                d = _silu_backward(a, _grad_row(gf_ptrs, gf_strides, pid_b, p, offs_e, mask_e, L), ASM)
+                d = _silu_backward(a, gf, ASM)
                 if i < SEG:
                     sf0 += d * xm3
                     sf1 += d * xm2
@@ -220,7 +262,7 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
                 df1, df2, df3 = d, df1, df2
             if HAS_B:   # anti-causal at q = p-3: a[q] = b + w0 x[q+3] + w1 x[q+2] + w2 x[q+1] + w3 x[q]
                 a = bb + wb0 * x0 + wb1 * xm1 + wb2 * xm2 + wb3 * xm3
-                d = _silu_backward(a, _grad_row(gb_ptrs, gb_strides, pid_b, p - 3, offs_e, mask_e, L), ASM)
+                d = _silu_backward(a, gb, ASM)
                 if i >= 3:
                     sb0 += d * x0
                     sb1 += d * xm1
@@ -376,7 +418,7 @@ def conv_silu_backward_pair(causal: Optional[ConvGrad], anticausal: Optional[Con
         WF=widths[0], WB=widths[1], HAS_F=causal is not None, HAS_B=anticausal is not None,
         HAS_BIAS_F=causal is not None and causal.bias is not None,
         HAS_BIAS_B=anticausal is not None and anticausal.bias is not None, ASM=triton_scan._use_asm(x),
-        num_warps=BWD_NUM_WARPS)
+        LOOKAHEAD=BWD_LOOKAHEAD, num_warps=BWD_NUM_WARPS)
     results = [None if d is None else
                (triton_scan._empty(tuple(d.weight.shape), torch.float32, x.device),
                 triton_scan._empty((E,), torch.float32, x.device) if d.bias is not None else None) for d in dirs]
