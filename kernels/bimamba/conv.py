@@ -39,7 +39,10 @@ from ..selective_scan import triton_scan
 BWD_TARGET_PROGRAMS = 2048
 BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS = 32, 128, 2
 # Positions ahead whose rows the backward walk loads before the current position's store (0-2; see the kernel).
-BWD_LOOKAHEAD = 0
+# ptxas keeps a load behind an earlier store that may alias it, so without lookahead every step waits a full load
+# latency after the previous dx store. 2 was fastest on the H200 (session 17, docs/kernels.md v24): vim_tiny's
+# training step at bs 128 39.82 -> 38.82 ms, 1 gave 39.26; 146 -> 154 registers (triton 3.6), 6 programs per SM.
+BWD_LOOKAHEAD = 2
 # Forward launches: [FWD_BLOCK_L tokens, FWD_BLOCK_E channels] tiles (PAIR_*: both directions in one launch). The
 # pair's tile is the H200 sweep's best of session 14 (docs/kernels.md, v19): 16 x 64 at 2 warps and 16 x 128 at 4
 # (16 elements per thread) tie, first at every shape; more warps or tokens per program ran 1.2-3x slower.
