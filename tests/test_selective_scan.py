@@ -169,6 +169,30 @@ def test_dB_dC_channel_sums_both_ways(scatter, reverse, monkeypatch):
     run_both(make_inputs(1, 8, 9, 16), reverse=reverse)
 
 
+@pytest.mark.parametrize("unroll", [1, 2])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_walk_lookahead_gives_the_same_gradients(unroll, reverse, monkeypatch):
+    """LOOKAHEAD_BWD only moves the backward walks' loads a step earlier, across group and chunk ends: the same
+    output and gradients as without it (bit for bit in the interpreter), and right against the reference; chunks
+    that do not divide L, a channel block overhanging the channels, no z / bias / softplus, L = 1."""
+    monkeypatch.setitem(triton_scan.CONFIG, "UNROLL_BWD", unroll)
+    cases = [(make_inputs(2, 20, 17, 4), True, 7), (make_inputs(1, 6, 5, 4, has_z=False, has_bias=False), False, None),
+             (make_inputs(1, 6, 1, 4), True, None)]
+    for inputs, softplus, chunk in cases:
+        monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+        monkeypatch.setitem(triton_scan.CONFIG, "LOOKAHEAD_BWD", False)
+        base = triton_outputs(inputs, reverse, softplus)
+        monkeypatch.setitem(triton_scan.CONFIG, "LOOKAHEAD_BWD", True)
+        ahead = triton_outputs(inputs, reverse, softplus)
+        if CUDA:
+            assert_same_results(base, ahead)
+        else:
+            for a, b in zip(ahead, base, strict=True):
+                assert torch.equal(a, b)
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 7)
+    run_both(cases[0][0], reverse=reverse)
+
+
 def activated_backward(inputs, reverse, dy, activated):
     """scan_forward + scan_backward with delta_softplus and bias, delta given raw (the kernels apply softplus) or
     activated (softplus(delta + bias) computed first, in float64 then rounded, as the mixer's dt_proj does)."""
@@ -438,10 +462,10 @@ def test_gpu_long_65536_forward_bf16():
     run_both(make_inputs(1, 32, 65536, 16, dtype=torch.bfloat16), reverse=True, grads=False, tol=1e-2)
 
 
-def triton_outputs(inputs, reverse):
+def triton_outputs(inputs, reverse, softplus=True):
     """Output and every gradient of one Triton scan (with delta softplus) on fresh leaves of ``inputs``."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-    y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
+    y = selective_scan_fn(*leaves, delta_softplus=softplus, reverse=reverse, backend="triton")
     y.sum().backward()
     return [y] + [t.grad for t in leaves if t is not None]
 
@@ -476,6 +500,17 @@ def test_gpu_channel_sums_scattered_match_butterflies(reverse, monkeypatch):
     butterflies = triton_outputs(inputs, reverse)
     monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", True)
     assert_same_results(butterflies, triton_outputs(inputs, reverse))
+
+
+@gpu_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_walk_lookahead_at_model_layout(reverse, monkeypatch):
+    """LOOKAHEAD_BWD (with the forward walk's register cap) at the model's layout: the same results."""
+    inputs = make_inputs(2, 64, 197, 16, model_rows=True)
+    base = triton_outputs(inputs, reverse)
+    monkeypatch.setitem(triton_scan.CONFIG, "LOOKAHEAD_BWD", True)
+    monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_FWD_WALK", 168)
+    assert_same_results(base, triton_outputs(inputs, reverse))
 
 
 @gpu_only

@@ -45,13 +45,16 @@ LN2 = tl.constexpr(0.6931471805599453)
 # - LOOKAHEAD: which forward launches load the next group's u and delta a group early (see ``_fwd_kernel``): 0 none,
 #   1 all, "accumulate" (default) the launch that adds to a prior output (the mixer's second direction) when the
 #   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
+# - LOOKAHEAD_BWD: the backward walks load each token's inputs one step ahead, before the previous step's arithmetic
+#   (see ``_bwd_forward_walk_kernel``); off until measured. MAXNREG_FWD_WALK caps the forward walk's registers
+#   (None: the compiler's choice), as MAXNREG_REV does the reverse walk's.
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
 #   per direction at vision shapes; docs/kernels.md, v9 and v17).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
-              BC_SCATTER=False,
+              BC_SCATTER=False, LOOKAHEAD_BWD=False, MAXNREG_FWD_WALK=None,
               TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -207,14 +210,16 @@ def _load_state_rows(base, t, s_l, s_n, N, part, NS: tl.constexpr, SPLIT: tl.con
 def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS: tl.constexpr, SPLIT: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN_D: tl.constexpr,
-               EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr, u_raw=None, d_raw=None):
+               EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr, u_raw=None, d_raw=None,
+               z_raw=None, B_pre=None, C_pre=None):
     """Inputs of one token for every row. ``t`` is always a valid token (the callers clamp the tail of a
     chunk to its last token, so no load needs a per-token predicate); ``ok`` says whether the step is
     real. Returns u, delta (processed; 0 where not ok or masked, so the step is a no-op), d delta / d raw
     delta (the softplus slope, 1 without softplus), z ([R] each), B, C ([R, NS] or [1, NS]; float32).
     EVEN_D (the channels fill every block) drops the channel masks. SOFTPLUS: 0 none, 1 softplus(delta + bias)
     here, 2 delta is that already (its slope from the value, the bias not added again). ``u_raw`` / ``d_raw``:
-    u and raw delta loaded already (the forward's LOOKAHEAD)."""
+    u and raw delta loaded already (the forward's LOOKAHEAD); ``z_raw``, ``B_pre``, ``C_pre``: z and the B / C rows
+    loaded already (``_step_raw``, the walks' LOOKAHEAD_BWD)."""
     if u_raw is not None:
         u = u_raw.to(tl.float32)
         raw = d_raw.to(tl.float32)
@@ -239,16 +244,46 @@ def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
         dl = tl.where(ok, dl, 0.0)
     else:
         dl = tl.where(mask_d & ok, dl, 0.0)
+    if not HAS_Z:
+        z = u
+    elif z_raw is not None:
+        z = z_raw.to(tl.float32)
+    elif EVEN_D:
+        z = tl.load(z_ptrs + t * sz_l).to(tl.float32)
+    else:
+        z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
+    if B_pre is not None:
+        Bv = B_pre
+        Cv = C_pre
+    else:
+        Bv = _load_state_rows(B_base, t, sB_l, sB_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
+        Cv = _load_state_rows(C_base, t, sC_l, sC_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
+    return u, dl, slope, z, Bv, Cv
+
+
+@triton.jit
+def _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t, mask_d, part, N, su_l, sd_l, sz_l, sg_l, sB_l, sB_n,
+              sC_l, sC_n, NS: tl.constexpr, SPLIT: tl.constexpr, HAS_Z: tl.constexpr, EVEN_D: tl.constexpr,
+              EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr):
+    """A backward walk's loads for token t, unconverted (u, raw delta, z and dy in their storage dtypes; z is u
+    without HAS_Z), for ``_load_step`` to take a step later (LOOKAHEAD_BWD)."""
+    if EVEN_D:
+        u = tl.load(u_ptrs + t * su_l)
+        raw = tl.load(dl_ptrs + t * sd_l)
+        g = tl.load(g_ptrs + t * sg_l)
+    else:
+        u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0)
+        raw = tl.load(dl_ptrs + t * sd_l, mask=mask_d, other=0.0)
+        g = tl.load(g_ptrs + t * sg_l, mask=mask_d, other=0.0)
+    z = u
     if HAS_Z:
         if EVEN_D:
-            z = tl.load(z_ptrs + t * sz_l).to(tl.float32)
+            z = tl.load(z_ptrs + t * sz_l)
         else:
-            z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        z = u
+            z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0)
     Bv = _load_state_rows(B_base, t, sB_l, sB_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
     Cv = _load_state_rows(C_base, t, sC_l, sC_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
-    return u, dl, slope, z, Bv, Cv
+    return u, raw, z, g, Bv, Cv
 
 
 @triton.jit
@@ -686,10 +721,14 @@ def _bwd_forward_walk_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
-    DY_SCALE: tl.constexpr,
+    DY_SCALE: tl.constexpr, LOOKAHEAD: tl.constexpr,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
-    float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start)."""
+    float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start).
+
+    LOOKAHEAD: each step loads the next step's inputs (``_step_raw``) before its own arithmetic. The per-token
+    channel sums pass through shared memory behind a barrier, and the group's stores end it; ptxas keeps later
+    loads behind both, so without this every step's loads wait where the step starts."""
     NS: tl.constexpr = BLOCK_N // SPLIT
     R: tl.constexpr = SPLIT * BLOCK_D
     pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
@@ -721,6 +760,11 @@ def _bwd_forward_walk_kernel(
             u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
             B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, dz_ptr + pid_b * sdz_b + d0 * sdz_d,
             su_l, sd_l, sz_l, sB_l, sC_l, sg_l, sdz_l, R, UNROLL, BLOCK_N, HAS_Z, True, HAS_Z and DZ_ACCUM)
+    if LOOKAHEAD:
+        nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base,
+                                           _scan_token(p_start, p_end, L, REVERSE), mask_d, part, N, su_l, sd_l,
+                                           sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT, HAS_Z, EVEN_D, EVEN_N,
+                                           ROW_ASM)
     for p0 in range(p_start, p_end, UNROLL):
         if PREFETCH > 0:
             _prefetch_group(pf_addr, pf_step, _scan_token(p0 + PREFETCH * UNROLL + pf_j, p_end, L, REVERSE))
@@ -731,10 +775,22 @@ def _bwd_forward_walk_kernel(
             p = p0 + j
             ok = p < p_end
             t = _scan_token(p, p_end, L, REVERSE)
-            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
-                                                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
-            dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32) * DY_SCALE
+            if LOOKAHEAD:
+                cu, cd, cz, cg, cB, cC = nu, nd, nz, ng, nB, nC
+                nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base,
+                                                   _scan_token(p + 1, p_end, L, REVERSE), mask_d, part, N, su_l, sd_l,
+                                                   sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT, HAS_Z, EVEN_D,
+                                                   EVEN_N, ROW_ASM)
+                u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part,
+                                                    N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                    HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM,
+                                                    cu, cd, cz, cB, cC)
+                dy = tl.where(ok, cg.to(tl.float32), 0.0) * DY_SCALE
+            else:
+                u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part,
+                                                    N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                    HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
+                dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32) * DY_SCALE
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if HAS_Z:
                 ypre = tl.sum(h * Cv, axis=1)
@@ -786,10 +842,11 @@ def _bwd_reverse_walk_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr, DY_SCALE: tl.constexpr,
-    DA_LOG: tl.constexpr,
+    DA_LOG: tl.constexpr, LOOKAHEAD: tl.constexpr,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
-    dA (or with DA_LOG, A_log's gradient dA * A) and ddelta_bias (atomic)."""
+    dA (or with DA_LOG, A_log's gradient dA * A) and ddelta_bias (atomic). LOOKAHEAD: as in the forward walk
+    (F_t too)."""
     NS: tl.constexpr = BLOCK_N // SPLIT
     R: tl.constexpr = SPLIT * BLOCK_D
     pid_d, pid_c, pid_b, offs_d, part, n_idx, mask_d, mask2, A, A2, group, bias, offs_o, mask_o = _program_setup(
@@ -841,6 +898,12 @@ def _bwd_reverse_walk_kernel(
             u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
             B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, F_ptr + pid_b * L * Dm + d0,
             su_l, sd_l, sz_l, sB_l, sC_l, sg_l, Dm, R, UNROLL, BLOCK_N, HAS_Z, True, True)
+    if LOOKAHEAD:
+        t0 = _walk_back_token(0, n_steps, p_end, L, REVERSE)
+        nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t0, mask_d, part, N,
+                                           su_l, sd_l, sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT, HAS_Z, EVEN_D,
+                                           EVEN_N, ROW_ASM)
+        nF = tl.load(F_ptrs + t0 * Dm, mask=mask_d & (part == 0), other=0.0)
     for q0 in range(0, n_steps, UNROLL):
         if PREFETCH > 0:
             _prefetch_group(pf_addr, pf_step, _walk_back_token(q0 + PREFETCH * UNROLL + pf_j, n_steps, p_end, L,
@@ -853,11 +916,25 @@ def _bwd_reverse_walk_kernel(
             ok = q < n_steps
             t = _walk_back_token(q, n_steps, p_end, L, REVERSE)
             md = mask_d & ok
-            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
-                                                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
-            dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32) * DY_SCALE
-            Ft = tl.load(F_ptrs + t * Dm, mask=md & (part == 0), other=0.0)
+            if LOOKAHEAD:
+                cu, cd, cz, cg, cB, cC, cF = nu, nd, nz, ng, nB, nC, nF
+                tn = _walk_back_token(q + 1, n_steps, p_end, L, REVERSE)
+                nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, tn, mask_d, part,
+                                                   N, su_l, sd_l, sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT,
+                                                   HAS_Z, EVEN_D, EVEN_N, ROW_ASM)
+                nF = tl.load(F_ptrs + tn * Dm, mask=mask_d & (part == 0), other=0.0)
+                u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part,
+                                                    N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                    HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM,
+                                                    cu, cd, cz, cB, cC)
+                dy = tl.where(ok, cg.to(tl.float32), 0.0) * DY_SCALE
+                Ft = tl.where(ok, cF, 0.0)
+            else:
+                u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part,
+                                                    N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                    HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
+                dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32) * DY_SCALE
+                Ft = tl.load(F_ptrs + t * Dm, mask=md & (part == 0), other=0.0)
             if HAS_Z:
                 dy = dy * z * _sigmoid(z, ASM)
             g = gnext + dy[:, None] * Cv
@@ -1180,13 +1257,16 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
                                    dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *dzz.stride(), *dC.stride(), HAS_D=D is not None,
-                                   DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, **flags)
+                                   DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter,
+                                   LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
+                                   **({"maxnreg": CONFIG["MAXNREG_FWD_WALK"]} if CONFIG["MAXNREG_FWD_WALK"] else {}))
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
     ddelta = _empty((batch, L, Dm), ddelta_dtype or delta.dtype, dev).transpose(1, 2)
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(), *dB.stride(),
-                                   HAS_D=D is not None, SCATTER=scatter, DA_LOG=bool(grad_A_log), **flags,
+                                   HAS_D=D is not None, SCATTER=scatter, DA_LOG=bool(grad_A_log),
+                                   LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     dB = dB.to(B_in.dtype).reshape(B_in.shape) if B_in.dim() == 3 else dB.to(B_in.dtype)
     dC = dC.to(C_in.dtype).reshape(C_in.shape) if C_in.dim() == 3 else dC.to(C_in.dtype)
