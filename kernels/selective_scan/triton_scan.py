@@ -46,15 +46,16 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   1 all, "accumulate" (default) the launch that adds to a prior output (the mixer's second direction) when the
 #   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
 # - LOOKAHEAD_BWD: the backward walks load each token's inputs one step ahead, before the previous step's arithmetic
-#   (see ``_bwd_forward_walk_kernel``); off until measured. MAXNREG_FWD_WALK caps the forward walk's registers
-#   (None: the compiler's choice), as MAXNREG_REV does the reverse walk's.
+#   (see ``_bwd_forward_walk_kernel``). MAXNREG_FWD_WALK caps the forward walk's registers (None: the compiler's
+#   choice), as MAXNREG_REV does the reverse walk's: the lookahead's registers took it from 159 to 214, 12 -> 9
+#   warps per SM, and it lost (+6.4% on vim_tiny's training step); at 168 both won (-5.2%; session 17, v25).
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
 #   per direction at vision shapes; docs/kernels.md, v9 and v17).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
-              BC_SCATTER=False, LOOKAHEAD_BWD=False, MAXNREG_FWD_WALK=None,
+              BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168,
               TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
