@@ -200,6 +200,53 @@ def test_packed_matches_halves(monkeypatch, backend, chunk, conv_bias):
         assert torch.equal(a, b) if DEV == "cpu" else rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_packed_overwrite_input_only_without_gradients(monkeypatch, backend, chunk):
+    """``overwrite_input=True``: where no gradient is needed, the Triton backend writes the output over x's half of
+    xz and returns a view of it, the same bits as a fresh output; where one is needed (or on the reference backend)
+    xz is left alone and the gradients are those of the plain call."""
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+    fwd, bwd = make_params(24, 4, 3), make_params(24, 4, 3)
+    fwd, bwd = DirectionParams(*[p.to(DEV) for p in fwd]), DirectionParams(*[p.to(DEV) for p in bwd])
+    xz0 = torch.randn(2, 19, 48, device=DEV)
+    with torch.no_grad():
+        ref = bimamba_v2_packed_fn(xz0.clone(), fwd, bwd, backend=backend)
+        xz = xz0.clone()
+        got = bimamba_v2_packed_fn(xz, fwd, bwd, backend=backend, overwrite_input=True)
+    assert torch.equal(got, ref)
+    if backend == "triton":
+        assert got.data_ptr() == xz.data_ptr() and got.stride() == (19 * 48, 48, 1)
+        assert torch.equal(xz[..., 24:], xz0[..., 24:])   # z untouched
+    else:
+        assert torch.equal(xz, xz0)
+    xz = xz0.clone().requires_grad_()
+    y = bimamba_v2_packed_fn(xz, fwd, bwd, backend=backend, overwrite_input=True)
+    assert torch.equal(xz.detach(), xz0) and torch.equal(y.detach(), ref)
+    y.square().sum().backward()
+    xz_plain = xz0.clone().requires_grad_()
+    bimamba_v2_packed_fn(xz_plain, fwd, bwd, backend=backend).square().sum().backward()
+    assert torch.equal(xz.grad, xz_plain.grad) if DEV == "cpu" else rel(xz.grad, xz_plain.grad) < 1e-5
+
+
+def test_packed_overwrite_input_compiles():
+    """The in-place inference op has a fake and declares its mutation: a no-grad fullgraph compile traces it and
+    gives the eager output."""
+    E, N, R = 8, 4, 2
+    fwd = DirectionParams(*[p.to(DEV) for p in make_params(E, N, R)])
+    bwd = DirectionParams(*[p.to(DEV) for p in make_params(E, N, R)])
+    xz = torch.randn(2, 9, 2 * E, device=DEV)
+
+    def fn(xz):
+        return bimamba_v2_packed_fn(xz * 1.0, fwd, bwd, backend="triton", overwrite_input=True) * 2.0
+
+    with torch.no_grad():
+        eager = fn(xz)
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(xz)
+    assert torch.allclose(compiled, eager, rtol=1e-6)
+
+
 def test_packed_rejects_odd_widths():
     fwd, bwd = make_params(4, 2, 1), make_params(4, 2, 1)
     with pytest.raises(ValueError, match=r"xz must be \(B, L, 2E\)"):

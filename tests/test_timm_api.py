@@ -117,6 +117,37 @@ def test_model_forward_intermediates(name):
     torch.testing.assert_close(pruned[1], feats[2])
 
 
+def test_replaced_stream_is_freed_before_the_mixer_runs(monkeypatch):
+    """``_run_blocks`` keeps the residual stream and the pending branch only in the list each block empties
+    (``VimBlock.forward_carry``): when block i's mixer runs, the stream and branch that its fused add replaced
+    are gone (inference memory); block 0 adds nothing, and the first stream, which no caller's name holds, is
+    the one block 1 replaces. The chained features equal the blocks run one by one."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = small_model(num_classes=5, depth=3, embed_dim=32, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    replaced, dead_at_mixer = {}, []
+    for i, blk in enumerate(model.blocks):
+        add = blk.norm.forward_add
+
+        def recording_add(s, branch, i=i, add=add):
+            replaced[i] = [weakref.ref(s)] + ([weakref.ref(branch)] if branch is not None else [])
+            return add(s, branch)
+
+        monkeypatch.setattr(blk.norm, "forward_add", recording_add)
+        blk.mixer.register_forward_pre_hook(
+            lambda mod, args, i=i: dead_at_mixer.append(all(r() is None for r in replaced[i])))
+    with torch.no_grad():
+        out = model.forward_features(x)
+        h = model._pos_embed(model.patch_embed(x)).float()
+        for blk in model.blocks:
+            h = blk(h)
+        ref = model.norm(h)
+    assert dead_at_mixer[:3] == [False, True, True]
+    assert torch.equal(out, ref)
+
+
 def test_blocks_chain_their_adds_into_the_next_norm(monkeypatch):
     """The model adds each block's branch inside the next norm (``forward_pending``); features, intermediates
     and gradients equal those of the blocks run one by one, and equal again with the fused Triton add + norm

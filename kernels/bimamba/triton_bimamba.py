@@ -84,13 +84,15 @@ def _grad_mm(a, b):
     return torch.mm(a.float(), b.float())
 
 
-def _forward_impl(x, z, flat):
+def _forward_impl(x, z, flat, out=None):
     """Returns out (B, L, E) and what backward needs: per direction (x_proj output, chunk states, delta sums);
-    absent chunk summaries (one chunk) come back as empty tensors so the op's outputs are all tensors."""
+    absent chunk summaries (one chunk) come back as empty tensors so the op's outputs are all tensors. ``out``: where
+    the output goes, any strides; it may be x itself, which nothing reads after the convs."""
     fwd, bwd = DirectionParams(*flat[:7]), DirectionParams(*flat[7:])
     cdt = x.dtype
     batch, L, E = x.shape
-    out = triton_scan._empty((batch, L, E), cdt, x.device)
+    if out is None:
+        out = triton_scan._empty((batch, L, E), cdt, x.device)
     saved = []
     with torch.autocast(device_type=x.device.type, enabled=False):
         xcs = list(_convs(x, fwd, bwd))
@@ -109,6 +111,8 @@ def _forward_impl(x, z, flat):
             # distinct empty tensors: custom-op outputs must not alias each other
             saved += [xdbl, hloc if hloc is not None else _absent(x),
                       S if S is not None else _absent(x)]
+            # freed before the second direction allocates its own (one (B, L, E) delta less at the peak)
+            del xc, dt, delta, Bm, Cm, hloc, S
     return out, saved
 
 
@@ -171,6 +175,9 @@ _PARAM_ARGS = ", ".join(f"Tensor{'?' if k == 1 else ''} {d}{k}" for d in "fb" fo
 _lib = torch.library.Library("vim_kernels", "FRAGMENT")
 _lib.define(f"bimamba_v2_fwd(Tensor x, Tensor? z, {_PARAM_ARGS}) -> Tensor[]")
 _lib.define(f"bimamba_v2_bwd(Tensor dout, Tensor x, Tensor? z, {_PARAM_ARGS}, Tensor[] saved) -> Tensor[]")
+# Inference on in_proj's packed output: the output overwrites x's half, dead once the convs have read it, so the
+# mixer's peak holds one (B, L, E) tensor less. No autograd formula: only for calls that need no gradient.
+_lib.define(f"bimamba_v2_fwd_into_x_(Tensor(a!) xz, {_PARAM_ARGS}) -> ()")
 
 
 def _halves(x, z):
@@ -193,9 +200,20 @@ def _bwd_op(dout, x, z, *rest):
     return [dx, dz, *grads]
 
 
+def _fwd_into_x_op(xz, *flat):
+    x, z = _halves(xz, None)
+    _forward_impl(x, z, flat, out=x)
+
+
 for _key in ("CPU", "CUDA"):
     _lib.impl("bimamba_v2_fwd", _fwd_op, _key)
     _lib.impl("bimamba_v2_bwd", _bwd_op, _key)
+    _lib.impl("bimamba_v2_fwd_into_x_", _fwd_into_x_op, _key)
+
+
+@torch.library.register_fake("vim_kernels::bimamba_v2_fwd_into_x_")
+def _fwd_into_x_fake(xz, *flat):
+    return None
 
 
 @torch.library.register_fake("vim_kernels::bimamba_v2_fwd")
@@ -245,9 +263,17 @@ def _autograd_backward(ctx, grads):
 torch.library.register_autograd("vim_kernels::bimamba_v2_fwd", _autograd_backward, setup_context=_setup_context)
 
 
-def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams) -> torch.Tensor:
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams, overwrite_x: bool = False) -> torch.Tensor:
     """The mixer core on CUDA (or the interpreter). ``z`` None: x is (B, L, 2E), x and z its halves (checked by
-    ``interface.bimamba_v2_packed_fn``, for both backends)."""
+    ``interface.bimamba_v2_packed_fn``, for both backends). ``overwrite_x`` (packed only): where no gradient is
+    needed, the output is written over x's half and returned as a view of it."""
+    if z is None and overwrite_x and not _needs_grad(x, *fwd, *bwd):
+        torch.ops.vim_kernels.bimamba_v2_fwd_into_x_(x, *fwd, *bwd)
+        return x[..., :x.shape[-1] // 2]
     if z is not None:
         if x.dim() != 3 or z.shape != x.shape:
             raise ValueError(f"x and z must both be (B, L, E); got {tuple(x.shape)} and {tuple(z.shape)}")

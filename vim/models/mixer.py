@@ -71,7 +71,7 @@ class BiMambaMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, dim) -> (B, L, dim)."""
         y = bimamba_v2_packed_fn(self.in_proj(x), self.direction_params(False), self.direction_params(True),
-                                 backend=self.scan_backend)
+                                 backend=self.scan_backend, overwrite_input=True)   # in_proj's output is ours
         return self.out_proj(y)
 
 
@@ -102,4 +102,13 @@ class VimBlock(nn.Module):
         """
         x, h = self.norm.forward_add(x, pending)
         return x, self.drop_path(self.mixer(h))
+
+    def forward_carry(self, carry: list) -> list:
+        """``forward_pending`` on ``carry = [x, pending]``, which it empties: with no other reference the
+        replaced stream and the added branch are freed before the mixer runs. Returns ``[x + pending, branch]``."""
+        x, pending = carry
+        carry.clear()
+        x, h = self.norm.forward_add(x, pending)
+        del pending
+        return [x, self.drop_path(self.mixer(h))]
 

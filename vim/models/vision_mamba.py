@@ -158,12 +158,17 @@ class VisionMamba(nn.Module):
     def _run_blocks(self, x: torch.Tensor, blocks, pending: Optional[torch.Tensor] = None):
         """Chains ``VimBlock.forward_pending``: returns the residual stream and the last block's branch,
         still to be added (each add rides in the next norm, the official fused add+norm)."""
+        # The stream and the pending branch live in ``carry`` alone, which each block empties
+        # (``VimBlock.forward_carry``): then the tensors a block replaces are freed before its mixer runs,
+        # instead of living through it in this frame (1.5 (B, L, 2D) bf16 tensors less at the inference peak).
+        carry = [x, pending]
+        del x, pending
         for blk in blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, pending = checkpoint(blk.forward_pending, x, pending)
+                carry = list(checkpoint(blk.forward_pending, *carry))
             else:
-                x, pending = blk.forward_pending(x, pending)
-        return x, pending
+                carry = blk.forward_carry(carry)
+        return carry[0], carry[1]
 
     def _final_norm(self, x: torch.Tensor, pending: Optional[torch.Tensor]):
         """(residual stream with the last branch added, final norm of it)."""
@@ -174,8 +179,8 @@ class VisionMamba(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normed tokens (B, tokens, D), the class token at the middle."""
-        x = self._pos_embed(self.patch_embed(x))
-        x, pending = self._run_blocks(x.float(), self.blocks)
+        # no name holds the first stream, so the first block frees it (x.float() is x itself in float32)
+        x, pending = self._run_blocks(self._pos_embed(self.patch_embed(x)).float(), self.blocks)
         return self._final_norm(x, pending)[1]
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
