@@ -169,17 +169,18 @@ def test_dB_dC_channel_sums_both_ways(scatter, reverse, monkeypatch):
     run_both(make_inputs(1, 8, 9, 16), reverse=reverse)
 
 
-@pytest.mark.parametrize("unroll", [1, 2])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_walk_lookahead_gives_the_same_gradients(unroll, reverse, monkeypatch):
-    """LOOKAHEAD_BWD only moves the backward walks' loads a step earlier, across group and chunk ends: the same
-    output and gradients as without it (bit for bit in the interpreter), and right against the reference; chunks
-    that do not divide L, a channel block overhanging the channels, no z / bias / softplus, L = 1."""
-    monkeypatch.setitem(triton_scan.CONFIG, "UNROLL_BWD", unroll)
-    cases = [(make_inputs(2, 20, 17, 4), True, 7), (make_inputs(1, 6, 5, 4, has_z=False, has_bias=False), False, None),
-             (make_inputs(1, 6, 1, 4), True, None)]
-    for inputs, softplus, chunk in cases:
+def test_walk_lookahead_gives_the_same_gradients(reverse, monkeypatch):
+    """LOOKAHEAD_BWD (the default; every gradient test against the reference runs it) only moves the backward
+    walks' loads a step earlier, across group and chunk ends: the same output and gradients as without it (bit for
+    bit in the interpreter); chunks that do not divide L, a channel block overhanging the channels, no z / bias /
+    softplus, L = 1, and groups of one token, where every step crosses a group end."""
+    cases = [(make_inputs(2, 20, 17, 4), True, 7, 2), (make_inputs(1, 6, 5, 4, has_z=False, has_bias=False), False,
+                                                       None, 2),
+             (make_inputs(1, 6, 1, 4), True, None, 2), (make_inputs(1, 20, 9, 4), True, 4, 1)]
+    for inputs, softplus, chunk, unroll in cases:
         monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+        monkeypatch.setitem(triton_scan.CONFIG, "UNROLL_BWD", unroll)
         monkeypatch.setitem(triton_scan.CONFIG, "LOOKAHEAD_BWD", False)
         base = triton_outputs(inputs, reverse, softplus)
         monkeypatch.setitem(triton_scan.CONFIG, "LOOKAHEAD_BWD", True)
@@ -189,8 +190,6 @@ def test_walk_lookahead_gives_the_same_gradients(unroll, reverse, monkeypatch):
         else:
             for a, b in zip(ahead, base, strict=True):
                 assert torch.equal(a, b)
-    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 7)
-    run_both(cases[0][0], reverse=reverse)
 
 
 def activated_backward(inputs, reverse, dy, activated):
