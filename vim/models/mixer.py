@@ -100,8 +100,7 @@ class VimBlock(nn.Module):
         pending); the returned branch, ``drop_path(mixer(norm(x + pending)))``, is in turn left for the
         caller to add.
         """
-        x, h = self.norm.forward_add(x, pending)
-        return x, self.drop_path(self.mixer(h))
+        return tuple(self.forward_carry([x, pending]))
 
     def forward_carry(self, carry: list) -> list:
         """``forward_pending`` on ``carry = [x, pending]``, which it empties: with no other reference the
