@@ -782,16 +782,15 @@ def _bwd_forward_walk_kernel(
                                                    _scan_token(p + 1, p_end, L, REVERSE), mask_d, part, N, su_l, sd_l,
                                                    sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT, HAS_Z, EVEN_D,
                                                    EVEN_N, ROW_ASM)
-                u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part,
-                                                    N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                    HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM,
-                                                    cu, cd, cz, cB, cC)
-                dy = tl.where(ok, cg.to(tl.float32), 0.0) * DY_SCALE
             else:
-                u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part,
-                                                    N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                    HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
-                dy = tl.load(g_ptrs + t * sg_l, mask=mask_d & ok, other=0.0).to(tl.float32) * DY_SCALE
+                cu, cd, cz, cg, cB, cC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t, mask_d, part,
+                                                   N, su_l, sd_l, sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT,
+                                                   HAS_Z, EVEN_D, EVEN_N, ROW_ASM)
+            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
+                                                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM,
+                                                cu, cd, cz, cB, cC)
+            dy = tl.where(ok, cg.to(tl.float32), 0.0) * DY_SCALE
             h = tl.exp2(dl[:, None] * A2) * h + (dl * u)[:, None] * Bv
             if HAS_Z:
                 ypre = tl.sum(h * Cv, axis=1)
@@ -924,18 +923,17 @@ def _bwd_reverse_walk_kernel(
                                                    N, su_l, sd_l, sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT,
                                                    HAS_Z, EVEN_D, EVEN_N, ROW_ASM)
                 nF = tl.load(F_ptrs + tn * Dm, mask=mask_d & (part == 0), other=0.0)
-                u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part,
-                                                    N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                    HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM,
-                                                    cu, cd, cz, cB, cC)
-                dy = tl.where(ok, cg.to(tl.float32), 0.0) * DY_SCALE
-                Ft = tl.where(ok, cF, 0.0)
             else:
-                u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part,
-                                                    N, su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
-                                                    HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM)
-                dy = tl.load(g_ptrs + t * sg_l, mask=md, other=0.0).to(tl.float32) * DY_SCALE
-                Ft = tl.load(F_ptrs + t * Dm, mask=md & (part == 0), other=0.0)
+                cu, cd, cz, cg, cB, cC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t, mask_d, part,
+                                                   N, su_l, sd_l, sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT,
+                                                   HAS_Z, EVEN_D, EVEN_N, ROW_ASM)
+                cF = tl.load(F_ptrs + t * Dm, mask=mask_d & (part == 0), other=0.0)
+            u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
+                                                su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
+                                                HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM,
+                                                cu, cd, cz, cB, cC)
+            dy = tl.where(ok, cg.to(tl.float32), 0.0) * DY_SCALE
+            Ft = tl.where(ok, cF, 0.0)
             if HAS_Z:
                 dy = dy * z * _sigmoid(z, ASM)
             g = gnext + dy[:, None] * Cv
