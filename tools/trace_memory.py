@@ -7,8 +7,8 @@
 How: the model runs on CPU tensors along CUDA's code path (the fused Triton mixer and add + norm, their kernels
 run by the Triton interpreter), under bf16 autocast and ``torch.inference_mode`` as ``tools/benchmark.py``
 infers. A ``TorchDispatchMode`` sees every tensor an op returns and keeps a weak reference to it; a storage is
-alive while one of its tensors is. The mixer's custom ops are called through their implementations, so the
-tensors inside them are seen too. Only activations count: tensors whose first dimension is the batch or
+alive while one of its tensors is. The mixer's forward ops are run through their implementations under the same
+mode, so the tensors inside them are seen too. Only activations count: tensors whose first dimension is the batch or
 batch x tokens (not the weights, not autocast's weight copies). The unit is one (B, L, E) tensor in bf16, E the
 mixer's width: the peak in those units does not depend on the batch or the image size, and at 1248 px and batch
 8 one unit of vim_tiny is 37.4 MB. The CUDA caching allocator adds its rounding and the input image to what the
@@ -33,7 +33,6 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import vim  # noqa: E402,F401  (registers the vim_* models)
-from vim.kernels.bimamba import interface as bimamba_interface  # noqa: E402
 from vim.kernels.bimamba import triton_bimamba  # noqa: E402
 from vim.kernels.norm import interface as norm_interface  # noqa: E402
 
@@ -52,7 +51,12 @@ class LiveActivations(TorchDispatchMode):
         self.made = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        impl = _OP_IMPLS.get(func)
+        if impl is not None:   # a mixer op: run its implementation under this mode, to see the tensors inside it
+            with self:
+                out = impl(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if not isinstance(t, torch.Tensor) or not t.untyped_storage().nbytes():
                 continue
@@ -78,21 +82,17 @@ class LiveActivations(TorchDispatchMode):
         return out
 
 
-def _direct_mixer(x, z, fwd, bwd, overwrite_x=False):
-    """``bimamba_v2_triton`` with its custom ops' implementations called directly, so that the dispatch mode
-    sees the tensors inside them."""
-    if z is None and overwrite_x and not triton_bimamba._needs_grad(x, *fwd, *bwd):
-        triton_bimamba._fwd_into_x_op(x, *fwd, *bwd)
-        return x[..., :x.shape[-1] // 2]
-    return triton_bimamba._fwd_op(x, z, *fwd, *bwd)[0]
+# the mixer's forward ops, whose insides the trace follows
+_OP_IMPLS = {torch.ops.vim_kernels.bimamba_v2_fwd.default: triton_bimamba._fwd_op,
+             torch.ops.vim_kernels.bimamba_v2_fwd_into_x_.default: triton_bimamba._fwd_into_x_op}
 
 
 @contextlib.contextmanager
 def _cuda_code_path(model, tracer):
-    """The Triton mixer and norm on CPU tensors, and each block's index in the labels."""
-    saved = (norm_interface.resolve_backend, bimamba_interface.bimamba_v2_triton)
+    """The Triton norm on CPU tensors (the model's mixer takes scan_backend="triton"), and each block's index in
+    the labels."""
+    saved = norm_interface.resolve_backend
     norm_interface.resolve_backend = lambda backend, device, err: "triton"
-    bimamba_interface.bimamba_v2_triton = _direct_mixer
     for i, blk in enumerate(model.blocks):
         def labelled(carry, i=i, run=blk.forward_carry):
             tracer.where = f"block {i}"
@@ -101,7 +101,7 @@ def _cuda_code_path(model, tracer):
     try:
         yield
     finally:
-        norm_interface.resolve_backend, bimamba_interface.bimamba_v2_triton = saved
+        norm_interface.resolve_backend = saved
         for blk in model.blocks:
             del blk.forward_carry
 
