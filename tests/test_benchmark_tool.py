@@ -88,6 +88,14 @@ def test_cuda_graph_needs_a_gpu_and_no_compile(tmp_path, capsys):
     assert rc == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
+def test_repeated_resolution_is_refused(tmp_path, capsys):
+    """A batch size is given per resolution, so a repeated size would silently lose one of them."""
+    bench = load_tool("benchmark")
+    rc = bench.main(["--device", "cpu", "--resolutions", "32", "32", "--batch-size", "2", "1",
+                     "--out-dir", str(tmp_path)])
+    assert rc == 2 and "lists a size twice" in capsys.readouterr().err
+
+
 def test_kernel_benchmark_conv_rows_run_on_cpu():
     """tools/benchmark_kernels.py's conv backward rows (pair kernel vs PyTorch autograd) at a tiny CPU shape."""
     bk = load_tool("benchmark_kernels")
@@ -106,13 +114,22 @@ def test_kernel_benchmark_dt_rows_run_on_cpu():
     assert res["floor_bytes"] == 48 * 12 * 4 + 48 * 24 * 4
 
 
+def test_kernel_benchmark_wave_rows_restore_the_knob():
+    """The waves sweep's rows (GPU time is None on the CPU) carry program counts and leave the knob as it was."""
+    bk = load_tool("benchmark_kernels")
+    before = bk.triton_scan.CONFIG["MAXNREG_FWD_WAVE"]
+    res = bk.time_forward_waves([2, 3], None, "cpu", False, torch.float32, E=40, L=5, N=4)
+    assert [r["programs"] for r in res.values()] == [6, 9] and res["(2, 40, 5, 4)"]["gpu_fwd_ms"] is None
+    assert bk.triton_scan.CONFIG["MAXNREG_FWD_WAVE"] == before
+
+
 def test_kernel_benchmark_sweep_groups(capsys):
     """--sweep takes the groups to sweep (none named: all); an unknown group stops the run before it measures."""
     bk = load_tool("benchmark_kernels")
     with pytest.raises(SystemExit):
         bk.main(["--out", "unused.json", "--sweep", "conv", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
-    assert bk.SWEEP_GROUPS == ["fwd", "bwd", "chunk", "conv", "dt"]
+    assert bk.SWEEP_GROUPS == ["fwd", "bwd", "chunk", "conv", "dt", "waves"]
 
 
 # --variant: knobs set per measurement

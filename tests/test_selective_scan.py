@@ -304,6 +304,23 @@ def test_reverse_walk_register_cap_by_waves(monkeypatch):
     assert cap(2112) == {}
 
 
+def test_forward_register_cap_only_where_it_saves_a_wave(monkeypatch):
+    """The forward is capped at 64 registers (and goes without the lookahead) only where that runs its grid in
+    fewer waves: 28 one-warp programs per SM at the compiler's 68-72 registers, 32 at 64 (132 SMs: 3696, 4224)."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_scan, "sm_count", lambda device: 132)
+    assert triton_scan._resident_programs(72, 1, gpu) == triton_scan._resident_programs(68, 1, gpu) == 3696
+    assert triton_scan._resident_programs(64, 1, gpu) == 4224
+    cap = lambda programs, dev=gpu: triton_scan._forward_wave_cap(programs, 1, dev)  # noqa: E731
+    # vim_tiny at bs 160 / 176 (16-channel blocks: 24 per row), and L = 6085 at bs 8 (22 chunks)
+    assert cap(3840) == cap(4224) == 64
+    assert triton_scan._plan(8, 384, 6085, 1)[1] * triton_scan._plan(8, 384, 6085, 1)[3] * 8 == 4224
+    # bs 128 and 256: the same waves either way; the CPU, and the knob off, never
+    assert cap(3072) is cap(6144) is cap(4608) is cap(0) is cap(3840, torch.device("cpu")) is None
+    monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_FWD_WAVE", None)
+    assert cap(3840) is None
+
+
 def test_lookahead_policy():
     """The default loads ahead in the accumulating launch of a single chunk only (where it measured faster)."""
     la = triton_scan._lookahead

@@ -605,6 +605,10 @@ def main(argv=None) -> int:
         print("error: --rounds must be at least 1", file=sys.stderr)
         return 2
     resolutions = args.resolutions or (GPU_RESOLUTIONS if cuda else CPU_RESOLUTIONS)
+    if len(set(resolutions)) != len(resolutions):   # a batch size per resolution: a repeat would lose one
+        print(f"error: --resolutions lists a size twice ({resolutions}); run again for another batch size",
+              file=sys.stderr)
+        return 2
     if args.batch_size and len(args.batch_size) not in (1, len(resolutions)):
         print(f"error: --batch-size takes one value or one per resolution ({len(resolutions)})", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ plain dt_proj GEMM (cuBLAS) it replaced.
     python tools/benchmark_kernels.py --out /tmp/k.json             # CPU: tiny shapes (smoke test)
     python tools/benchmark_kernels.py --sweep --out sweep.json      # GPU: also sweep kernel configs
     python tools/benchmark_kernels.py --sweep conv dt --out s.json  # GPU: only these sweep groups
+    python tools/benchmark_kernels.py --sweep waves --out w.json    # GPU: forward time against program count
 
 Inputs are token-major, as in the model: u, delta, z are (B, L, E) storage viewed as (B, E, L), and
 B, C are slices of the x_proj output (B, L, R + 2N). Timings are medians of triton.testing.do_bench
@@ -48,7 +49,10 @@ SWEEP_BWD = [(32, 1, 2, 1, 168), (32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1
 # the walks' per-token dB / dC channel sums as a reduce-scatter instead of butterflies, at the default block
 SWEEP_BWD_SUMS = [dict(BC_SCATTER=True)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
-SWEEP_GROUPS = ["fwd", "bwd", "chunk", "conv", "dt"]   # --sweep GROUP ...
+# the forward's GPU time against its program count (vim_tiny's layer at these batches, 24 programs per row), with
+# and without the register cap that saves a wave (MAXNREG_FWD_WAVE; 3,697-4,224 programs on 132 SMs)
+WAVE_BATCHES = [128, 144, 160, 176, 192, 224, 256]
+SWEEP_GROUPS = ["fwd", "bwd", "chunk", "conv", "dt", "waves"]   # --sweep GROUP ...
 # conv backward (BWD_SEG, BWD_BLOCK_E, BWD_NUM_WARPS, BWD_TARGET_PROGRAMS, BWD_LOOKAHEAD)
 SWEEP_CONV = [(32, 128, 2, 2048, 0), (32, 128, 4, 2048, 0), (16, 128, 2, 2048, 0), (64, 128, 2, 2048, 0),
               (32, 256, 4, 2048, 0), (32, 256, 2, 2048, 0), (32, 128, 2, 1024, 0), (32, 128, 2, 4096, 0),
@@ -182,6 +186,25 @@ def time_scan(shape, device, cuda, reverse, dtype, with_ref=True):
             gpu_fwd = _gpu_ms(lambda: fn(*args), cuda) if name != "reference" else None
         res[name] = {"fwd_ms": fwd, "fwd_bwd_ms": None if big else _bench(step, cuda), "gpu_fwd_ms": gpu_fwd,
                      "gpu_fwd_bwd_ms": _gpu_ms(step, cuda) if name != "reference" else None}
+    return res
+
+
+def time_forward_waves(batches, cap, device, cuda, dtype, E=384, L=197, N=16):
+    """The forward's GPU time at each batch with ``MAXNREG_FWD_WAVE = cap``, ungated (the mixer's first
+    direction), and its program count: its time follows the programs, with a step where they outgrow a wave."""
+    res = {}
+    saved = triton_scan.CONFIG["MAXNREG_FWD_WAVE"]
+    triton_scan.CONFIG["MAXNREG_FWD_WAVE"] = cap
+    try:
+        for b in batches:
+            u, dl, A, Bm, Cm, D, _, bias = make_inputs(b, E, L, N, dtype, device)[0]
+            with torch.no_grad():
+                ms = _gpu_ms(lambda: selective_scan_fn(u, dl, A, Bm, Cm, D, None, bias, delta_softplus=True,
+                                                       backend="triton"), cuda)
+            res[str((b, E, L, N))] = {"batch": b, "programs": math.ceil(E / triton_scan.CONFIG["BLOCK_D"]) * b,
+                                      "gpu_fwd_ms": ms}
+    finally:
+        triton_scan.CONFIG["MAXNREG_FWD_WAVE"] = saved
     return res
 
 
@@ -371,6 +394,13 @@ def main(argv=None):
                     report["sweep"][key][str(shp)] = r
                     print(f"sweep {key:48s} {str(shp):20s} fwd {r['fwd_ms']:.4f} ms  fwd+bwd {r['fwd_bwd_ms']:.4f} ms"
                           f"  GPU time fwd {r['gpu_fwd_ms']:.4f} fwd+bwd {r['gpu_fwd_bwd_ms']:.4f} ms", flush=True)
+        triton_scan.CONFIG.update(base)
+        for cap in ((triton_scan.CONFIG["MAXNREG_FWD_WAVE"], None) if "waves" in groups else ()):
+            key = f"waves MAXNREG_FWD_WAVE={cap}"
+            report["sweep"][key] = time_forward_waves(WAVE_BATCHES, cap, device, cuda, dtype)
+            for shp, r in report["sweep"][key].items():
+                print(f"sweep {key:48s} {shp:20s} {r['programs']:6d} programs  GPU time fwd {r['gpu_fwd_ms']:.4f} ms"
+                      f"  {r['gpu_fwd_ms'] * 1e3 / r['batch']:.3f} us per row", flush=True)
         triton_scan.CONFIG.update(base)
         conv_base = (conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS, conv.BWD_LOOKAHEAD)
         for cfg in (SWEEP_CONV if "conv" in groups else []):

@@ -49,13 +49,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   (see ``_bwd_forward_walk_kernel``). MAXNREG_FWD_WALK caps the forward walk's registers (None: the compiler's
 #   choice), as MAXNREG_REV does the reverse walk's: the lookahead's registers took it from 159 to 214, 12 -> 9
 #   warps per SM, and it lost (+6.4% on vim_tiny's training step); at 168 both won (-5.2%; session 17, v25).
+# - MAXNREG_FWD_WAVE: the forward's register cap where it fits the grid in fewer waves than the compiler's 65-72
+#   registers (``_forward_wave_cap``; None: never). There the launch also goes without LOOKAHEAD, whose loads need
+#   72 registers. The forward's time follows its program count, with a step where the grid outgrows a wave
+#   (session 18, v26).
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
 #   per direction at vision shapes; docs/kernels.md, v9 and v17).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
-              BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168,
+              BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
               TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -1148,7 +1152,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], z, delta_bias,
                    softplus, reverse, CONFIG["PREFETCH"])
     flags["HAS_D"] = D is not None
-    flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc)
+    wave_cap = _forward_wave_cap(n_d * nc * batch, flags["num_warps"], dev)
+    flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc) and not wave_cap
     if nc > 1:   # chunked (long L, two passes): the prefetch made the forward slower there (docs/kernels.md, v7)
         flags["PREFETCH"] = 0
     grid = (n_d, nc, batch)
@@ -1163,7 +1168,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
                       hloc if hloc is not None else dummy, S if S is not None else dummy,
                       last if last is not None else dummy,
                       Dm, L, N, T, nc, cpg, out_scale, *common, *out.stride(),
-                      STATE_PASS=False, ACCUM=bool(accumulate), STORE_LAST=want_last, **flags)
+                      STATE_PASS=False, ACCUM=bool(accumulate), STORE_LAST=want_last, **flags,
+                      **({"maxnreg": wave_cap} if wave_cap else {}))
     return out, last, hloc, S
 
 
@@ -1187,6 +1193,25 @@ def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -
                 cdiv(programs, _resident_programs(cap, num_warps, device)):
             cap = low
     return {"maxnreg": cap}
+
+
+# What ptxas gives the forward's plain loop uncapped: 68 registers under triton 3.6, 64 under 3.8, 72 with
+# LOOKAHEAD (tools/kernel_sass.py). 68 and 72 leave the same 28 one-warp programs per SM; the rule assumes them.
+_FWD_REGS = 72
+
+
+def _forward_wave_cap(programs: int, num_warps: int, device: torch.device) -> Optional[int]:
+    """The forward main pass's register cap, ``MAXNREG_FWD_WAVE``, where the grid then runs in fewer waves of
+    resident programs (3,697-4,224 one-warp programs on 132 SMs: one wave at 64 registers, two at 72; vim_tiny at
+    bs 160-176, vim_small at 80-88, vim_base at 40-44, L = 6085 at bs 8), else None. Where it applies the launch goes without
+    LOOKAHEAD, which spills under 64. Measured in session 18 (docs/kernels.md, v26)."""
+    low = CONFIG["MAXNREG_FWD_WAVE"]
+    if not low or device.type != "cuda" or programs <= 0:
+        return None
+    if cdiv(programs, _resident_programs(low, num_warps, device)) < \
+            cdiv(programs, _resident_programs(_FWD_REGS, num_warps, device)):
+        return low
+    return None
 
 
 def _check_acc(acc, shape, name):
