@@ -76,3 +76,18 @@ def test_set_knobs_reach_the_recorded_launches(monkeypatch, capsys):
     assert [(f["REVERSE"], f["LOOKAHEAD"]) for f in flags] == [(False, True), (True, True)]   # default: first False
     with pytest.raises(SystemExit, match="has no attribute 'NO_SUCH_KNOB'"):
         tool.main(shape + ["--set", "vim.kernels.bimamba.conv.NO_SUCH_KNOB=1"])
+
+
+def test_wave_caps_are_recorded_as_on_a_gpu(monkeypatch):
+    """The launch rules that pick a register cap by wave count act as on a GPU with --sms SMs, although the
+    recording runs on CPU tensors: 32 one-warp programs on one SM are one wave at 64 registers and two at 72, so
+    the forward's launches take the cap and the accumulating one goes without its lookahead."""
+    tool = load_tool("kernel_sass")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    shape = ["--forward-only", "--batch", "2", "--length", "9", "--dim", "256"]   # 2 x 16 blocks of 16 channels
+    for sms, cap in ((1, 64), (2, None)):
+        recs = [r for r in tool.capture_launches(tool.parse_args(shape + ["--sms", str(sms)]))
+                if r["name"] == "_fwd_kernel"]
+        flags = [{n: v for n, kind, _, v in r["args"] if kind == "constexpr"} for r in recs]
+        assert [r["options"].get("maxnreg") for r in recs] == [cap, cap]
+        assert [f["LOOKAHEAD"] for f in flags] == [False, cap is None]

@@ -50,7 +50,7 @@ MUFU_PIPE_CYCLES = 8   # a warp's MUFU instruction on one SM sub-partition (16 r
 # --------------------------------------------------------------------------------------------
 # step 1 (under TRITON_INTERPRET=1): record the launches
 # --------------------------------------------------------------------------------------------
-def _capture(batch: int, L: int, E: int, N: int, rank: int, backward: bool) -> List[dict]:
+def _capture(batch: int, L: int, E: int, N: int, rank: int, backward: bool, sms: int = 132) -> List[dict]:
     import torch
     import triton.language as tl
     import triton.runtime.interpreter as interp
@@ -88,6 +88,12 @@ def _capture(batch: int, L: int, E: int, N: int, rank: int, backward: bool) -> L
     from vim.kernels.selective_scan import triton_scan
 
     triton_scan._use_asm = lambda t: True   # the CUDA flags: inline PTX and prefetch on
+    # the register caps chosen by wave count, as on a GPU with `sms` SMs (on CPU tensors they never apply)
+    gpu = torch.device("cuda", 0)
+    triton_scan.sm_count = lambda device: sms
+    wave_cap, rev_cap = triton_scan._forward_wave_cap, triton_scan._reverse_walk_maxnreg
+    triton_scan._forward_wave_cap = lambda programs, num_warps, device: wave_cap(programs, num_warps, gpu)
+    triton_scan._reverse_walk_maxnreg = lambda programs, num_warps, device: rev_cap(programs, num_warps, gpu)
 
     fwd, bwd = bimamba_params(E, N, rank, "cpu")
     for p in (*fwd, *bwd):
@@ -250,6 +256,8 @@ def parse_args(argv=None):
     add_layer_shape_args(p)
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--sms", type=int, default=132,
+                   help="SM count for the launch rules that pick a register cap by wave count (H100 / H200: 132)")
     p.add_argument("--kernels", nargs="*", help="only these kernel names")
     p.add_argument("--dump", help="write each kernel's SASS into this folder")
     p.add_argument("--json", help="write the table as JSON")
@@ -265,6 +273,7 @@ def capture_launches(args) -> List[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--capture", *layer_shape_argv(args)]
     if args.forward_only:
         cmd.append("--forward-only")
+    cmd += ["--sms", str(args.sms)]
     for spec in args.set:
         cmd += ["--set", spec]
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
@@ -280,7 +289,8 @@ def main(argv=None) -> int:
     if args.capture:
         for knob in knobs:
             knob.set(knob.value)
-        recs = _capture(args.batch, args.length, args.dim, args.dstate, args.dt_rank, not args.forward_only)
+        recs = _capture(args.batch, args.length, args.dim, args.dstate, args.dt_rank, not args.forward_only,
+                        args.sms)
         print(json.dumps(recs))
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
