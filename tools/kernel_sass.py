@@ -44,6 +44,8 @@ LDG_LATENCY = 35
 LATENCY = {"LDG": LDG_LATENCY, "MUFU": 20, "SHFL": 25, "F2FP": 6, "I2F": 6, "F2I": 6, "LDC": 10, "LDS": 25,
            "LDL": 35}
 NO_RESULT = ("STG", "STL", "STS", "CCTL", "BRA", "BAR", "NOP", "RED", "EXIT")
+# triton_scan's launch rules that pick a register cap by wave count on a CUDA device (the capture runs on the CPU)
+WAVE_RULES = ("_forward_wave_cap", "_reverse_walk_maxnreg")
 MUFU_PIPE_CYCLES = 8   # a warp's MUFU instruction on one SM sub-partition (16 results per clock per SM)
 
 
@@ -91,9 +93,9 @@ def _capture(batch: int, L: int, E: int, N: int, rank: int, backward: bool, sms:
     # the register caps chosen by wave count, as on a GPU with `sms` SMs (on CPU tensors they never apply)
     gpu = torch.device("cuda", 0)
     triton_scan.sm_count = lambda device: sms
-    wave_cap, rev_cap = triton_scan._forward_wave_cap, triton_scan._reverse_walk_maxnreg
-    triton_scan._forward_wave_cap = lambda programs, num_warps, device: wave_cap(programs, num_warps, gpu)
-    triton_scan._reverse_walk_maxnreg = lambda programs, num_warps, device: rev_cap(programs, num_warps, gpu)
+    for name in WAVE_RULES:   # each takes the device as its last argument
+        rule = getattr(triton_scan, name)
+        setattr(triton_scan, name, lambda *args, rule=rule: rule(*args[:-1], gpu))
 
     fwd, bwd = bimamba_params(E, N, rank, "cpu")
     for p in (*fwd, *bwd):
