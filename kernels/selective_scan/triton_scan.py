@@ -50,9 +50,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   choice), as MAXNREG_REV does the reverse walk's: the lookahead's registers took it from 159 to 214, 12 -> 9
 #   warps per SM, and it lost (+6.4% on vim_tiny's training step); at 168 both won (-5.2%; session 17, v25).
 # - MAXNREG_FWD_WAVE: the forward's register cap where it fits the grid in fewer waves than the compiler's 65-72
-#   registers (``_forward_wave_cap``; None: never). There the launch also goes without LOOKAHEAD, whose loads need
-#   72 registers. The forward's time follows its program count, with a step where the grid outgrows a wave
-#   (session 18, v26).
+#   registers, and in at most MAXNREG_FWD_WAVES waves (``_forward_wave_cap``; None: never). There the launch also
+#   goes without LOOKAHEAD, whose loads need 72 registers. The forward's time follows its program count, with a
+#   step where the grid outgrows a wave (session 18, v26). Measured only where it makes one wave of two (hence
+#   MAXNREG_FWD_WAVES=1); larger grids, such as vim_small's at bs 256 (four waves -> three), are not yet measured.
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
@@ -60,6 +61,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
               BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
+              MAXNREG_FWD_WAVES=1,
               TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -1202,14 +1204,16 @@ _FWD_REGS = 72
 
 def _forward_wave_cap(programs: int, num_warps: int, device: torch.device) -> Optional[int]:
     """The forward main pass's register cap, ``MAXNREG_FWD_WAVE``, where the grid then runs in fewer waves of
-    resident programs (3,697-4,224 one-warp programs on 132 SMs: one wave at 64 registers, two at 72; vim_tiny at
-    bs 160-176, vim_small at 80-88, vim_base at 40-44, L = 6085 at bs 8), else None. Where it applies the launch goes without
+    resident programs, at most ``MAXNREG_FWD_WAVES`` (3,697-4,224 one-warp programs on 132 SMs: one wave at 64
+    registers, two at 72; vim_tiny at bs 160-176, vim_small at 80-88, vim_base at 40-44, L = 6085 at bs 8), else
+    None. Where it applies the launch goes without
     LOOKAHEAD, which spills under 64. Measured in session 18 (docs/kernels.md, v26)."""
     low = CONFIG["MAXNREG_FWD_WAVE"]
     if not low or device.type != "cuda" or programs <= 0:
         return None
-    if cdiv(programs, _resident_programs(low, num_warps, device)) < \
-            cdiv(programs, _resident_programs(_FWD_REGS, num_warps, device)):
+    waves = cdiv(programs, _resident_programs(low, num_warps, device))
+    if waves <= CONFIG["MAXNREG_FWD_WAVES"] and \
+            waves < cdiv(programs, _resident_programs(_FWD_REGS, num_warps, device)):
         return low
     return None
 
