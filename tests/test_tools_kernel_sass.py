@@ -29,6 +29,9 @@ def test_forward_scan_compiles_for_sm90_and_reports_its_loop(tmp_path):
         assert 0 < r["registers"] <= 255 and r["local"] == 0
         assert r["loop_instructions"] > 50 and r["mufu"] >= 16 and r["loads"] > 0
         assert r["loop_cycles_one_warp"] >= r["loop_instructions"]
+        # the grid (2 rows x 2 blocks of 16 channels, one chunk) in waves of resident one-warp programs on 132 SMs
+        assert r["programs"] == 4 and r["per_sm"] == (28 if r["registers"] > 64 else 32)
+        assert r["waves"] == round(4 / (r["per_sm"] * 132), 2)
 
 
 def test_every_mixer_kernel_compiles_for_sm90(tmp_path):
@@ -55,6 +58,15 @@ def test_issue_estimate_follows_dependencies():
     assert tool.issue_estimate(chained) > tool.issue_estimate(independent)
     mufus = [("MUFU.EX2", ["R1"], ["R2"]), ("MUFU.EX2", ["R3"], ["R4"])]
     assert tool.issue_estimate(mufus) >= 2 * tool.MUFU_PIPE_CYCLES
+
+
+def test_waves_count_resident_programs():
+    """Residency by registers (allocated per warp in units of 256), warps, the 32-program limit and shared memory."""
+    tool = load_tool("kernel_sass")
+    assert tool.waves([24, 1, 256], {"registers": 66}, 1, 132) == dict(programs=6144, per_sm=28, waves=1.66)
+    assert tool.waves([3840], {"registers": 64}, 1, 132)["per_sm"] == 32                 # the 32-program limit
+    assert tool.waves([12, 1, 256], {"registers": 168}, 1, 132)["per_sm"] == 12
+    assert tool.waves([100], {"registers": 32, "shared_bytes": 100 * 1024}, 4, 132)["per_sm"] == 2
 
 
 def test_layer_shape_round_trips_to_the_child_process():

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""What the mixer's Triton kernels compile to for a GPU, on a machine without one: registers, spills and
-the main loop's SASS (instruction mix; MUFU, load, shuffle and atomic counts; a single-warp issue estimate)
-of every kernel that one bidirectional mixer forward and backward launches at a given shape.
+"""What the mixer's Triton kernels compile to for a GPU, on a machine without one: registers, spills, the grid in
+waves of resident programs, and the main loop's SASS (instruction mix; MUFU, load, shuffle and atomic counts; a
+single-warp issue estimate) of every kernel that one bidirectional mixer forward and backward launches at a given
+shape.
 
     python tools/kernel_sass.py                                    # a vim_tiny layer at bs 128, sm_90
     python tools/kernel_sass.py --batch 256 --dim 768 --json sass.json
@@ -81,7 +82,11 @@ def _capture(batch: int, L: int, E: int, N: int, rank: int, backward: bool, sms:
                 kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
                 spec.append([name, kind, attr, plain(value)])
         options = {k: v for k, v in kwargs.items() if k not in params}
-        records.append(dict(module=self.fn.__module__, name=self.fn.__name__, args=spec, options=options))
+        if callable(grid):   # a grid function takes the launch's arguments, constexprs included
+            grid = grid({**{n: v for n, _, _, v in spec}, **bound})
+        grid = [int(g) for g in (grid if isinstance(grid, (tuple, list)) else (grid,))]
+        records.append(dict(module=self.fn.__module__, name=self.fn.__name__, args=spec, options=options,
+                            grid=grid))
 
     interp.InterpretedFunction.run = record
 
@@ -221,6 +226,23 @@ def issue_estimate(body, iterations: int = 6) -> int:
     return starts[-1] - starts[-2]
 
 
+def waves(grid: List[int], usage: dict, num_warps: int, sms: int) -> dict:
+    """How many programs of the launch an SM holds at once (by registers, warps, shared memory and sm_90's limits:
+    64K registers allocated per warp in units of 256, 64 warps, 32 programs, 228 KB of shared memory with 1 KB
+    reserved per program), and the grid in waves of that many on `sms` SMs: 1.1 means a second wave a tenth full,
+    which takes about as long as a full one where each program walks a whole sequence."""
+    programs = 1
+    for g in grid:
+        programs *= g
+    regs = max(usage.get("registers") or 1, 1)
+    per_warp = -(-regs * 32 // 256) * 256
+    per_sm = min(65536 // per_warp // num_warps, 64 // num_warps, 32)
+    shared = usage.get("shared_bytes") or 0
+    if shared:
+        per_sm = min(per_sm, 233472 // (shared + 1024))
+    return dict(programs=programs, per_sm=per_sm, waves=round(programs / max(per_sm * sms, 1), 2))
+
+
 def summarize(sass: str) -> dict:
     loop = main_loop(sass)
     total = len(_instructions(sass.splitlines()))
@@ -318,13 +340,14 @@ def main(argv=None) -> int:
             continue
         row.update(usage)
         row.update(summarize(sass))
+        row.update(waves(rec["grid"], usage, rec["options"].get("num_warps", 4), args.sms))
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             with open(os.path.join(args.dump, f"{len(rows):02d}_{rec['name']}.sass"), "w") as f:
                 f.write(sass)
         rows.append(row)
-    cols = ["kernel", "registers", "local", "shared_bytes", "loop_instructions", "mufu", "loads", "stores", "shuffles",
-            "atomics", "shared_ops", "loop_cycles_one_warp"]
+    cols = ["kernel", "registers", "local", "shared_bytes", "programs", "per_sm", "waves", "loop_instructions", "mufu",
+            "loads", "stores", "shuffles", "atomics", "shared_ops", "loop_cycles_one_warp"]
     print(f"sm_{args.arch}, (batch, L, E, N) = ({args.batch}, {args.length}, {args.dim}, {args.dstate}); "
           f"loop = the kernel's largest loop, counts per iteration" + "".join(f"; {k.spec}" for k in knobs))
     print(" | ".join(cols))
