@@ -201,8 +201,8 @@ def time_forward_waves(batches, cap, device, cuda, dtype, E=384, L=197, N=16):
             with torch.no_grad():
                 ms = _gpu_ms(lambda: selective_scan_fn(u, dl, A, Bm, Cm, D, None, bias, delta_softplus=True,
                                                        backend="triton"), cuda)
-            res[str((b, E, L, N))] = {"batch": b, "programs": math.ceil(E / triton_scan.CONFIG["BLOCK_D"]) * b,
-                                      "gpu_fwd_ms": ms}
+            _, n_d, _, nc, _ = triton_scan._plan(b, E, L, 1)   # the launch's grid: (n_d, nc, b)
+            res[str((b, E, L, N))] = {"batch": b, "programs": n_d * nc * b, "gpu_fwd_ms": ms}
     finally:
         triton_scan.CONFIG["MAXNREG_FWD_WAVE"] = saved
     return res
@@ -401,7 +401,6 @@ def main(argv=None):
             for shp, r in report["sweep"][key].items():
                 print(f"sweep {key:48s} {shp:20s} {r['programs']:6d} programs  GPU time fwd {r['gpu_fwd_ms']:.4f} ms"
                       f"  {r['gpu_fwd_ms'] * 1e3 / r['batch']:.3f} us per row", flush=True)
-        triton_scan.CONFIG.update(base)
         conv_base = (conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS, conv.BWD_LOOKAHEAD)
         for cfg in (SWEEP_CONV if "conv" in groups else []):
             conv.BWD_SEG, conv.BWD_BLOCK_E, conv.BWD_NUM_WARPS, conv.BWD_TARGET_PROGRAMS, conv.BWD_LOOKAHEAD = cfg

@@ -227,19 +227,15 @@ def issue_estimate(body, iterations: int = 6) -> int:
 
 
 def waves(grid: List[int], usage: dict, num_warps: int, sms: int) -> dict:
-    """How many programs of the launch an SM holds at once (by registers, warps, shared memory and sm_90's limits:
-    64K registers allocated per warp in units of 256, 64 warps, 32 programs, 228 KB of shared memory with 1 KB
-    reserved per program), and the grid in waves of that many on `sms` SMs: 1.1 means a second wave a tenth full,
-    which takes about as long as a full one where each program walks a whole sequence."""
+    """How many programs of the launch an SM holds at once (by registers, warps, shared memory and sm_90's limits),
+    and the grid in waves of that many on `sms` SMs: 1.1 means a second wave a tenth full, which takes about as
+    long as a full one where each program walks a whole sequence."""
+    from vim.kernels.host_math import programs_per_sm
+
     programs = 1
     for g in grid:
         programs *= g
-    regs = max(usage.get("registers") or 1, 1)
-    per_warp = -(-regs * 32 // 256) * 256
-    per_sm = min(65536 // per_warp // num_warps, 64 // num_warps, 32)
-    shared = usage.get("shared_bytes") or 0
-    if shared:
-        per_sm = min(per_sm, 233472 // (shared + 1024))
+    per_sm = programs_per_sm(usage.get("registers") or 1, num_warps, usage.get("shared_bytes") or 0)
     return dict(programs=programs, per_sm=per_sm, waves=round(programs / max(per_sm * sms, 1), 2))
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..host_math import cdiv, next_pow2, sm_count
+from ..host_math import cdiv, next_pow2, programs_per_sm, sm_count
 
 # exp(x) = exp2(x * LOG2E): the kernels keep A * LOG2E only; sums of A * x are rescaled by LN2
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -1176,11 +1176,13 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
 
 
 def _resident_programs(regs: int, num_warps: int, device: torch.device) -> int:
-    """Programs of num_warps warps that fit on the device at once with regs registers per thread (64K registers
-    per SM, allocated per warp in units of 256; at most 64 warps and 32 programs per SM: sm_80 and sm_90)."""
-    per_warp = cdiv(regs * 32, 256) * 256
-    per_sm = min(65536 // per_warp // num_warps, 64 // num_warps, 32)
-    return per_sm * sm_count(device)
+    """Programs of num_warps warps that fit on the device at once with regs registers per thread."""
+    return programs_per_sm(regs, num_warps) * sm_count(device)
+
+
+def _waves(programs: int, regs: int, num_warps: int, device: torch.device) -> int:
+    """Waves of resident programs the grid runs in at regs registers per thread."""
+    return cdiv(programs, _resident_programs(regs, num_warps, device))
 
 
 def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -> dict:
@@ -1191,8 +1193,7 @@ def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -
     if not cap:
         return {}
     if low and device.type == "cuda" and programs > 0:
-        if cdiv(programs, _resident_programs(low, num_warps, device)) < \
-                cdiv(programs, _resident_programs(cap, num_warps, device)):
+        if _waves(programs, low, num_warps, device) < _waves(programs, cap, num_warps, device):
             cap = low
     return {"maxnreg": cap}
 
@@ -1206,14 +1207,13 @@ def _forward_wave_cap(programs: int, num_warps: int, device: torch.device) -> Op
     """The forward main pass's register cap, ``MAXNREG_FWD_WAVE``, where the grid then runs in fewer waves of
     resident programs, at most ``MAXNREG_FWD_WAVES`` (3,697-4,224 one-warp programs on 132 SMs: one wave at 64
     registers, two at 72; vim_tiny at bs 160-176, vim_small at 80-88, vim_base at 40-44, L = 6085 at bs 8), else
-    None. Where it applies the launch goes without
-    LOOKAHEAD, which spills under 64. Measured in session 18 (docs/kernels.md, v26)."""
+    None. Where it applies the launch goes without LOOKAHEAD, which spills under 64. Measured in session 18
+    (docs/kernels.md, v26)."""
     low = CONFIG["MAXNREG_FWD_WAVE"]
     if not low or device.type != "cuda" or programs <= 0:
         return None
-    waves = cdiv(programs, _resident_programs(low, num_warps, device))
-    if waves <= CONFIG["MAXNREG_FWD_WAVES"] and \
-            waves < cdiv(programs, _resident_programs(_FWD_REGS, num_warps, device)):
+    waves = _waves(programs, low, num_warps, device)
+    if waves <= CONFIG["MAXNREG_FWD_WAVES"] and waves < _waves(programs, _FWD_REGS, num_warps, device):
         return low
     return None
 
