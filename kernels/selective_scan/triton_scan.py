@@ -54,6 +54,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   goes without LOOKAHEAD, whose loads need 72 registers. The forward's time follows its program count, with a
 #   step where the grid outgrows a wave (session 18, v26). Measured only where it makes one wave of two (hence
 #   MAXNREG_FWD_WAVES=1); larger grids, such as vim_small's at bs 256 (four waves -> three), are not yet measured.
+#   WAVE_CAP_STATE_PASS: the chunked forward's state pass takes the same cap (the first direction's is at 68
+#   registers at L = 6085; not yet timed).
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
@@ -61,7 +63,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
               BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
-              MAXNREG_FWD_WAVES=1,
+              MAXNREG_FWD_WAVES=1, WAVE_CAP_STATE_PASS=True,
               TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -1164,7 +1166,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
         _fwd_kernel[grid](u, delta, A, B, C, D if D is not None else dummy, zz,
                           delta_bias if delta_bias is not None else dummy, out, hloc, S, dummy,
                           Dm, L, N, T, nc, cpg, out_scale, *common, *out.stride(),
-                          STATE_PASS=True, ACCUM=False, STORE_LAST=False, **flags)
+                          STATE_PASS=True, ACCUM=False, STORE_LAST=False, **flags,
+                          **({"maxnreg": wave_cap} if wave_cap and CONFIG["WAVE_CAP_STATE_PASS"] else {}))
     _fwd_kernel[grid](u, delta, A, B, C, D if D is not None else dummy, zz,
                       delta_bias if delta_bias is not None else dummy, out,
                       hloc if hloc is not None else dummy, S if S is not None else dummy,
