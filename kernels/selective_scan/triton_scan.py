@@ -56,6 +56,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   MAXNREG_FWD_WAVES=1); larger grids, such as vim_small's at bs 256 (four waves -> three), are not yet measured.
 #   WAVE_CAP_STATE_PASS: the chunked forward's state pass takes the same cap (the first direction's is at 68
 #   registers at L = 6085; not yet timed).
+#   MAXNREG_FWD_WALK_WAVE: the forward walk's lower cap where it saves a wave, as MAXNREG_REV_WAVE is the
+#   reverse walk's (not yet timed).
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
@@ -64,6 +66,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
               BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
               MAXNREG_FWD_WAVES=1, WAVE_CAP_STATE_PASS=True,
+              MAXNREG_FWD_WALK_WAVE=128,
               TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -1192,7 +1195,16 @@ def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -
     """The reverse walk's register cap: ``MAXNREG_REV``, or ``MAXNREG_REV_WAVE`` when the grid then runs in fewer
     waves of resident programs (a chunked sequence whose grid just misses one wave at 168 registers; vision
     batches never do). Measured in session 12 (docs/kernels.md, v17)."""
-    cap, low = CONFIG["MAXNREG_REV"], CONFIG["MAXNREG_REV_WAVE"]
+    return _walk_maxnreg(CONFIG["MAXNREG_REV"], CONFIG["MAXNREG_REV_WAVE"], programs, num_warps, device)
+
+
+def _forward_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -> dict:
+    """The forward walk's register cap, by the reverse walk's rule: ``MAXNREG_FWD_WALK``, or
+    ``MAXNREG_FWD_WALK_WAVE`` where that runs the grid in fewer waves."""
+    return _walk_maxnreg(CONFIG["MAXNREG_FWD_WALK"], CONFIG["MAXNREG_FWD_WALK_WAVE"], programs, num_warps, device)
+
+
+def _walk_maxnreg(cap, low, programs: int, num_warps: int, device: torch.device) -> dict:
     if not cap:
         return {}
     if low and device.type == "cuda" and programs > 0:
@@ -1290,7 +1302,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
                                    *common, *dout.stride(), *dzz.stride(), *dC.stride(), HAS_D=D is not None,
                                    DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter,
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
-                                   **({"maxnreg": CONFIG["MAXNREG_FWD_WALK"]} if CONFIG["MAXNREG_FWD_WALK"] else {}))
+                                   **_forward_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
     ddelta = _empty((batch, L, Dm), ddelta_dtype or delta.dtype, dev).transpose(1, 2)
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
