@@ -317,12 +317,52 @@ def test_forward_register_cap_only_where_it_saves_a_wave(monkeypatch):
     assert triton_scan._plan(8, 384, 6085, 1)[1] * triton_scan._plan(8, 384, 6085, 1)[3] * 8 == 4224
     # bs 128 and 256: the same waves either way; the CPU, and the knob off, never
     assert cap(3072) is cap(6144) is cap(4608) is cap(0) is cap(3840, torch.device("cpu")) is None
-    # vim_small at bs 256 (four waves -> three): only where more than one wave is allowed (not yet measured)
+    # vim_small at bs 256 (four waves -> three): only where more than one wave is allowed (slower, session 19)
     assert cap(12288) is None
     monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_FWD_WAVES", 3)
     assert cap(12288) == 64 and cap(3840) == 64
     monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_FWD_WAVE", None)
     assert cap(3840) is None
+
+
+def test_forward_walk_register_cap_by_waves(monkeypatch):
+    """The backward's forward walk takes the reverse walk's wave rule: 128 registers (MAXNREG_FWD_WALK_WAVE) only
+    where that fits its grid in fewer waves than 168 (MAXNREG_FWD_WALK): the chunked grids of L = 1025 at bs 16
+    and L = 6085 at bs 8 (2,112 programs; training there -1.9% and -1.2% on the GPU, session 19)."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_scan, "sm_count", lambda device: 132)
+    cap = lambda programs, dev=gpu: triton_scan._forward_walk_maxnreg(programs, 1, dev)  # noqa: E731
+    assert cap(2112) == cap(1848) == {"maxnreg": 128}
+    assert cap(1536) == cap(3072) == cap(2304) == cap(0) == cap(2112, torch.device("cpu")) == {"maxnreg": 168}
+    monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_FWD_WALK_WAVE", None)
+    assert cap(2112) == {"maxnreg": 168}
+    monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_FWD_WALK", None)
+    assert cap(2112) == {}
+
+
+@pytest.mark.parametrize("state_pass_cap", [True, False])
+def test_chunked_forward_state_pass_takes_the_wave_cap(monkeypatch, state_pass_cap):
+    """Where the forward's wave cap applies to a chunked sequence, both of its launches take it (the state pass
+    too: vim_tiny / vim_small at 1248 px bs 8 -4.8% / -4.3% on the GPU, session 19), unless WAVE_CAP_STATE_PASS
+    is off; the launches' other arguments do not change."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, kw))
+
+    monkeypatch.setattr(triton_scan, "_fwd_kernel", Recorder())
+    monkeypatch.setattr(triton_scan, "_forward_wave_cap", lambda programs, num_warps, device: 64)
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 8)
+    monkeypatch.setitem(triton_scan.CONFIG, "WAVE_CAP_STATE_PASS", state_pass_cap)
+    b, d, L, n = 2, 16, 20, 4
+    u, delta, z = (torch.randn(b, d, L) for _ in range(3))
+    A, B, C = -torch.rand(d, n), torch.randn(b, n, L), torch.randn(b, n, L)
+    triton_scan.scan_forward(u, delta, A, B, C, torch.randn(d), z, None, True, False)
+    (grid_s, state), (grid_m, main) = launches
+    assert grid_s == grid_m == (1, 3, b)
+    assert state["STATE_PASS"] and not main["STATE_PASS"] and main["maxnreg"] == 64 and not main["LOOKAHEAD"]
+    assert state.get("maxnreg") == (64 if state_pass_cap else None)
 
 
 def test_lookahead_policy():

@@ -52,12 +52,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 # - MAXNREG_FWD_WAVE: the forward's register cap where it fits the grid in fewer waves than the compiler's 65-72
 #   registers, and in at most MAXNREG_FWD_WAVES waves (``_forward_wave_cap``; None: never). There the launch also
 #   goes without LOOKAHEAD, whose loads need 72 registers. The forward's time follows its program count, with a
-#   step where the grid outgrows a wave (session 18, v26). Measured only where it makes one wave of two (hence
-#   MAXNREG_FWD_WAVES=1); larger grids, such as vim_small's at bs 256 (four waves -> three), are not yet measured.
-#   WAVE_CAP_STATE_PASS: the chunked forward's state pass takes the same cap (the first direction's is at 68
-#   registers at L = 6085; not yet timed).
+#   step where the grid outgrows a wave (session 18, v26). Measured where it makes one wave of two (hence
+#   MAXNREG_FWD_WAVES=1).
+#   Multi-wave grids were measured in session 19 (MAXNREG_FWD_WAVES=8: vim_small / vim_base at bs 256 and vim_base
+#   at bs 128 +0.3 to +1.6% slower, the second direction losing its lookahead), so the rule stays at one wave.
+#   WAVE_CAP_STATE_PASS: the chunked forward's state pass takes the same cap (its first direction's needs 68
+#   registers at L = 6085; session 19: 1248 px bs 8 inference vim_tiny -4.8%, vim_small -4.3%, vim_base, whose
+#   grid the cap does not bring to one wave, unchanged).
 #   MAXNREG_FWD_WALK_WAVE: the forward walk's lower cap where it saves a wave, as MAXNREG_REV_WAVE is the
-#   reverse walk's (not yet timed).
+#   reverse walk's (session 19: training at L = 1025 bs 16 -1.9%, L = 6085 bs 8 with the state pass cap -1.2%).
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
