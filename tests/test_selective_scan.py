@@ -365,6 +365,26 @@ def test_chunked_forward_state_pass_takes_the_wave_cap(monkeypatch, state_pass_c
     assert state.get("maxnreg") == (64 if state_pass_cap else None)
 
 
+def test_chunk_count_keeps_the_forward_grid_in_one_wave(monkeypatch):
+    """A chunked sequence gets as many chunks as keep the forward's grid within one wave at the wave cap (4,224
+    one-warp programs on 132 SMs); the CPU plans as a 132-SM GPU; a number in TARGET_PROGRAMS overrides."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_scan, "sm_count", lambda device: 132)
+    assert triton_scan._chunk_target(gpu) == triton_scan._chunk_target(torch.device("cpu")) == 4224
+    grid = lambda b, E, L, dev=None: b * triton_scan._plan(b, E, L, 1, device=dev)[1] * triton_scan._plan(  # noqa: E731
+        b, E, L, 1, device=dev)[3]
+    # 768 units (vim_base 1248 px bs 8, vim_tiny 1024 px bs 32, vim_small 512 px bs 16): 5 chunks, not 6
+    assert grid(8, 1536, 6085) == grid(32, 384, 4097) == grid(16, 768, 1025) == grid(8, 1536, 6085, gpu) == 3840
+    assert grid(8, 384, 6085) == 4224 and triton_scan._plan(8, 384, 6085, 1)[3] == 22
+    assert triton_scan._plan(128, 384, 197, 1)[3] == 1   # vision batches: one chunk
+    monkeypatch.setattr(triton_scan, "sm_count", lambda device: 108)   # another GPU plans for its own wave
+    assert triton_scan._chunk_target(gpu) == 3456 and grid(8, 1536, 6085, gpu) == 3072
+    monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_FWD_WAVE", None)   # one wave at the compiler's registers
+    assert triton_scan._chunk_target(torch.device("cpu")) == 3696
+    monkeypatch.setitem(triton_scan.CONFIG, "TARGET_PROGRAMS", 4608)
+    assert triton_scan._chunk_target(gpu) == 4608 and grid(8, 1536, 6085) == 4608
+
+
 def test_lookahead_policy():
     """The default loads ahead in the accumulating launch of a single chunk only (where it measured faster)."""
     la = triton_scan._lookahead

@@ -201,7 +201,7 @@ def time_forward_waves(batches, cap, device, cuda, dtype, E=384, L=197, N=16):
             with torch.no_grad():
                 ms = _gpu_ms(lambda: selective_scan_fn(u, dl, A, Bm, Cm, D, None, bias, delta_softplus=True,
                                                        backend="triton"), cuda)
-            _, n_d, _, nc, _ = triton_scan._plan(b, E, L, 1)   # the launch's grid: (n_d, nc, b)
+            _, n_d, _, nc, _ = triton_scan._plan(b, E, L, 1, device=u.device)   # the launch's grid: (n_d, nc, b)
             res[str((b, E, L, N))] = {"batch": b, "programs": n_d * nc * b, "gpu_fwd_ms": ms}
     finally:
         triton_scan.CONFIG["MAXNREG_FWD_WAVE"] = saved

@@ -224,7 +224,7 @@ def _fwd_fake(x, z, *flat):
     for p in (DirectionParams(*flat[:7]), DirectionParams(*flat[7:])):
         N = p.A_log.shape[1]
         outs.append(x.new_empty((batch, L, _xproj_columns(p.dt_proj_weight.shape[1], N)[1])))
-        _, _, _, nc, _ = triton_scan._plan(batch, E, L, 1)
+        _, _, _, nc, _ = triton_scan._plan(batch, E, L, 1, device=x.device)
         if nc > 1:
             outs += [x.new_empty((batch, nc, N, E), dtype=torch.float32),
                      x.new_empty((batch, nc, E), dtype=torch.float32)]

@@ -28,7 +28,7 @@ def _token_major(batch: int, Dm: int, L: int, dtype, device) -> torch.Tensor:
 def _num_chunks(u: torch.Tensor, B: torch.Tensor) -> int:
     batch, Dm, L = u.shape
     G = 1 if B.dim() == 3 else B.shape[1]
-    return triton_scan._plan(batch, Dm, L, G)[3]
+    return triton_scan._plan(batch, Dm, L, G, device=u.device)[3]
 
 
 def _last_dtype(u: torch.Tensor) -> torch.dtype:

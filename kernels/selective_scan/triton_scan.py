@@ -61,6 +61,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   grid the cap does not bring to one wave, unchanged).
 #   MAXNREG_FWD_WALK_WAVE: the forward walk's lower cap where it saves a wave, as MAXNREG_REV_WAVE is the
 #   reverse walk's (session 19: training at L = 1025 bs 16 -1.9%, L = 6085 bs 8 with the state pass cap -1.2%).
+# - TARGET_PROGRAMS: how many programs a chunked (long L) forward grid may have ("wave": one wave at the wave cap,
+#   ``_chunk_target``); MIN_CHUNK: the shortest chunk; SINGLE_CHUNK_UNITS: from this many (batch row, channel block)
+#   units on, L stays one chunk.
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
@@ -70,7 +73,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
               MAXNREG_FWD_WAVES=1, WAVE_CAP_STATE_PASS=True,
               MAXNREG_FWD_WALK_WAVE=128,
-              TARGET_PROGRAMS=4096, MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
+              TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -1003,22 +1006,39 @@ def _block_d(Dm: int, G: int, cap: int) -> int:
     return min(cap, cpg & -cpg)
 
 
-def _plan(batch: int, Dm: int, L: int, G: int, backward: bool = False):
+def _plan(batch: int, Dm: int, L: int, G: int, backward: bool = False, device: Optional[torch.device] = None):
     """Block of channels, chunk length and chunk count. The chunking depends on the forward block
-    only, so the backward reads the forward's chunk states whatever its own block is."""
+    only, so the backward reads the forward's chunk states whatever its own block is. A long sequence is cut into
+    as many chunks as keep the forward's grid within ``_chunk_target`` programs."""
     cpg = Dm // G
     block_f = _block_d(Dm, G, CONFIG["BLOCK_D"])
     if CHUNK_OVERRIDE is not None:
         T = CHUNK_OVERRIDE
     else:
         units = batch * cdiv(Dm, block_f)
-        want = 1 if units >= CONFIG["SINGLE_CHUNK_UNITS"] or units == 0 else cdiv(CONFIG["TARGET_PROGRAMS"], units)
+        want = 1 if units >= CONFIG["SINGLE_CHUNK_UNITS"] or units == 0 else \
+            max(1, _chunk_target(device or torch.device("cpu")) // units)
         T = max(CONFIG["MIN_CHUNK"], cdiv(L, want))
         T = cdiv(T, 16) * 16
     T = max(1, min(T, L))
     nc = cdiv(L, T)
     block_d = _block_d(Dm, G, CONFIG["BLOCK_D_BWD"]) if backward else block_f
     return block_d, cdiv(Dm, block_d), T, nc, cpg
+
+
+def _chunk_target(device: torch.device) -> int:
+    """How many programs a chunked forward's grid may have: ``TARGET_PROGRAMS`` when it is a number; "wave": one
+    wave of resident forward programs at the forward's wave cap (4,224 one-warp programs at 64 registers on 132
+    SMs). Off CUDA, as on a 132-SM GPU, so the interpreter plans as an H100 / H200 does. The forward's time
+    follows waves x chunk length: 768 (batch row, channel block) units (vim_tiny bs 32, vim_small bs 16, vim_base
+    bs 8) used to get 6 chunks, 4,608 programs, two waves at 68 registers; now 5, 3,840, one wave under the
+    wave cap. Session 19, H200: inference -20.6% (vim_base 1248 px bs 8), -22.5% (vim_tiny 1024 px bs 32),
+    -17.5% (vim_small 512 px bs 16); training -3.1%, -2.4%, -6.0%."""
+    target = CONFIG["TARGET_PROGRAMS"]
+    if target != "wave":
+        return target
+    sms = sm_count(device) if device.type == "cuda" else 132
+    return programs_per_sm(CONFIG["MAXNREG_FWD_WAVE"] or _FWD_REGS, CONFIG["NUM_WARPS"]) * sms
 
 
 def _bc_strides(M: torch.Tensor):
@@ -1139,7 +1159,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
     A = channel_major(A)
-    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G)
+    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, device=u.device)
     dev = u.device
     if out is None:
         out = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
@@ -1262,7 +1282,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
     A = channel_major(A)
-    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True)
+    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True, device=u.device)
     dev = u.device
     BLOCK_N = next_pow2(N)
     f32 = torch.float32
