@@ -57,8 +57,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   Multi-wave grids were measured in session 19 (MAXNREG_FWD_WAVES=8: vim_small / vim_base at bs 256 and vim_base
 #   at bs 128 +0.3 to +1.6% slower, the second direction losing its lookahead), so the rule stays at one wave.
 #   WAVE_CAP_STATE_PASS: the chunked forward's state pass takes the same cap (its first direction's needs 68
-#   registers at L = 6085; session 19: 1248 px bs 8 inference vim_tiny -4.8%, vim_small -4.3%, vim_base, whose
-#   grid the cap does not bring to one wave, unchanged).
+#   registers at L = 6085; session 19: 1248 px bs 8 inference vim_tiny -4.8%, vim_small -4.3%; vim_base unchanged, its
+#   grid then being too large for the cap, which v27's chunk count has since changed).
 #   MAXNREG_FWD_WALK_WAVE: the forward walk's lower cap where it saves a wave, as MAXNREG_REV_WAVE is the
 #   reverse walk's (session 19: training at L = 1025 bs 16 -1.9%, L = 6085 bs 8 with the state pass cap -1.2%).
 # - TARGET_PROGRAMS: how many programs a chunked (long L) forward grid may have ("wave": one wave at the wave cap,
