@@ -371,8 +371,11 @@ def test_chunk_count_keeps_the_forward_grid_in_one_wave(monkeypatch):
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(triton_scan, "sm_count", lambda device: 132)
     assert triton_scan._chunk_target(gpu) == triton_scan._chunk_target(torch.device("cpu")) == 4224
-    grid = lambda b, E, L, dev=None: b * triton_scan._plan(b, E, L, 1, device=dev)[1] * triton_scan._plan(  # noqa: E731
-        b, E, L, 1, device=dev)[3]
+
+    def grid(b, E, L, dev=None):   # the forward's programs: (channel blocks, chunks, batch)
+        _, n_d, _, nc, _ = triton_scan._plan(b, E, L, 1, device=dev)
+        return n_d * nc * b
+
     # 768 units (vim_base 1248 px bs 8, vim_tiny 1024 px bs 32, vim_small 512 px bs 16): 5 chunks, not 6
     assert grid(8, 1536, 6085) == grid(32, 384, 4097) == grid(16, 768, 1025) == grid(8, 1536, 6085, gpu) == 3840
     assert grid(8, 384, 6085) == 4224 and triton_scan._plan(8, 384, 6085, 1)[3] == 22

@@ -28,6 +28,7 @@ import collections
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -232,9 +233,7 @@ def waves(grid: List[int], usage: dict, num_warps: int, sms: int) -> dict:
     long as a full one where each program walks a whole sequence."""
     from vim.kernels.host_math import programs_per_sm
 
-    programs = 1
-    for g in grid:
-        programs *= g
+    programs = math.prod(grid)
     per_sm = programs_per_sm(usage.get("registers") or 1, num_warps, usage.get("shared_bytes") or 0)
     return dict(programs=programs, per_sm=per_sm, waves=round(programs / max(per_sm * sms, 1), 2))
 
