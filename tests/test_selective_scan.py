@@ -365,6 +365,36 @@ def test_chunked_forward_state_pass_takes_the_wave_cap(monkeypatch, state_pass_c
     assert state.get("maxnreg") == (64 if state_pass_cap else None)
 
 
+@pytest.mark.parametrize("distance", [0, 1, 2])
+def test_chunked_forward_prefetch_distance(monkeypatch, distance):
+    """A chunked forward's two launches prefetch PREFETCH_CHUNKED groups ahead where the inline PTX runs (on by
+    default since session 20: inference at L = 1025-6085 -5.2 to -5.8% on the H200), a one-chunk forward PREFETCH
+    groups ahead, and neither without the PTX (the interpreter)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append(kw)
+
+    monkeypatch.setattr(triton_scan, "_fwd_kernel", Recorder())
+    monkeypatch.setitem(triton_scan.CONFIG, "PREFETCH_CHUNKED", distance)
+    b, d, L, n = 2, 16, 20, 4
+    u, delta, z = (torch.randn(b, d, L) for _ in range(3))
+    A, B, C = -torch.rand(d, n), torch.randn(b, n, L), torch.randn(b, n, L)
+
+    def prefetch(chunk, asm):
+        launches.clear()
+        monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+        monkeypatch.setattr(triton_scan, "_use_asm", lambda t: asm)
+        triton_scan.scan_forward(u, delta, A, B, C, torch.randn(d), z, None, True, False)
+        return [kw["PREFETCH"] for kw in launches]
+
+    assert triton_scan.CONFIG["PREFETCH_CHUNKED"] == distance
+    assert prefetch(8, True) == [distance, distance]   # state pass and main pass
+    assert prefetch(None, True) == [triton_scan.CONFIG["PREFETCH"]]
+    assert prefetch(8, False) == [0, 0] and prefetch(None, False) == [0]
+
+
 def test_chunk_count_keeps_the_forward_grid_in_one_wave(monkeypatch):
     """A chunked sequence gets as many chunks as keep the forward's grid within one wave at the wave cap (4,224
     one-warp programs on 132 SMs); the CPU plans as a 132-SM GPU; a number in TARGET_PROGRAMS overrides."""
