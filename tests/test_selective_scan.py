@@ -389,7 +389,6 @@ def test_chunked_forward_prefetch_distance(monkeypatch, distance):
         triton_scan.scan_forward(u, delta, A, B, C, torch.randn(d), z, None, True, False)
         return [kw["PREFETCH"] for kw in launches]
 
-    assert triton_scan.CONFIG["PREFETCH_CHUNKED"] == distance
     assert prefetch(8, True) == [distance, distance]   # state pass and main pass
     assert prefetch(None, True) == [triton_scan.CONFIG["PREFETCH"]]
     assert prefetch(8, False) == [0, 0] and prefetch(None, False) == [0]
