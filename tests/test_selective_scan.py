@@ -367,9 +367,10 @@ def test_chunked_forward_state_pass_takes_the_wave_cap(monkeypatch, state_pass_c
 
 @pytest.mark.parametrize("distance", [0, 1, 2])
 def test_chunked_forward_prefetch_distance(monkeypatch, distance):
-    """A chunked forward's two launches prefetch PREFETCH_CHUNKED groups ahead where the inline PTX runs (on by
-    default since session 20: inference at L = 1025-6085 -5.2 to -5.8% on the H200), a one-chunk forward PREFETCH
-    groups ahead, and neither without the PTX (the interpreter)."""
+    """A chunked forward's two launches prefetch PREFETCH_CHUNKED groups ahead where the inline PTX runs and its
+    chunks have at least PREFETCH_CHUNKED_MIN_T tokens (session 20, H200: inference at L = 1025-6085 -5.2 to -5.8%;
+    with 64-token chunks 4-20% slower, so those do not); a one-chunk forward PREFETCH groups ahead; neither without
+    the PTX (the interpreter)."""
     launches = []
 
     class Recorder:
@@ -378,7 +379,8 @@ def test_chunked_forward_prefetch_distance(monkeypatch, distance):
 
     monkeypatch.setattr(triton_scan, "_fwd_kernel", Recorder())
     monkeypatch.setitem(triton_scan.CONFIG, "PREFETCH_CHUNKED", distance)
-    b, d, L, n = 2, 16, 20, 4
+    monkeypatch.setitem(triton_scan.CONFIG, "PREFETCH_CHUNKED_MIN_T", 80)
+    b, d, L, n = 2, 16, 200, 4
     u, delta, z = (torch.randn(b, d, L) for _ in range(3))
     A, B, C = -torch.rand(d, n), torch.randn(b, n, L), torch.randn(b, n, L)
 
@@ -389,9 +391,10 @@ def test_chunked_forward_prefetch_distance(monkeypatch, distance):
         triton_scan.scan_forward(u, delta, A, B, C, torch.randn(d), z, None, True, False)
         return [kw["PREFETCH"] for kw in launches]
 
-    assert prefetch(8, True) == [distance, distance]   # state pass and main pass
-    assert prefetch(None, True) == [triton_scan.CONFIG["PREFETCH"]]
-    assert prefetch(8, False) == [0, 0] and prefetch(None, False) == [0]
+    assert prefetch(80, True) == [distance, distance]   # state pass and main pass, 3 chunks of 80 tokens
+    assert prefetch(64, True) == [0, 0]   # 4 chunks of 64: too short
+    assert prefetch(L, True) == [triton_scan.CONFIG["PREFETCH"]]   # one chunk
+    assert prefetch(80, False) == [0, 0] and prefetch(L, False) == [0]
 
 
 def test_chunk_count_keeps_the_forward_grid_in_one_wave(monkeypatch):

@@ -42,9 +42,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   None: never).
 # - PREFETCH: how many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) issues
 #   `prefetch.global.L1` for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1).
-#   PREFETCH_CHUNKED: the same for a chunked (long L) forward's two passes. Off from session 5 (slower on the H100
-#   then, docs/kernels.md v7) to session 19; on since session 20 (H200, inference at L = 1025-6085 -5.2 to -5.8%,
-#   training -1.2%; 1, 2 and 4 groups ahead within 0.6% of each other, docs/kernels.md v28).
+#   PREFETCH_CHUNKED: the same for a chunked (long L) forward's two passes whose chunks have at least
+#   PREFETCH_CHUNKED_MIN_T tokens. Off from session 5 (slower on the H100 then, docs/kernels.md v7) to session 19; on
+#   since session 20 (H200, inference at L = 1025-6085 -5.2 to -5.8%, training -1.2%; 1, 2 and 4 groups ahead
+#   within 0.6% of each other). Plans held at MIN_CHUNK (64-token chunks: small batches, grids below a wave) ran
+#   4-20% slower with it, 80-token chunks 1.3% faster (docs/kernels.md v28).
 # - LOOKAHEAD: which forward launches load the next group's u and delta a group early (see ``_fwd_kernel``): 0 none,
 #   1 all, "accumulate" (default) the launch that adds to a prior output (the mixer's second direction) when the
 #   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
@@ -77,7 +79,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               MAXNREG_FWD_WAVES=1, WAVE_CAP_STATE_PASS=True,
               MAXNREG_FWD_WALK_WAVE=128,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
-              PREFETCH_CHUNKED=2)
+              PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -1188,8 +1190,9 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     flags["HAS_D"] = D is not None
     wave_cap = _forward_wave_cap(n_d * nc * batch, flags["num_warps"], dev)
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc) and not wave_cap
-    if nc > 1:   # chunked (long L, two passes): its own prefetch distance, measured apart
-        flags["PREFETCH"] = int(CONFIG["PREFETCH_CHUNKED"]) if flags["ASM"] else 0
+    if nc > 1:   # chunked (long L, two passes): its own prefetch distance, and none for the shortest chunks
+        long_chunks = T >= CONFIG["PREFETCH_CHUNKED_MIN_T"]
+        flags["PREFETCH"] = int(CONFIG["PREFETCH_CHUNKED"]) if flags["ASM"] and long_chunks else 0
     grid = (n_d, nc, batch)
     zz = z if z is not None else u
     if nc > 1:
