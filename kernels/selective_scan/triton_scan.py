@@ -1145,6 +1145,15 @@ def _common_args(u, delta, A, B, C, z):
     return [*u.stride(), *delta.stride(), *A.stride(), sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl, *zz.stride()]
 
 
+def _forward_prefetch(T: int, nc: int) -> int:
+    """The forward's prefetch distance in groups: ``PREFETCH`` for one chunk; a chunked forward (long L, two passes)
+    ``PREFETCH_CHUNKED``, and none for chunks shorter than ``PREFETCH_CHUNKED_MIN_T`` tokens (docs/kernels.md, v28).
+    ``_flags`` turns it off where the inline PTX does not run."""
+    if nc == 1:
+        return CONFIG["PREFETCH"]
+    return CONFIG["PREFETCH_CHUNKED"] if T >= CONFIG["PREFETCH_CHUNKED_MIN_T"] else 0
+
+
 def _lookahead(knob, accumulate: bool, nc: int) -> bool:
     """Whether a forward launch loads a group ahead, from ``CONFIG["LOOKAHEAD"]`` (0, 1 or "accumulate")."""
     if knob == "accumulate":
@@ -1186,13 +1195,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     if softplus == 2:   # nothing left to apply to delta
         delta_bias, softplus = None, 0
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], z, delta_bias,
-                   softplus, reverse, CONFIG["PREFETCH"])
+                   softplus, reverse, _forward_prefetch(T, nc))
     flags["HAS_D"] = D is not None
     wave_cap = _forward_wave_cap(n_d * nc * batch, flags["num_warps"], dev)
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc) and not wave_cap
-    if nc > 1:   # chunked (long L, two passes): its own prefetch distance, and none for the shortest chunks
-        long_chunks = T >= CONFIG["PREFETCH_CHUNKED_MIN_T"]
-        flags["PREFETCH"] = int(CONFIG["PREFETCH_CHUNKED"]) if flags["ASM"] and long_chunks else 0
     grid = (n_d, nc, batch)
     zz = z if z is not None else u
     if nc > 1:
