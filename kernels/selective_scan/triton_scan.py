@@ -46,7 +46,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   PREFETCH_CHUNKED_MIN_T tokens. Off from session 5 (slower on the H100 then, docs/kernels.md v7) to session 19; on
 #   since session 20 (H200, inference at L = 1025-6085 -5.2 to -5.8%, training -1.2%; 1, 2 and 4 groups ahead
 #   within 0.6% of each other). Plans held at MIN_CHUNK (64-token chunks: small batches, grids below a wave) ran
-#   4-20% slower with it, 80-token chunks 1.3% faster (docs/kernels.md v28).
+#   4-20% slower with it, 80-token chunks 1.3% faster (docs/kernels.md v28). The one-chunk forward keeps it at
+#   every batch: at 224 px without it, bs 48 ran 0.9% faster, bs 64 4.7% and bs 96 10.2% slower (session 21).
 # - LOOKAHEAD: which forward launches load the next group's u and delta a group early (see ``_fwd_kernel``): 0 none,
 #   1 all, "accumulate" (default) the launch that adds to a prior output (the mixer's second direction) when the
 #   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
