@@ -287,7 +287,8 @@ def test_zeros_from_one_launch(monkeypatch):
 
 def test_reverse_walk_register_cap_by_waves(monkeypatch):
     """The reverse walk takes the lower cap (MAXNREG_REV_WAVE) only where that fits its grid in fewer waves of
-    resident one-warp programs: 12 per SM at 168 registers, 16 at 128 (132 SMs: 1584 and 2112)."""
+    resident one-warp programs, and in at most MAXNREG_WALK_WAVES (one): 12 per SM at 168 registers, 16 at 128
+    (132 SMs: 1584 and 2112)."""
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(triton_scan, "sm_count", lambda device: 132)
     assert triton_scan._resident_programs(168, 1, gpu) == 1584
@@ -295,9 +296,15 @@ def test_reverse_walk_register_cap_by_waves(monkeypatch):
     cap = lambda programs, dev=gpu: triton_scan._reverse_walk_maxnreg(programs, 1, dev)  # noqa: E731
     # chunked long-L grids: (16, 384, 1025) and (8, 384, 6085) have 2112 programs, (2, 384, 6085) 1848
     assert cap(2112) == cap(1848) == {"maxnreg": 128}
-    # vision batches: bs 128 (one wave either way), 256 (two either way); (32, 384, 1025): 2304, two either way
+    # vision batches: vim_tiny bs 128 (one wave either way), 256 (two either way); (32, 384, 1025): 2304, two either way
     assert cap(1536) == cap(3072) == cap(2304) == cap(0) == {"maxnreg": 168}
     assert cap(2112, torch.device("cpu")) == {"maxnreg": 168}
+    # vim_small / vim_base at bs 256 (32-channel blocks): 6144 and 12288 programs, four waves -> three, eight -> six;
+    # several waves at the lower cap are slower than at 168 (MAXNREG_WALK_WAVES, session 21)
+    assert cap(6144) == cap(12288) == {"maxnreg": 168}
+    monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_WALK_WAVES", None)
+    assert cap(6144) == cap(12288) == cap(2112) == {"maxnreg": 128}
+    monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_WALK_WAVES", 1)
     monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_REV_WAVE", None)
     assert cap(2112) == {"maxnreg": 168}
     monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_REV", None)
@@ -327,13 +334,14 @@ def test_forward_register_cap_only_where_it_saves_a_wave(monkeypatch):
 
 def test_forward_walk_register_cap_by_waves(monkeypatch):
     """The backward's forward walk takes the reverse walk's wave rule: 128 registers (MAXNREG_FWD_WALK_WAVE) only
-    where that fits its grid in fewer waves than 168 (MAXNREG_FWD_WALK): the chunked grids of L = 1025 at bs 16
-    and L = 6085 at bs 8 (2,112 programs; training there -1.9% and -1.2% on the GPU, session 19)."""
+    where that fits its grid in fewer waves than 168 (MAXNREG_FWD_WALK), and in one: the chunked grids of L = 1025 at
+    bs 16 and L = 6085 at bs 8 (2,112 programs; training there -1.9% and -1.2% on the GPU, session 19)."""
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(triton_scan, "sm_count", lambda device: 132)
     cap = lambda programs, dev=gpu: triton_scan._forward_walk_maxnreg(programs, 1, dev)  # noqa: E731
     assert cap(2112) == cap(1848) == {"maxnreg": 128}
     assert cap(1536) == cap(3072) == cap(2304) == cap(0) == cap(2112, torch.device("cpu")) == {"maxnreg": 168}
+    assert cap(6144) == cap(12288) == {"maxnreg": 168}   # several waves at 128: MAXNREG_WALK_WAVES
     monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_FWD_WALK_WAVE", None)
     assert cap(2112) == {"maxnreg": 168}
     monkeypatch.setitem(triton_scan.CONFIG, "MAXNREG_FWD_WALK", None)

@@ -38,8 +38,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Defaults: the fastest combination measured on an H100 (docs/kernels.md, sweeps of v4-v7; the forward's and the
 # walks' knobs re-swept on an H200 in sessions 10 and 11).
 # - MAXNREG_REV caps the reverse walk's registers (None: the compiler's choice, 255, which leaves 8 warps per SM);
-#   MAXNREG_REV_WAVE is the lower cap taken when it fits the grid in fewer waves (``_reverse_walk_maxnreg``;
-#   None: never).
+#   MAXNREG_REV_WAVE is the lower cap taken when it fits the grid in fewer waves, and in at most MAXNREG_WALK_WAVES
+#   (``_reverse_walk_maxnreg``; None: never / no limit). Where the grid stays several waves at the lower cap, the cap
+#   costs more than the wave it saves: vim_small / vim_base training at 224 px bs 256 (6,144 / 12,288 programs, four
+#   waves -> three, eight -> six) took 11.6% / 11.0% less time per step with neither walk capped (session 21).
 # - PREFETCH: how many groups of UNROLL tokens ahead the forward (PREFETCH_BWD: the backward walks) issues
 #   `prefetch.global.L1` for its inputs (0: off; session 10's ncu reading saw it warm L2, not L1).
 #   PREFETCH_CHUNKED: the same for a chunked (long L) forward's two passes whose chunks have at least
@@ -66,7 +68,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   registers at L = 6085; session 19: 1248 px bs 8 inference vim_tiny -4.8%, vim_small -4.3%; vim_base unchanged, its
 #   grid then being too large for the cap, which v27's chunk count has since changed).
 #   MAXNREG_FWD_WALK_WAVE: the forward walk's lower cap where it saves a wave, as MAXNREG_REV_WAVE is the
-#   reverse walk's (session 19: training at L = 1025 bs 16 -1.9%, L = 6085 bs 8 with the state pass cap -1.2%).
+#   reverse walk's, under the same MAXNREG_WALK_WAVES (session 19: training at L = 1025 bs 16 -1.9%, L = 6085 bs 8
+#   with the state pass cap -1.2%).
 # - TARGET_PROGRAMS: how many programs a chunked (long L) forward grid may have ("wave": one wave at the wave cap,
 #   ``_chunk_target``); MIN_CHUNK: the shortest chunk; SINGLE_CHUNK_UNITS: from this many (batch row, channel block)
 #   units on, L stays one chunk.
@@ -78,7 +81,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
               BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
               MAXNREG_FWD_WAVES=1, WAVE_CAP_STATE_PASS=True,
-              MAXNREG_FWD_WALK_WAVE=128,
+              MAXNREG_FWD_WALK_WAVE=128, MAXNREG_WALK_WAVES=1,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
@@ -1230,14 +1233,14 @@ def _waves(programs: int, regs: int, num_warps: int, device: torch.device) -> in
 
 def _reverse_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -> dict:
     """The reverse walk's register cap: ``MAXNREG_REV``, or ``MAXNREG_REV_WAVE`` when the grid then runs in fewer
-    waves of resident programs (a chunked sequence whose grid just misses one wave at 168 registers; vision
-    batches never do). Measured in session 12 (docs/kernels.md, v17)."""
+    waves of resident programs, at most ``MAXNREG_WALK_WAVES`` (a chunked sequence whose grid just misses one wave at
+    168 registers). Measured in session 12 (docs/kernels.md, v17); the wave limit in session 21 (v29)."""
     return _walk_maxnreg(CONFIG["MAXNREG_REV"], CONFIG["MAXNREG_REV_WAVE"], programs, num_warps, device)
 
 
 def _forward_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -> dict:
     """The forward walk's register cap, by the reverse walk's rule: ``MAXNREG_FWD_WALK``, or
-    ``MAXNREG_FWD_WALK_WAVE`` where that runs the grid in fewer waves."""
+    ``MAXNREG_FWD_WALK_WAVE`` where that runs the grid in fewer waves, at most ``MAXNREG_WALK_WAVES``."""
     return _walk_maxnreg(CONFIG["MAXNREG_FWD_WALK"], CONFIG["MAXNREG_FWD_WALK_WAVE"], programs, num_warps, device)
 
 
@@ -1245,7 +1248,9 @@ def _walk_maxnreg(cap, low, programs: int, num_warps: int, device: torch.device)
     if not cap:
         return {}
     if low and device.type == "cuda" and programs > 0:
-        if _waves(programs, low, num_warps, device) < _waves(programs, cap, num_warps, device):
+        waves = _waves(programs, low, num_warps, device)
+        limit = CONFIG["MAXNREG_WALK_WAVES"]
+        if waves < _waves(programs, cap, num_warps, device) and (limit is None or waves <= limit):
             cap = low
     return {"maxnreg": cap}
 
