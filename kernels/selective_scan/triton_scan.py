@@ -1244,15 +1244,20 @@ def _forward_walk_maxnreg(programs: int, num_warps: int, device: torch.device) -
     return _walk_maxnreg(CONFIG["MAXNREG_FWD_WALK"], CONFIG["MAXNREG_FWD_WALK_WAVE"], programs, num_warps, device)
 
 
+def _lower_cap_pays(programs: int, low, high: int, limit, num_warps: int, device: torch.device) -> bool:
+    """The wave rule of the register caps: ``low`` registers per thread run the grid in fewer waves of resident
+    programs than ``high``, and in at most ``limit`` (None: any number). CUDA only; a falsy ``low`` never pays."""
+    if not low or device.type != "cuda" or programs <= 0:
+        return False
+    waves = _waves(programs, low, num_warps, device)
+    return waves < _waves(programs, high, num_warps, device) and (limit is None or waves <= limit)
+
+
 def _walk_maxnreg(cap, low, programs: int, num_warps: int, device: torch.device) -> dict:
     if not cap:
         return {}
-    if low and device.type == "cuda" and programs > 0:
-        waves = _waves(programs, low, num_warps, device)
-        limit = CONFIG["MAXNREG_WALK_WAVES"]
-        if waves < _waves(programs, cap, num_warps, device) and (limit is None or waves <= limit):
-            cap = low
-    return {"maxnreg": cap}
+    pays = _lower_cap_pays(programs, low, cap, CONFIG["MAXNREG_WALK_WAVES"], num_warps, device)
+    return {"maxnreg": low if pays else cap}
 
 
 # What ptxas gives the forward's plain loop uncapped: 68 registers under triton 3.6, 64 under 3.8, 72 with
@@ -1267,12 +1272,7 @@ def _forward_wave_cap(programs: int, num_warps: int, device: torch.device) -> Op
     None. Where it applies the launch goes without LOOKAHEAD, which spills under 64. Measured in session 18
     (docs/kernels.md, v26)."""
     low = CONFIG["MAXNREG_FWD_WAVE"]
-    if not low or device.type != "cuda" or programs <= 0:
-        return None
-    waves = _waves(programs, low, num_warps, device)
-    if waves <= CONFIG["MAXNREG_FWD_WAVES"] and waves < _waves(programs, _FWD_REGS, num_warps, device):
-        return low
-    return None
+    return low if _lower_cap_pays(programs, low, _FWD_REGS, CONFIG["MAXNREG_FWD_WAVES"], num_warps, device) else None
 
 
 def _check_acc(acc, shape, name):
