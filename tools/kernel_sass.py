@@ -46,8 +46,9 @@ LDG_LATENCY = 35
 LATENCY = {"LDG": LDG_LATENCY, "MUFU": 20, "SHFL": 25, "F2FP": 6, "I2F": 6, "F2I": 6, "LDC": 10, "LDS": 25,
            "LDL": 35}
 NO_RESULT = ("STG", "STL", "STS", "CCTL", "BRA", "BAR", "NOP", "RED", "EXIT")
-# triton_scan's launch rules that pick a register cap or a chunk count by wave count on a CUDA device (the capture runs on the CPU)
-WAVE_RULES = ("_forward_wave_cap", "_reverse_walk_maxnreg", "_forward_walk_maxnreg", "_chunk_target")
+# triton_scan's launch rules that pick a register cap, a layout or a chunk count by wave count on a CUDA device (the
+# capture runs on the CPU)
+WAVE_RULES = ("_forward_wave_cap", "_forward_wide", "_reverse_walk_maxnreg", "_forward_walk_maxnreg", "_chunk_target")
 MUFU_PIPE_CYCLES = 8   # a warp's MUFU instruction on one SM sub-partition (16 results per clock per SM)
 
 

@@ -77,13 +77,24 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
 #   per direction at vision shapes; docs/kernels.md, v9 and v17).
+# - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
+#   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
+#   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
+#   16-19% fewer instructions, but a program walks its tokens longer, so it pays only where its grid runs in fewer
+#   waves of resident programs than the split one's. Session 22, H200, vim_tiny inference at 224 px against the
+#   split layout: bs 192-256 (one wave against two) -4.8 to -9.4%, bs 512 (two against four) -5.8%, bs 384 (two
+#   against three) -0.5%, bs 64 / 128 (one wave either way) +30% / +17%; vim_small bs 128 / 256 -6.3% / -5.6%,
+#   vim_base bs 256 -6.9% (docs/kernels.md, v30). Uncapped (86 / 102 registers) it was slower. Measured with
+#   half-precision u and an activated delta (the mixer), so only there; chunked (long L) plans keep the split layout
+#   (vim_small at 1248 px ran 5.4% slower wide).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
               BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
               MAXNREG_FWD_WAVES=1, WAVE_CAP_STATE_PASS=True,
               MAXNREG_FWD_WALK_WAVE=128, MAXNREG_WALK_WAVES=1,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
-              PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80)
+              PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
+              WIDE_BLOCK_D=32, WIDE_MAXNREG=80)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -1194,14 +1205,19 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     dummy = u
     B, C = _bc_rows(B), _bc_rows(C)
     common = _common_args(u, delta, A, B, C, z)
-    split = min(CONFIG["SPLIT"], BLOCK_N)
+    split, num_warps = min(CONFIG["SPLIT"], BLOCK_N), CONFIG["NUM_WARPS"]
     softplus = _softplus_mode(delta_softplus, delta_activated)
     if softplus == 2:   # nothing left to apply to delta
         delta_bias, softplus = None, 0
-    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], CONFIG["NUM_WARPS"], z, delta_bias,
+    wide_d = CONFIG["WIDE_BLOCK_D"]
+    wide = (nc == 1 and softplus == 0 and u.dtype in (torch.bfloat16, torch.float16) and bool(wide_d)
+            and _block_d(Dm, G, wide_d) == wide_d and _forward_wide(batch * n_d, batch * cdiv(Dm, wide_d), dev))
+    if wide:
+        block_d, n_d, split, num_warps = wide_d, cdiv(Dm, wide_d), 1, wide_d // 32
+    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], num_warps, z, delta_bias,
                    softplus, reverse, _forward_prefetch(T, nc))
     flags["HAS_D"] = D is not None
-    wave_cap = _forward_wave_cap(n_d * nc * batch, flags["num_warps"], dev)
+    wave_cap = CONFIG["WIDE_MAXNREG"] if wide else _forward_wave_cap(n_d * nc * batch, flags["num_warps"], dev)
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc) and not wave_cap
     grid = (n_d, nc, batch)
     zz = z if z is not None else u
@@ -1258,6 +1274,24 @@ def _walk_maxnreg(cap, low, programs: int, num_warps: int, device: torch.device)
         return {}
     pays = _lower_cap_pays(programs, low, cap, CONFIG["MAXNREG_WALK_WAVES"], num_warps, device)
     return {"maxnreg": low if pays else cap}
+
+
+def _forward_wide(split_programs: int, wide_programs: int, device: torch.device) -> bool:
+    """Whether a one-chunk forward runs in the wide layout (``CONFIG["WIDE_*"]``): where its wide grid, at
+    ``WIDE_MAXNREG`` registers, runs in fewer waves of resident programs than the split layout's grid does at its
+    own registers (the wave cap's where ``_forward_wave_cap`` applies). On 132 SMs: 3,300 wide one-warp programs per
+    wave against 3,696 split ones (4,224 under the wave cap) of half the channels; at 224 px vim_tiny takes it at bs
+    177-275 and from 309, vim_small at 89-137 and from 155, vim_base at 45-68 and from 78 (in between both layouts
+    need the same number of waves). A wide program walks its tokens longer than a split one, so at equal waves the
+    split layout is faster (session 22: vim_tiny bs 128 +17% wide); with fewer waves its fewer instructions win.
+    CUDA only."""
+    wide_d = CONFIG["WIDE_BLOCK_D"]
+    if not wide_d or device.type != "cuda" or wide_programs <= 0:
+        return False
+    warps = CONFIG["NUM_WARPS"]
+    split_regs = CONFIG["MAXNREG_FWD_WAVE"] if _forward_wave_cap(split_programs, warps, device) else _FWD_REGS
+    return (_waves(wide_programs, CONFIG["WIDE_MAXNREG"], wide_d // 32, device)
+            < _waves(split_programs, split_regs, warps, device))
 
 
 # What ptxas gives the forward's plain loop uncapped: 68 registers under triton 3.6, 64 under 3.8, 72 with
