@@ -360,7 +360,8 @@ def test_forward_wide_layout_where_it_saves_waves(monkeypatch):
     assert triton_scan._resident_programs(80, 1, gpu) == 3300
 
     def wide(batch, E=384, dev=gpu):
-        return triton_scan._forward_wide(batch * E // 16, batch * E // 32, dev)
+        split = batch * E // 16
+        return triton_scan._forward_wide(split, triton_scan._forward_wave_cap(split, 1, dev), batch * E // 32, dev)
 
     assert wide(177) and wide(192) and wide(256) and wide(275) and wide(309) and wide(384) and wide(512)  # vim_tiny
     assert wide(128, 768) and wide(256, 768) and wide(256, 1536)   # vim_small, vim_base

@@ -1209,15 +1209,16 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     softplus = _softplus_mode(delta_softplus, delta_activated)
     if softplus == 2:   # nothing left to apply to delta
         delta_bias, softplus = None, 0
+    wave_cap = _forward_wave_cap(n_d * nc * batch, num_warps, dev)
     wide_d = CONFIG["WIDE_BLOCK_D"]
-    wide = (nc == 1 and softplus == 0 and u.dtype in (torch.bfloat16, torch.float16) and bool(wide_d)
-            and _block_d(Dm, G, wide_d) == wide_d and _forward_wide(batch * n_d, batch * cdiv(Dm, wide_d), dev))
-    if wide:
+    if (nc == 1 and softplus == 0 and u.dtype in (torch.bfloat16, torch.float16) and wide_d
+            and _block_d(Dm, G, wide_d) == wide_d
+            and _forward_wide(batch * n_d, wave_cap, batch * cdiv(Dm, wide_d), dev)):
         block_d, n_d, split, num_warps = wide_d, cdiv(Dm, wide_d), 1, wide_d // 32
+        wave_cap = CONFIG["WIDE_MAXNREG"]
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], num_warps, z, delta_bias,
                    softplus, reverse, _forward_prefetch(T, nc))
     flags["HAS_D"] = D is not None
-    wave_cap = CONFIG["WIDE_MAXNREG"] if wide else _forward_wave_cap(n_d * nc * batch, flags["num_warps"], dev)
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc) and not wave_cap
     grid = (n_d, nc, batch)
     zz = z if z is not None else u
@@ -1276,10 +1277,10 @@ def _walk_maxnreg(cap, low, programs: int, num_warps: int, device: torch.device)
     return {"maxnreg": low if pays else cap}
 
 
-def _forward_wide(split_programs: int, wide_programs: int, device: torch.device) -> bool:
+def _forward_wide(split_programs: int, split_cap: Optional[int], wide_programs: int, device: torch.device) -> bool:
     """Whether a one-chunk forward runs in the wide layout (``CONFIG["WIDE_*"]``): where its wide grid, at
     ``WIDE_MAXNREG`` registers, runs in fewer waves of resident programs than the split layout's grid does at its
-    own registers (the wave cap's where ``_forward_wave_cap`` applies). On 132 SMs: 3,300 wide one-warp programs per
+    own registers (``split_cap``, what ``_forward_wave_cap`` gave it, else the compiler's). On 132 SMs: 3,300 wide one-warp programs per
     wave against 3,696 split ones (4,224 under the wave cap) of half the channels; at 224 px vim_tiny takes it at bs
     177-275 and from 309, vim_small at 89-137 and from 155, vim_base at 45-68 and from 78 (in between both layouts
     need the same number of waves). A wide program walks its tokens longer than a split one, so at equal waves the
@@ -1288,10 +1289,8 @@ def _forward_wide(split_programs: int, wide_programs: int, device: torch.device)
     wide_d = CONFIG["WIDE_BLOCK_D"]
     if not wide_d or device.type != "cuda" or wide_programs <= 0:
         return False
-    warps = CONFIG["NUM_WARPS"]
-    split_regs = CONFIG["MAXNREG_FWD_WAVE"] if _forward_wave_cap(split_programs, warps, device) else _FWD_REGS
     return (_waves(wide_programs, CONFIG["WIDE_MAXNREG"], wide_d // 32, device)
-            < _waves(split_programs, split_regs, warps, device))
+            < _waves(split_programs, split_cap or _FWD_REGS, CONFIG["NUM_WARPS"], device))
 
 
 # What ptxas gives the forward's plain loop uncapped: 68 registers under triton 3.6, 64 under 3.8, 72 with
