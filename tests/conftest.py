@@ -21,3 +21,15 @@ def poisoned_kernel_outputs():
     yield
     triton_scan.POISON_OUTPUTS = False
     triton_scan.CHUNK_OVERRIDE = None
+
+
+@pytest.fixture
+def training_plan_differs(monkeypatch):
+    """Targets under which a short sequence is chunked one way for a forward alone and another where a backward
+    follows (``train_plan``): L = 40 tokens of one (batch row, 8-channel block) get 2 chunks of 32 tokens from the
+    forward's plan and 3 of 16 from the training plan."""
+    from vim.kernels.selective_scan import triton_scan
+
+    monkeypatch.setitem(triton_scan.CONFIG, "MIN_CHUNK", 1)
+    monkeypatch.setitem(triton_scan.CONFIG, "TARGET_PROGRAMS", 2)
+    monkeypatch.setattr(triton_scan, "_walk_chunk_target", lambda device: 3)

@@ -89,6 +89,24 @@ def test_fused_across_chunks_no_conv_bias():
     run_both(1, 19, 8, 16, 1, conv_bias=False, gtol=5e-4)
 
 
+def test_training_plan_where_autograd_records(training_plan_differs, monkeypatch):
+    """The mixer chunks long sequences for its backward (``train_plan``) only where autograd records the call: the
+    output and every gradient are the reference's there, and inference (packed or not) keeps the forward's plan."""
+    plans = []
+    planner = triton_scan._plan
+    monkeypatch.setattr(triton_scan, "_plan", lambda *a, **k: plans.append(k.get("train")) or planner(*a, **k))
+    run_both(1, 40, 8, 4, 2, gtol=5e-4)   # 3 chunks of 16 tokens (2 of 32 for a forward alone)
+    assert plans == [True] * 4   # each direction's forward and backward
+    params = [p.to(DEV) if p is not None else None for p in (*make_params(8, 4, 2), *make_params(8, 4, 2))]
+    fwd, bwd = DirectionParams(*params[:7]), DirectionParams(*params[7:])
+    xz = torch.randn(1, 40, 16, device=DEV)
+    plans.clear()
+    with torch.no_grad():
+        bimamba_v2_fn(*xz.chunk(2, dim=-1), fwd, bwd, backend="triton")
+        bimamba_v2_packed_fn(xz.clone(), fwd, bwd, backend="triton", overwrite_input=True)
+    assert plans == [False] * 4
+
+
 def test_fused_single_token():
     run_both(1, 1, 4, 1, 1)
 

@@ -482,6 +482,54 @@ def test_chunk_count_keeps_the_forward_grid_in_one_wave(monkeypatch):
     assert triton_scan._chunk_target(gpu) == 4608 and grid(8, 1536, 6085) == 4608
 
 
+def test_training_plan_fills_two_waves_of_the_backward_walks(monkeypatch):
+    """Where a backward follows (``train_plan``), a chunked sequence gets as many chunks as fill two waves of the
+    walks at 168 registers (3,168 one-warp programs of 32 channels on 132 SMs), not one wave of the forward: the
+    long-sequence training plans measured fastest in session 23. Batches the forward keeps in one chunk, and plans
+    held at MIN_CHUNK, are the forward's; TRAIN_WALK_WAVES None gives the forward's plan."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_scan, "sm_count", lambda device: 132)
+    assert triton_scan._walk_chunk_target(gpu) == triton_scan._walk_chunk_target(torch.device("cpu")) == 3168
+
+    def plan(b, E, L, train=True, dev=None):   # (chunk length, chunks, the walks' programs)
+        _, n_d, T, nc, _ = triton_scan._plan(b, E, L, 1, backward=True, device=dev, train=train)
+        return T, nc, n_d * nc * b
+
+    # 1248 px bs 8: vim_tiny, vim_small, vim_base; vim_tiny at 512 px bs 32
+    assert plan(8, 384, 6085) == (192, 32, 3072) and plan(8, 384, 6085, train=False)[:2] == (288, 22)
+    assert plan(8, 768, 6085) == (384, 16, 3072) and plan(8, 1536, 6085) == (768, 8, 3072)
+    assert plan(32, 384, 1025) == (144, 8, 3072) and plan(32, 384, 1025, train=False)[:2] == (208, 5)
+    assert plan(32, 384, 197) == plan(32, 384, 197, train=False) == (64, 4, 1536)   # MIN_CHUNK
+    assert plan(128, 384, 197)[1] == 1   # vision batches: one chunk
+    monkeypatch.setattr(triton_scan, "sm_count", lambda device: 108)   # another GPU plans for its own waves
+    assert triton_scan._walk_chunk_target(gpu) == 2592 and plan(8, 384, 6085, dev=gpu) == (240, 26, 2496)
+    monkeypatch.setitem(triton_scan.CONFIG, "TRAIN_WALK_WAVES", None)
+    assert plan(8, 384, 6085) == plan(8, 384, 6085, train=False)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_training_plan_chunks_the_launchers_alike(reverse, training_plan_differs):
+    """``scan_forward`` / ``scan_backward`` with ``train_plan`` chunk the sequence the training plan's way (3 chunks
+    of 16 tokens here, 2 of 32 without): the same output and gradients as the forward's plan, within float32
+    rounding (on the GPU over 24 draws: dA 1.9e-5 and ddelta_bias 6.0e-6 apart, sums of within-chunk differences;
+    the rest 1.4e-6 or less); a backward planned the other way than its forward is refused, not run on the wrong
+    chunks."""
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 8, 40, 4, seed=7)
+    dy = torch.randn(u.shape, generator=torch.Generator().manual_seed(8)).to(u.device)
+    results = []
+    for train in (False, True):
+        out, _, hloc, S = triton_scan.scan_forward(u, delta, A, Bm, Cm, D, z, bias, True, reverse, train_plan=train)
+        assert hloc.shape[1] == S.shape[1] == (3 if train else 2)
+        grads = triton_scan.scan_backward(dy, u, delta, A, Bm, Cm, D, z, bias, True, reverse, hloc, S,
+                                          train_plan=train)
+        results.append([out, *grads])
+        with pytest.raises(ValueError, match="give scan_backward the train_plan its scan_forward had"):
+            triton_scan.scan_backward(dy, u, delta, A, Bm, Cm, D, z, bias, True, reverse, hloc, S,
+                                      train_plan=not train)
+    for name, a, b in zip(["out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"], *results):
+        assert rel(a, b) < (1e-4 if name in ("dA", "ddelta_bias") else 1e-5), f"{name}: {rel(a, b):.2e}"
+
+
 def test_lookahead_policy():
     """The default loads ahead in the accumulating launch of a single chunk only (where it measured faster)."""
     la = triton_scan._lookahead
@@ -632,6 +680,24 @@ def test_gpu_fp32_default_chunking(groups):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_long_6085(reverse):
     run_both(make_inputs(1, 64, 6085, 16), reverse=reverse, tol=1e-4, gtol=5e-3)
+
+
+@gpu_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_training_plan_at_1248_px(reverse, monkeypatch):
+    """One direction of vim_tiny's mixer at 1248 px bs 8 (384 channels, 6,085 tokens), where autograd's plan (32
+    chunks of 192 tokens) is not the forward's (22 of 288): the same output and gradients either way, within float32
+    rounding of sums taken over other chunk boundaries (dA and ddelta_bias, sums of within-chunk differences,
+    measured 1.1e-4 and 6.6e-5 apart; every other gradient 5e-7 or less, ddelta 4.2e-6)."""
+    inputs = make_inputs(8, 384, 6085, 16, seed=11)
+    got = triton_outputs(inputs, reverse)
+    assert triton_scan._plan(8, 384, 6085, 1, device=inputs[0].device, train=True)[3] == 32
+    monkeypatch.setitem(triton_scan.CONFIG, "TRAIN_WALK_WAVES", None)
+    want = triton_outputs(inputs, reverse)
+    assert rel(got[0], want[0]) < 1e-5, f"out: {rel(got[0], want[0]):.2e}"
+    for i, (a, b) in enumerate(zip(got[1:], want[1:], strict=True)):
+        tol = 1e-3 if NAMES[i] in ("A", "delta_bias") else 2e-5
+        assert rel(a, b) < tol, f"d{NAMES[i]}: {rel(a, b):.2e}"
 
 
 @gpu_only

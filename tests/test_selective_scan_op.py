@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from test_selective_scan import make_inputs
+from test_selective_scan import make_inputs, run_both
 from vim.kernels.selective_scan import selective_scan_fn
 from vim.kernels.selective_scan import triton_op  # noqa: F401  (registers the vim_kernels::selective_scan_* ops)
 from vim.kernels.selective_scan import triton_scan
@@ -23,8 +23,8 @@ def leaves_of(inputs):
     return [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
 
 
-def op_args(inputs, softplus, reverse, last):
-    return (*inputs, softplus, reverse, last)
+def op_args(inputs, softplus, reverse, last, train_plan=False):
+    return (*inputs, softplus, reverse, last, train_plan)
 
 
 # (shape args of make_inputs, its flags, softplus, reverse, chunk override, return_last_state)
@@ -57,7 +57,7 @@ def test_backward_op_checks(case):
     assert (hloc.numel() > 0) == (chunk is not None) and (S.numel() > 0) == (chunk is not None)
     dout = torch.randn(inputs[0].shape, device=DEV)
     torch.library.opcheck(torch.ops.vim_kernels.selective_scan_bwd.default,
-                          (dout, *inputs, softplus, reverse, hloc, S))
+                          (dout, *inputs, softplus, reverse, hloc, S, False))
 
 
 def run(fn, inputs, softplus, reverse):
@@ -122,3 +122,26 @@ def test_bad_shapes_still_raise_before_the_op():
         selective_scan_fn(u, delta, A, Bm, Cm, D, z[:, :, :3], backend="triton")
     with pytest.raises(ValueError, match="delta_bias must be"):
         selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias[:2], backend="triton")
+
+
+def test_op_plans_chunks_for_the_backward_where_autograd_records(training_plan_differs, monkeypatch):
+    """Under autograd the forward op chunks as suits its backward (``train_plan``) and hands the flag to the backward
+    op; without gradients it keeps the forward's own plan. Fakes and kernels agree on the chunk count either way,
+    and the gradients are the reference's."""
+    inputs = make_inputs(1, 8, 40, 2, seed=6)
+    for train, nc in ((False, 2), (True, 3)):
+        _, _, hloc, S = torch.ops.vim_kernels.selective_scan_fwd(*op_args(inputs, True, True, False, train))
+        assert hloc.shape == (1, nc, 2, 8) and S.shape == (1, nc, 8)
+        torch.library.opcheck(torch.ops.vim_kernels.selective_scan_fwd.default,
+                              op_args(leaves_of(inputs), True, True, False, train))
+        torch.library.opcheck(torch.ops.vim_kernels.selective_scan_bwd.default,
+                              (torch.randn(inputs[0].shape, device=DEV), *inputs, True, True, hloc, S, train))
+    plans = []
+    planner = triton_scan._plan
+    monkeypatch.setattr(triton_scan, "_plan", lambda *a, **k: plans.append(k.get("train")) or planner(*a, **k))
+    with torch.no_grad():
+        selective_scan_fn(*inputs, delta_softplus=True, backend="triton")
+    assert plans == [False]
+    plans.clear()
+    run_both(inputs, reverse=True)   # outputs and gradients against the float64 reference
+    assert plans == [True, True]   # the forward and the backward

@@ -84,10 +84,11 @@ def _grad_mm(a, b):
     return torch.mm(a.float(), b.float())
 
 
-def _forward_impl(x, z, flat, out=None):
+def _forward_impl(x, z, flat, out=None, train_plan=False):
     """Returns out (B, L, E) and what backward needs: per direction (x_proj output, chunk states, delta sums);
     absent chunk summaries (one chunk) come back as empty tensors so the op's outputs are all tensors. ``out``: where
-    the output goes, any strides; it may be x itself, which nothing reads after the convs."""
+    the output goes, any strides; it may be x itself, which nothing reads after the convs. ``train_plan``: a backward
+    follows; the scans chunk long sequences as suits it (``triton_scan._plan``)."""
     fwd, bwd = DirectionParams(*flat[:7]), DirectionParams(*flat[7:])
     cdt = x.dtype
     batch, L, E = x.shape
@@ -107,7 +108,7 @@ def _forward_impl(x, z, flat, out=None):
             _, _, hloc, S = triton_scan.scan_forward(
                 xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(),
                 z.transpose(1, 2) if i == 1 else None, p.dt_proj_bias, True, reverse, delta_activated=True,
-                out=out.transpose(1, 2), out_scale=0.5 if i == 1 else 1.0, accumulate=(i == 1))
+                out=out.transpose(1, 2), out_scale=0.5 if i == 1 else 1.0, accumulate=(i == 1), train_plan=train_plan)
             # distinct empty tensors: custom-op outputs must not alias each other
             saved += [xdbl, hloc if hloc is not None else _absent(x),
                       S if S is not None else _absent(x)]
@@ -116,9 +117,9 @@ def _forward_impl(x, z, flat, out=None):
     return out, saved
 
 
-def _backward_impl(dout, x, z, flat, saved, dxz=None):
+def _backward_impl(dout, x, z, flat, saved, dxz=None, train_plan=False):
     """Gradients of x, z and the 14 direction parameters (empty tensors for an absent conv bias). With ``dxz``
-    ((B, L, 2E), x's dtype) dx and dz are written into its two halves."""
+    ((B, L, 2E), x's dtype) dx and dz are written into its two halves. ``train_plan``: the forward's."""
     params = (DirectionParams(*flat[:7]), DirectionParams(*flat[7:]))
     cdt = x.dtype
     batch, L, E = x.shape
@@ -144,7 +145,8 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
                 dy, xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(), z.transpose(1, 2),
                 p.dt_proj_bias.float(), True, reverse, hloc, S, dz_out=dz_total, dz_accumulate=i == 1,
                 delta_activated=True, ddelta_dtype=cdt, dout_scale=0.5, grad_A_log=True,
-                dB_acc=dbc[..., :N].transpose(1, 2).unsqueeze(1), dC_acc=dbc[..., N:].transpose(1, 2).unsqueeze(1))
+                dB_acc=dbc[..., :N].transpose(1, 2).unsqueeze(1), dC_acc=dbc[..., N:].transpose(1, 2).unsqueeze(1),
+                train_plan=train_plan)
             dz_total = dz
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
             dWdt = _grad_mm(ddelta.reshape(-1, ddelta.shape[-1]).t(), dt.reshape(-1, dt_cols)[:, :rank])
@@ -171,10 +173,13 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None):
 # torch custom ops, so torch.compile sees one opaque node per call instead of breaking the graph. ``z`` absent: ``x``
 # is in_proj's whole output (B, L, 2E), x and z its halves, and the backward returns one (B, L, 2E) gradient (written
 # in place by the conv and scan backwards) instead of dx and dz that autograd would concatenate: one pass over it less.
+# ``train_plan``: the forward chunks long sequences for the backward that follows (``triton_scan._plan``); the
+# backward gets the forward's flag.
 _PARAM_ARGS = ", ".join(f"Tensor{'?' if k == 1 else ''} {d}{k}" for d in "fb" for k in range(7))
 _lib = torch.library.Library("vim_kernels", "FRAGMENT")
-_lib.define(f"bimamba_v2_fwd(Tensor x, Tensor? z, {_PARAM_ARGS}) -> Tensor[]")
-_lib.define(f"bimamba_v2_bwd(Tensor dout, Tensor x, Tensor? z, {_PARAM_ARGS}, Tensor[] saved) -> Tensor[]")
+_lib.define(f"bimamba_v2_fwd(Tensor x, Tensor? z, {_PARAM_ARGS}, bool train_plan) -> Tensor[]")
+_lib.define(f"bimamba_v2_bwd(Tensor dout, Tensor x, Tensor? z, {_PARAM_ARGS}, Tensor[] saved, bool train_plan) "
+            "-> Tensor[]")
 # Inference on in_proj's packed output: the output overwrites x's half, dead once the convs have read it, so the
 # mixer's peak holds one (B, L, E) tensor less. No autograd formula: only for calls that need no gradient.
 _lib.define(f"bimamba_v2_fwd_into_x_(Tensor(a!) xz, {_PARAM_ARGS}) -> ()")
@@ -185,18 +190,19 @@ def _halves(x, z):
     return x.chunk(2, dim=-1) if z is None else (x, z)
 
 
-def _fwd_op(x, z, *flat):
-    out, saved = _forward_impl(*_halves(x, z), flat)
+def _fwd_op(x, z, *rest):
+    *flat, train_plan = rest
+    out, saved = _forward_impl(*_halves(x, z), flat, train_plan=train_plan)
     return [out, *saved]
 
 
 def _bwd_op(dout, x, z, *rest):
-    *flat, saved = rest
+    *flat, saved, train_plan = rest
     if z is None:
         dxz = triton_scan._empty(tuple(x.shape), x.dtype, x.device)   # poisoned in tests: both halves must be written
-        _, _, grads = _backward_impl(dout, *_halves(x, z), flat, saved, dxz=dxz)
+        _, _, grads = _backward_impl(dout, *_halves(x, z), flat, saved, dxz=dxz, train_plan=train_plan)
         return [dxz, _absent(x), *grads]
-    dx, dz, grads = _backward_impl(dout, x, z, flat, saved)
+    dx, dz, grads = _backward_impl(dout, x, z, flat, saved, train_plan=train_plan)
     return [dx, dz, *grads]
 
 
@@ -217,14 +223,15 @@ def _fwd_into_x_fake(xz, *flat):
 
 
 @torch.library.register_fake("vim_kernels::bimamba_v2_fwd")
-def _fwd_fake(x, z, *flat):
+def _fwd_fake(x, z, *rest):
+    *flat, train_plan = rest
     x, _ = _halves(x, z)
     batch, L, E = x.shape
     outs = [x.new_empty((batch, L, E))]
     for p in (DirectionParams(*flat[:7]), DirectionParams(*flat[7:])):
         N = p.A_log.shape[1]
         outs.append(x.new_empty((batch, L, _xproj_columns(p.dt_proj_weight.shape[1], N)[1])))
-        _, _, _, nc, _ = triton_scan._plan(batch, E, L, 1, device=x.device)
+        _, _, _, nc, _ = triton_scan._plan(batch, E, L, 1, device=x.device, train=train_plan)
         if nc > 1:
             outs += [x.new_empty((batch, nc, N, E), dtype=torch.float32),
                      x.new_empty((batch, nc, E), dtype=torch.float32)]
@@ -235,15 +242,16 @@ def _fwd_fake(x, z, *flat):
 
 @torch.library.register_fake("vim_kernels::bimamba_v2_bwd")
 def _bwd_fake(dout, x, z, *rest):
-    *flat, saved = rest
+    *flat, saved, _ = rest
     return [torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(z) if z is not None else _absent(x)] + [
         torch.empty_like(p) if p is not None else _absent(x) for p in flat]
 
 
 def _setup_context(ctx, inputs, output):
-    x, z, *flat = inputs
+    x, z, *flat, train_plan = inputs
     ctx.packed = z is None
+    ctx.train_plan = train_plan
     ctx.save_for_backward(x, *([] if ctx.packed else [z]), *flat, *output[1:])
     ctx.has_bias = (flat[1] is not None, flat[8] is not None)
 
@@ -252,12 +260,12 @@ def _autograd_backward(ctx, grads):
     x, *rest = ctx.saved_tensors
     z = None if ctx.packed else rest.pop(0)
     flat, saved = list(rest[:14]), list(rest[14:])
-    res = torch.ops.vim_kernels.bimamba_v2_bwd(grads[0].contiguous(), x, z, *flat, saved)
+    res = torch.ops.vim_kernels.bimamba_v2_bwd(grads[0].contiguous(), x, z, *flat, saved, ctx.train_plan)
     dx, dz, *pg = res
     for i in (1, 8):
         if not ctx.has_bias[i // 8]:
             pg[i] = None
-    return (dx, None if ctx.packed else dz, *pg)
+    return (dx, None if ctx.packed else dz, *pg, None)
 
 
 torch.library.register_autograd("vim_kernels::bimamba_v2_fwd", _autograd_backward, setup_context=_setup_context)
@@ -279,4 +287,4 @@ def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams, overwrit
             raise ValueError(f"x and z must both be (B, L, E); got {tuple(x.shape)} and {tuple(z.shape)}")
         if z.dtype != x.dtype:
             raise ValueError(f"x and z must share a dtype; got {x.dtype} and {z.dtype}")
-    return torch.ops.vim_kernels.bimamba_v2_fwd(x, z, *fwd, *bwd)[0]
+    return torch.ops.vim_kernels.bimamba_v2_fwd(x, z, *fwd, *bwd, _needs_grad(x, z, *fwd, *bwd))[0]

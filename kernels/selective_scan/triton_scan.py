@@ -73,6 +73,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 # - TARGET_PROGRAMS: how many programs a chunked (long L) forward grid may have ("wave": one wave at the wave cap,
 #   ``_chunk_target``); MIN_CHUNK: the shortest chunk; SINGLE_CHUNK_UNITS: from this many (batch row, channel block)
 #   units on, L stays one chunk.
+#   TRAIN_WALK_WAVES: where a backward follows (``train_plan``: the forward and the backward share one chunking,
+#   the backward reading the forward's chunk states), a chunked sequence instead gets as many chunks as fill this
+#   many waves of the backward walks at MAXNREG_REV registers (``_walk_chunk_target``; None: the forward's plan).
+#   The forward then runs more, shorter chunks than its own plan's one wave. Session 23, H200, the training step
+#   against the forward's plan: vim_tiny / vim_small / vim_base at 1248 px bs 8 -6.0% / -6.7% / -12.0%, at 512-1024
+#   px -4.0% (docs/kernels.md, v31). Chunk counts whose walk grid ends in a partly filled wave ran up to 7% slower.
 # - BC_SCATTER: the backward walks sum each token's dB / dC over channels as a reduce-scatter
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
@@ -94,7 +100,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               MAXNREG_FWD_WALK_WAVE=128, MAXNREG_WALK_WAVES=1,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
-              WIDE_BLOCK_D=32, WIDE_MAXNREG=80)
+              WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -1027,24 +1033,47 @@ def _block_d(Dm: int, G: int, cap: int) -> int:
     return min(cap, cpg & -cpg)
 
 
-def _plan(batch: int, Dm: int, L: int, G: int, backward: bool = False, device: Optional[torch.device] = None):
-    """Block of channels, chunk length and chunk count. The chunking depends on the forward block
-    only, so the backward reads the forward's chunk states whatever its own block is. A long sequence is cut into
-    as many chunks as keep the forward's grid within ``_chunk_target`` programs."""
+def _plan(batch: int, Dm: int, L: int, G: int, backward: bool = False, device: Optional[torch.device] = None,
+          train: bool = False):
+    """Block of channels, chunk length and chunk count. The chunking depends on the forward block only (and
+    ``train``), so the backward reads the forward's chunk states whatever its own block is. A long sequence is cut
+    into as many chunks as keep the forward's grid within ``_chunk_target`` programs, or with ``train`` (a backward
+    will share the chunking) the backward walks' grid within ``_walk_chunk_target``."""
     cpg = Dm // G
     block_f = _block_d(Dm, G, CONFIG["BLOCK_D"])
+    block_b = _block_d(Dm, G, CONFIG["BLOCK_D_BWD"])
     if CHUNK_OVERRIDE is not None:
         T = CHUNK_OVERRIDE
     else:
         units = batch * cdiv(Dm, block_f)
-        want = 1 if units >= CONFIG["SINGLE_CHUNK_UNITS"] or units == 0 else \
-            max(1, _chunk_target(device or torch.device("cpu")) // units)
+        dev = device or torch.device("cpu")
+        walk_target = _walk_chunk_target(dev) if train else None
+        if units >= CONFIG["SINGLE_CHUNK_UNITS"] or units == 0:
+            want = 1
+        elif walk_target:
+            want = max(1, walk_target // (batch * cdiv(Dm, block_b)))
+        else:
+            want = max(1, _chunk_target(dev) // units)
         T = max(CONFIG["MIN_CHUNK"], cdiv(L, want))
         T = cdiv(T, 16) * 16
     T = max(1, min(T, L))
     nc = cdiv(L, T)
-    block_d = _block_d(Dm, G, CONFIG["BLOCK_D_BWD"]) if backward else block_f
+    block_d = block_b if backward else block_f
     return block_d, cdiv(Dm, block_d), T, nc, cpg
+
+
+def _walk_chunk_target(device: torch.device) -> Optional[int]:
+    """How many programs a chunked backward walk's grid may have where the chunking is planned for training:
+    ``TRAIN_WALK_WAVES`` waves of resident walk programs at ``MAXNREG_REV`` registers (3,168 one-warp programs at
+    168 registers on 132 SMs: vim_tiny at 1248 px bs 8 gets 32 chunks of 192 tokens where the forward's plan gives
+    22 of 288). Two waves at 168 registers are two at 128 as well, so the walks keep 168 (``_walk_maxnreg``); the
+    one-wave grids at 128 registers that the forward's plan gave these shapes were the slow ones (session 23,
+    docs/kernels.md v31). Off CUDA, as on 132 SMs."""
+    waves = CONFIG["TRAIN_WALK_WAVES"]
+    if not waves:
+        return None
+    sms = sm_count(device) if device.type == "cuda" else 132
+    return waves * programs_per_sm(CONFIG["MAXNREG_REV"] or 255, CONFIG["NUM_WARPS_BWD"]) * sms
 
 
 def _chunk_target(device: torch.device) -> int:
@@ -1179,17 +1208,18 @@ def _lookahead(knob, accumulate: bool, nc: int) -> bool:
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *, out=None,
-                 out_scale=1.0, accumulate=False, want_last=False, delta_activated=False):
+                 out_scale=1.0, accumulate=False, want_last=False, delta_activated=False, train_plan=False):
     """Launch the forward. Returns (out, last_state or None, hloc, S). ``out`` may be given
     (any strides, e.g. a token-major view). Per token and channel out = out_scale * (y + prior) * silu(z),
     y = C h + D u; with ``accumulate``, prior is what ``out`` holds on entry (else 0). The bidirectional
     mixer writes one direction's ungated y and gates the two directions' sum once, in the second launch.
-    ``delta_activated``: delta is softplus(raw + delta_bias) already (see ``scan_backward``), used as given."""
+    ``delta_activated``: delta is softplus(raw + delta_bias) already (see ``scan_backward``), used as given.
+    ``train_plan``: a backward will follow (``scan_backward`` with the same flag): chunk as suits the backward."""
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
     A = channel_major(A)
-    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, device=u.device)
+    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, device=u.device, train=train_plan)
     dev = u.device
     if out is None:
         out = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
@@ -1280,12 +1310,12 @@ def _walk_maxnreg(cap, low, programs: int, num_warps: int, device: torch.device)
 def _forward_wide(split_programs: int, split_cap: Optional[int], wide_programs: int, device: torch.device) -> bool:
     """Whether a one-chunk forward runs in the wide layout (``CONFIG["WIDE_*"]``): where its wide grid, at
     ``WIDE_MAXNREG`` registers, runs in fewer waves of resident programs than the split layout's grid does at its
-    own registers (``split_cap``, what ``_forward_wave_cap`` gave it, else the compiler's). On 132 SMs: 3,300 wide one-warp programs per
-    wave against 3,696 split ones (4,224 under the wave cap) of half the channels; at 224 px vim_tiny takes it at bs
-    177-275 and from 309, vim_small at 89-137 and from 155, vim_base at 45-68 and from 78 (in between both layouts
-    need the same number of waves). A wide program walks its tokens longer than a split one, so at equal waves the
-    split layout is faster (session 22: vim_tiny bs 128 +17% wide); with fewer waves its fewer instructions win.
-    CUDA only."""
+    own registers (``split_cap``, what ``_forward_wave_cap`` gave it, else the compiler's). On 132 SMs: 3,300 wide
+    one-warp programs per wave against 3,696 split ones (4,224 under the wave cap) of half the channels; at 224 px
+    vim_tiny takes it at bs 177-275 and from 309, vim_small at 89-137 and from 155, vim_base at 45-68 and from 78
+    (in between both layouts need the same number of waves). A wide program walks its tokens longer than a split
+    one, so at equal waves the split layout is faster (session 22: vim_tiny bs 128 +17% wide); with fewer waves its
+    fewer instructions win. CUDA only."""
     wide_d = CONFIG["WIDE_BLOCK_D"]
     if not wide_d or device.type != "cuda" or wide_programs <= 0:
         return False
@@ -1315,7 +1345,7 @@ def _check_acc(acc, shape, name):
 
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
                   dz_out=None, dz_accumulate=False, delta_activated=False, ddelta_dtype=None, dout_scale=1.0,
-                  dB_acc=None, dC_acc=None, grad_A_log=False):
+                  dB_acc=None, dC_acc=None, grad_A_log=False, train_plan=False):
     """All gradients. ``dout`` is the gradient of the (scaled) output, taken times ``dout_scale`` as it is loaded
     (the mixer's directions each carry half of its output: 0.5, exact, with no pass over dout). Returns
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (None where the input is None). ``dz_out``: where dz is
@@ -1329,12 +1359,15 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     buffer, the layout its x_proj gradient wants), that the B / C gradients are added into instead of fresh zeroed
     buffers; returned as dB / dC (reshaped to B's and C's shapes). ``grad_A_log``: the third gradient is that of
     A_log where A = -exp(A_log), i.e. dA * A, each program's part multiplied before the atomic sum (no pass of
-    its own)."""
+    its own).
+
+    ``hloc`` / ``S``: the forward's chunk summaries, None for one chunk; ``train_plan`` as the forward had it, so
+    that both plan the same chunks."""
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
     A = channel_major(A)
-    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True, device=u.device)
+    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True, device=u.device, train=train_plan)
     dev = u.device
     BLOCK_N = next_pow2(N)
     f32 = torch.float32
@@ -1345,6 +1378,10 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], z, delta_bias,
                    _softplus_mode(delta_softplus, delta_activated), reverse, CONFIG["PREFETCH_BWD"])
     flags["DY_SCALE"] = float(dout_scale)
+    got = 1 if hloc is None else hloc.shape[1]
+    if got != max(nc, 1) or (nc > 1 and (S is None or S.shape[1] != nc)):   # an empty sequence: no chunk
+        raise ValueError(f"the forward's chunk summaries hold {got} chunks where this backward plans {nc}: give "
+                         "scan_backward the train_plan its scan_forward had (and that forward's hloc and S)")
     scatter = CONFIG["BC_SCATTER"] and BLOCK_N // split <= block_d
     grid = (n_d, nc, batch)
     common = _common_args(u, delta, A, B, C, z)
