@@ -409,16 +409,18 @@ def test_dt_softplus_float16_over_the_whole_range():
 @pytest.mark.parametrize("E, N, R", [(8, 4, 2), (70, 16, 12), (130, 5, 24)])
 def test_derived_weights_match_torch(dtype, E, N, R):
     """One launch gives what torch's casts, zero-padded copies and -exp(A_log) gave: x_proj's rows [dt | 0 | B, C |
-    0], dt_proj's columns [R | 0] up to the same width, both in the compute dtype, and A in float32, from strided parameters. The weights
-    are drawn in the compute dtype's precision (the interpreter's float32 -> bf16 cast truncates)."""
+    0], dt_proj's columns [R | 0] up to the same width, both in the compute dtype, A in float32, and the conv's taps
+    transposed to (W, E) float32, from strided parameters. The weights are drawn in the compute dtype's precision
+    (the interpreter's float32 -> bf16 cast truncates)."""
     from vim.kernels.bimamba.triton_bimamba import _xproj_columns
     from vim.kernels.bimamba.weights import derive_weights
 
     wx = torch.randn(E, R + 2 * N, device=DEV).to(dtype).float().t()     # a transposed view
     wdt = torch.randn(E, R + 3, device=DEV).to(dtype).float()[:, 1:R + 1]
     A_log = torch.randn(E, N + 1, device=DEV)[:, :N]
+    conv = torch.randn(E, 1, 4, device=DEV)
     dt_cols, width = _xproj_columns(R, N)
-    out = derive_weights(wx, wdt, A_log, dt_cols, width, dtype)
+    out = derive_weights(wx, wdt, A_log, conv, dt_cols, width, dtype)
     ref_x = torch.zeros(width, E, dtype=dtype, device=DEV)
     ref_x[:R], ref_x[dt_cols:dt_cols + 2 * N] = wx[:R].to(dtype), wx[R:].to(dtype)
     ref_dt = torch.zeros(E, width, dtype=dtype, device=DEV)
@@ -426,7 +428,10 @@ def test_derived_weights_match_torch(dtype, E, N, R):
     assert torch.equal(out.x_proj, ref_x) and torch.equal(out.dt_proj, ref_dt)
     assert out.A.dtype == torch.float32 and out.A.stride() == (1, E)   # channel-major: no copy in the scan
     assert rel(out.A, -torch.exp(A_log.double())) < 1e-6
+    assert out.conv_taps.is_contiguous() and torch.equal(out.conv_taps, conv[:, 0].t())
     with pytest.raises(ValueError, match="do not fit"):
-        derive_weights(wx[:-1], wdt, A_log, dt_cols, width, dtype)
+        derive_weights(wx[:-1], wdt, A_log, conv, dt_cols, width, dtype)
+    with pytest.raises(ValueError, match="do not fit"):
+        derive_weights(wx, wdt, A_log, conv[1:], dt_cols, width, dtype)
     with pytest.raises(ValueError, match="narrower than"):
-        derive_weights(wx, wdt, A_log, dt_cols, dt_cols + 2 * N - 1, dtype)
+        derive_weights(wx, wdt, A_log, conv, dt_cols, dt_cols + 2 * N - 1, dtype)

@@ -108,6 +108,8 @@ def test_pair_mixed_widths_and_bias():
     (1, 1, 24, (4, 4), (True, False), torch.float32),     # one token: every tap but one is padding
     (2, 23, 136, (3, 2), (False, True), torch.float32),   # narrower kernels, a different width per direction
     (2, 19, 24, (4, 4), (True, True), torch.bfloat16),
+    (2, 21, 64, (4, 4), (True, True), torch.float32),     # channels filling their blocks (no channel masks)
+    (1, 35, 128, (4, 4), (False, True), torch.bfloat16),
 ])
 def test_forward_pair_matches_two_launches(batch, L, E, widths, biases, dtype):
     """``conv_silu_pair`` is both directions' ``conv_silu`` from one read of x: the same bits, and the readable
@@ -207,3 +209,18 @@ def test_backward_rejects_wide_kernels():
     x = torch.randn(1, 5, 8, device=DEV)
     with pytest.raises(ValueError, match="widths up to 4"):
         conv.conv_silu_backward((x,), x, torch.randn(8, 1, 5, device=DEV), None, False)
+
+
+def test_forward_takes_derived_taps():
+    """The mixer hands the forward its taps already tap-major (``weights.derive_weights``): the same bits as from the
+    (E, 1, W) weights; taps of another shape, dtype or layout are refused."""
+    x = strided(2, 19, 40, torch.float32)
+    dirs = [direction(2, 19, 40, 4, True, torch.float32, 1) for _ in range(2)]
+    taps = [d.weight.reshape(40, -1).t().contiguous() for d in dirs]
+    want = conv.conv_silu_pair(x, dirs[0].weight, dirs[0].bias, dirs[1].weight, dirs[1].bias)
+    got = conv.conv_silu_pair(x, dirs[0].weight, dirs[0].bias, dirs[1].weight, dirs[1].bias, taps=taps)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(conv.conv_silu(x, dirs[0].weight, dirs[0].bias, False, taps=taps[0]), want[0])
+    for bad in (taps[0].t(), taps[0][:, 1:], taps[0].double()):
+        with pytest.raises(ValueError, match="taps must be contiguous float32"):
+            conv.conv_silu(x, dirs[0].weight, dirs[0].bias, False, taps=bad)

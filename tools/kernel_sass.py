@@ -6,7 +6,7 @@ shape.
 
     python tools/kernel_sass.py                                    # a vim_tiny layer at bs 128, sm_90
     python tools/kernel_sass.py --batch 256 --dim 768 --json sass.json
-    python tools/kernel_sass.py --kernels _fwd_kernel --dump sass/  # also write each kernel's SASS
+    python tools/kernel_sass.py --kernels _fwd_kernel --dump sass/  # also write each kernel's SASS and TTGIR
     python tools/kernel_sass.py --set "vim.kernels.selective_scan.triton_scan.CONFIG[LOOKAHEAD]=1"  # a knob set
 
 How the launches are found: the mixer runs on CPU tensors under the Triton interpreter with every kernel
@@ -125,7 +125,8 @@ def _tool(name: str) -> str:
 
 
 def compile_launch(rec: dict, arch: int):
-    """The launch's kernel compiled for sm_<arch>: (its SASS, {registers, stack, shared, local})."""
+    """The launch's kernel compiled for sm_<arch>: (its SASS, {registers, stack, shared, local}, its TTGIR: Triton's
+    GPU IR, where the layouts and their conversions through shared memory show)."""
     import triton
     from triton._utils import find_paths_if, get_iterable_path
     from triton.backends.compiler import BaseBackend, GPUTarget
@@ -158,7 +159,7 @@ def compile_launch(rec: dict, arch: int):
         os.unlink(f.name)
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     regs = dict(zip(("registers", "stack", "shared_bytes", "local"), map(int, usage.groups()))) if usage else {}
-    return sass, regs
+    return sass, regs, compiled.asm.get("ttgir", "")
 
 
 def _instructions(lines: List[str]) -> List[Tuple[str, List[str], List[str]]]:
@@ -279,7 +280,7 @@ def parse_args(argv=None):
     p.add_argument("--sms", type=int, default=132,
                    help="SM count for the launch rules that pick a register cap by wave count (H100 / H200: 132)")
     p.add_argument("--kernels", nargs="*", help="only these kernel names")
-    p.add_argument("--dump", help="write each kernel's SASS into this folder")
+    p.add_argument("--dump", help="write each kernel's SASS (.sass) and Triton GPU IR (.ttgir) into this folder")
     p.add_argument("--json", help="write the table as JSON")
     p.add_argument("--set", action="append", default=[], metavar="SPEC",
                    help="repeatable: a kernel knob set for the launches, dotted.module.ATTR=VALUE or "
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
         flags = {n: v for n, kind, _, v in rec["args"] if kind == "constexpr" and n.isupper()}
         row = dict(kernel=rec["name"], flags=flags, options=rec["options"])
         try:
-            sass, usage = compile_launch(rec, args.arch)
+            sass, usage, ttgir = compile_launch(rec, args.arch)
         except Exception as e:   # report and go on: one kernel's failure should not hide the others
             # Triton's CompilationError quotes the kernel's source first; the cause is its last line
             lines = str(e).strip().splitlines() or [""]
@@ -339,8 +340,11 @@ def main(argv=None) -> int:
         row.update(waves(rec["grid"], usage, rec["options"].get("num_warps", 4), args.sms))
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
-            with open(os.path.join(args.dump, f"{len(rows):02d}_{rec['name']}.sass"), "w") as f:
+            stem = os.path.join(args.dump, f"{len(rows):02d}_{rec['name']}")
+            with open(stem + ".sass", "w") as f:
                 f.write(sass)
+            with open(stem + ".ttgir", "w") as f:
+                f.write(ttgir)
         rows.append(row)
     cols = ["kernel", "registers", "local", "shared_bytes", "programs", "per_sm", "waves", "loop_instructions", "mufu",
             "loads", "stores", "shuffles", "atomics", "shared_ops", "loop_cycles_one_warp"]

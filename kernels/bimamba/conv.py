@@ -5,7 +5,9 @@ direction): ``out[l] = silu(b + sum_k w[k] x[l + (W-1-k)])``, zero padding in bo
 with any strides (the model passes a half of in_proj's output), so no contiguous copy exists.
 
 Forward: tiles of [tokens, channels], each tap a shifted load of the tile that hits L1 after the first;
-``conv_silu_pair`` gives both directions from one launch, so x is read from memory once for the two.
+``conv_silu_pair`` gives both directions from one launch, so x is read from memory once for the two. The taps come
+tap-major, (W, E) float32 (the mixer derives them with its other weights), and are loaded as broadcast tiles in the
+x tile's own layout, which no vector load gets (docs/kernels.md, v32).
 
 Backward: one ascending walk over the tokens per program, for one or both directions of the same x
 (``conv_silu_backward_pair``). The pre-activation is recomputed from a 4-token window of x held in
@@ -66,27 +68,36 @@ def _tap(k, W: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _preact(x_base, w_ptr, b_ptr, pos, offs_e, mask_e, L, sx_l, sx_e,
-            W: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
-    """float32 conv output (before SiLU) at token positions pos, [len(pos), BLOCK_E]."""
+def _preact(x_base, w_ptr, b_ptr, pos, offs_e, mask_e, L, E, sx_l, sx_e,
+            W: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, EVEN_E: tl.constexpr):
+    """float32 conv output (before SiLU) at token positions pos, [len(pos), BLOCK_E]. w_ptr: the (W, E) taps."""
+    # the taps and the bias as [len(pos), BLOCK_E] tiles (each row the same): loaded in the tile's own layout, where
+    # a [BLOCK_E] vector would be converted to it through shared memory, with a barrier, per tap
+    rows = (pos * 0)[:, None]
     if HAS_BIAS:
-        acc = tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :] + tl.zeros(
-            [pos.shape[0], offs_e.shape[0]], dtype=tl.float32)
+        if EVEN_E:
+            acc = tl.load(b_ptr + offs_e[None, :] + rows).to(tl.float32)
+        else:
+            acc = tl.load(b_ptr + offs_e[None, :] + rows, mask=mask_e[None, :], other=0.0).to(tl.float32)
     else:
         acc = tl.zeros([pos.shape[0], offs_e.shape[0]], dtype=tl.float32)
     for k in tl.static_range(W):
         src = pos + _tap(k, W, REVERSE)
-        m = ((src >= 0) & (src < L))[:, None] & mask_e[None, :]
+        if EVEN_E:
+            m = ((src >= 0) & (src < L))[:, None]
+            wk = tl.load(w_ptr + k * E + offs_e[None, :] + rows).to(tl.float32)
+        else:
+            m = ((src >= 0) & (src < L))[:, None] & mask_e[None, :]
+            wk = tl.load(w_ptr + k * E + offs_e[None, :] + rows, mask=mask_e[None, :], other=0.0).to(tl.float32)
         xv = tl.load(x_base + src[:, None] * sx_l + offs_e[None, :] * sx_e, mask=m, other=0.0)
-        wk = tl.load(w_ptr + offs_e * W + k, mask=mask_e, other=0.0).to(tl.float32)
-        acc += xv.to(tl.float32) * wk[None, :]
+        acc += xv.to(tl.float32) * wk
     return acc
 
 
 @triton.jit
 def _conv_silu_tile(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
                     W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, ASM: tl.constexpr, EVEN_E: tl.constexpr):
     """silu(conv(x)) of the program's [BLOCK_L tokens, BLOCK_E channels] tile, stored into out."""
     pid_l = tl.program_id(0)
     pid_e = tl.program_id(1)
@@ -94,10 +105,13 @@ def _conv_silu_tile(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, 
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
-    acc = _preact(x_ptr + pid_b * sx_b, w_ptr, b_ptr, offs_l, offs_e, mask_e, L, sx_l, sx_e,
-                  W, HAS_BIAS, REVERSE)
-    out = acc * tl.sigmoid(acc)
-    m = (offs_l < L)[:, None] & mask_e[None, :]
+    acc = _preact(x_ptr + pid_b * sx_b, w_ptr, b_ptr, offs_l, offs_e, mask_e, L, E, sx_l, sx_e,
+                  W, HAS_BIAS, REVERSE, EVEN_E)
+    out = acc * triton_scan._sigmoid(acc, ASM)
+    if EVEN_E:
+        m = (offs_l < L)[:, None]
+    else:
+        m = (offs_l < L)[:, None] & mask_e[None, :]
     tl.store(out_ptr + pid_b * so_b + offs_l[:, None] * so_l + offs_e[None, :] * so_e,
              out.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -105,22 +119,23 @@ def _conv_silu_tile(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, 
 @triton.jit
 def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
                       W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, ASM: tl.constexpr, EVEN_E: tl.constexpr):
     _conv_silu_tile(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
-                    W, BLOCK_L, BLOCK_E, HAS_BIAS, REVERSE)
+                    W, BLOCK_L, BLOCK_E, HAS_BIAS, REVERSE, ASM, EVEN_E)
 
 
 @triton.jit
 def _conv_silu_pair_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr, L, E, sx_b, sx_l, sx_e,
                            so_b, so_l, so_e, WF: tl.constexpr, WB: tl.constexpr, BLOCK_L: tl.constexpr,
-                           BLOCK_E: tl.constexpr, HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr):
+                           BLOCK_E: tl.constexpr, HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr,
+                           ASM: tl.constexpr, EVEN_E: tl.constexpr):
     """Both directions of ``_conv_silu_kernel`` on one tile of x (the compiler shares their index arithmetic and
     the offset-0 load; the other shifted loads hit L1). The causal output is stored before the anti-causal one
     is accumulated, so one float32 tile is live at a time."""
     _conv_silu_tile(x_ptr, wf_ptr, bf_ptr, of_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
-                    WF, BLOCK_L, BLOCK_E, HAS_BIAS_F, False)
+                    WF, BLOCK_L, BLOCK_E, HAS_BIAS_F, False, ASM, EVEN_E)
     _conv_silu_tile(x_ptr, wb_ptr, bb_ptr, ob_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
-                    WB, BLOCK_L, BLOCK_E, HAS_BIAS_B, True)
+                    WB, BLOCK_L, BLOCK_E, HAS_BIAS_B, True, ASM, EVEN_E)
 
 
 @triton.jit
@@ -332,34 +347,51 @@ def _conv_grad_sum_kernel(part_ptr, P, E, dwf_ptr, dbf_ptr, dwb_ptr, dbb_ptr, WF
                 tl.store(dwb_ptr + offs_e * WB + (k - (_TAPS - WB)), total, mask=mask_e)
 
 
-def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool) -> torch.Tensor:
-    """SiLU(depthwise conv over tokens) of x (B, L, E), any strides -> contiguous (B, L, E) in x's dtype."""
+def _tap_major(weight: torch.Tensor, E: int, taps: Optional[torch.Tensor]) -> torch.Tensor:
+    """The (W, E) float32 contiguous taps the forward kernels load: ``taps`` as given (the mixer derives them with its
+    other weights, ``weights.derive_weights``), else the (E, 1, W) or (E, W) weight transposed (a small copy)."""
+    if taps is not None:
+        if taps.dim() != 2 or taps.shape[1] != E or taps.dtype != torch.float32 or not taps.is_contiguous():
+            raise ValueError(f"taps must be contiguous float32 (W, {E}), got {taps.dtype} {tuple(taps.shape)}")
+        return taps
+    return weight.reshape(E, -1).t().float().contiguous()
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool,
+              taps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SiLU(depthwise conv over tokens) of x (B, L, E), any strides -> contiguous (B, L, E) in x's dtype. ``taps``:
+    the weight already as (W, E) float32 (``_tap_major``)."""
     batch, L, E = x.shape
-    w = weight.reshape(E, -1).contiguous()
+    w = _tap_major(weight, E, taps)
     out = triton_scan._empty((batch, L, E), x.dtype, x.device)
     BLOCK_L, BLOCK_E = FWD_BLOCK_L, min(FWD_BLOCK_E, next_pow2(E))
     grid = (cdiv(L, BLOCK_L), cdiv(E, BLOCK_E), batch)
     _conv_silu_kernel[grid](x, w, bias if bias is not None else w, out, L, E, *x.stride(), *out.stride(),
-                            W=w.shape[1], BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, HAS_BIAS=bias is not None,
-                            REVERSE=reverse, num_warps=FWD_NUM_WARPS)
+                            W=w.shape[0], BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, HAS_BIAS=bias is not None,
+                            REVERSE=reverse, ASM=triton_scan._use_asm(x), EVEN_E=E % BLOCK_E == 0,
+                            num_warps=FWD_NUM_WARPS)
     return out
 
 
-def conv_silu_pair(x: torch.Tensor, weight_f: torch.Tensor, bias_f, weight_b: torch.Tensor, bias_b):
+def conv_silu_pair(x: torch.Tensor, weight_f: torch.Tensor, bias_f, weight_b: torch.Tensor, bias_b,
+                   taps: Optional[Sequence[torch.Tensor]] = None):
     """``(conv_silu(x, weight_f, bias_f, False), conv_silu(x, weight_b, bias_b, True))`` in one launch: each
     program loads its tile of x once for both directions (the token offsets 0..3 and -3..0 of the two
     directions' taps share the offset-0 tile, the rest come from L1), so x is read from memory once instead of
-    twice. The same arithmetic as ``conv_silu``, so the same bits."""
+    twice. The same arithmetic as ``conv_silu``, so the same bits. ``taps``: both weights already as (W, E)
+    float32 (``_tap_major``)."""
     batch, L, E = x.shape
-    wf, wb = weight_f.reshape(E, -1).contiguous(), weight_b.reshape(E, -1).contiguous()
+    wf = _tap_major(weight_f, E, taps[0] if taps is not None else None)
+    wb = _tap_major(weight_b, E, taps[1] if taps is not None else None)
     out_f = triton_scan._empty((batch, L, E), x.dtype, x.device)
     out_b = triton_scan._empty((batch, L, E), x.dtype, x.device)
     BLOCK_L, BLOCK_E = PAIR_BLOCK_L, min(PAIR_BLOCK_E, next_pow2(E))
     grid = (cdiv(L, BLOCK_L), cdiv(E, BLOCK_E), batch)
     _conv_silu_pair_kernel[grid](x, wf, bias_f if bias_f is not None else wf, wb, bias_b if bias_b is not None else wb,
-                                 out_f, out_b, L, E, *x.stride(), *out_f.stride(), WF=wf.shape[1], WB=wb.shape[1],
+                                 out_f, out_b, L, E, *x.stride(), *out_f.stride(), WF=wf.shape[0], WB=wb.shape[0],
                                  BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, HAS_BIAS_F=bias_f is not None,
-                                 HAS_BIAS_B=bias_b is not None, num_warps=PAIR_NUM_WARPS)
+                                 HAS_BIAS_B=bias_b is not None, ASM=triton_scan._use_asm(x),
+                                 EVEN_E=E % BLOCK_E == 0, num_warps=PAIR_NUM_WARPS)
     return out_f, out_b
 
 
