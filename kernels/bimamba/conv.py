@@ -129,9 +129,9 @@ def _conv_silu_pair_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr
                            so_b, so_l, so_e, WF: tl.constexpr, WB: tl.constexpr, BLOCK_L: tl.constexpr,
                            BLOCK_E: tl.constexpr, HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr,
                            ASM: tl.constexpr, EVEN_E: tl.constexpr):
-    """Both directions of ``_conv_silu_kernel`` on one tile of x (the compiler shares their index arithmetic and
-    the offset-0 load; the other shifted loads hit L1). The causal output is stored before the anti-causal one
-    is accumulated, so one float32 tile is live at a time."""
+    """Both directions of ``_conv_silu_kernel`` on one tile of x (the compiler shares their index arithmetic; every
+    shifted load after the first, the offset-0 tile's second included, hits L1). The causal output is stored before
+    the anti-causal one is accumulated, so one float32 tile is live at a time."""
     _conv_silu_tile(x_ptr, wf_ptr, bf_ptr, of_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
                     WF, BLOCK_L, BLOCK_E, HAS_BIAS_F, False, ASM, EVEN_E)
     _conv_silu_tile(x_ptr, wb_ptr, bb_ptr, ob_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
