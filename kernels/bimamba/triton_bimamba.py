@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..selective_scan import triton_scan
-from ..selective_scan.triton_scan import _absent, _none_if_absent
+from ..selective_scan.triton_scan import _absent, _needs_grad, _none_if_absent
 from .conv import ConvGrad, conv_silu, conv_silu_backward_pair, conv_silu_pair
 from .delta import delta_dtype, dt_softplus
 from .naive import DirectionParams
@@ -274,10 +274,6 @@ def _autograd_backward(ctx, grads):
 
 
 torch.library.register_autograd("vim_kernels::bimamba_v2_fwd", _autograd_backward, setup_context=_setup_context)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams, overwrite_x: bool = False) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_scan
-from .triton_scan import _absent, _none_if_absent
+from .triton_scan import _absent, _needs_grad, _none_if_absent
 
 
 def _token_major(batch: int, Dm: int, L: int, dtype, device) -> torch.Tensor:
@@ -133,9 +133,7 @@ def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """The custom op behind ``selective_scan_fn(backend='triton')``: out, or (out, last_state).
     Arguments as ``selective_scan_ref``; the caller checks them (``triton_scan._check_inputs``). Where autograd
     records the call, its chunks are planned for the backward (``train_plan``)."""
-    train_plan = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     out, last, _, _ = torch.ops.vim_kernels.selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), bool(return_last_state),
-        train_plan)
+        _needs_grad(u, delta, A, B, C, D, z, delta_bias))
     return (out, last) if return_last_state else out

@@ -150,6 +150,12 @@ def _none_if_absent(t):
     return None if t is None or t.numel() == 0 else t
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd records a call on these tensors (None entries allowed): the custom ops' callers plan their
+    chunks for a backward then (``train_plan``)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # --------------------------------------------------------------------------------------------
 # shared pieces
 # --------------------------------------------------------------------------------------------
@@ -1072,8 +1078,13 @@ def _walk_chunk_target(device: torch.device) -> Optional[int]:
     waves = CONFIG["TRAIN_WALK_WAVES"]
     if not waves:
         return None
-    sms = sm_count(device) if device.type == "cuda" else 132
-    return waves * programs_per_sm(CONFIG["MAXNREG_REV"] or 255, CONFIG["NUM_WARPS_BWD"]) * sms
+    return waves * programs_per_sm(CONFIG["MAXNREG_REV"] or 255, CONFIG["NUM_WARPS_BWD"]) * _planning_sms(device)
+
+
+def _planning_sms(device: torch.device) -> int:
+    """The SMs a chunk plan is made for: the device's, or off CUDA an H100's / H200's 132, so that the interpreter
+    plans as those GPUs do."""
+    return sm_count(device) if device.type == "cuda" else 132
 
 
 def _chunk_target(device: torch.device) -> int:
@@ -1087,8 +1098,7 @@ def _chunk_target(device: torch.device) -> int:
     target = CONFIG["TARGET_PROGRAMS"]
     if target != "wave":
         return target
-    sms = sm_count(device) if device.type == "cuda" else 132
-    return programs_per_sm(CONFIG["MAXNREG_FWD_WAVE"] or _FWD_REGS, CONFIG["NUM_WARPS"]) * sms
+    return programs_per_sm(CONFIG["MAXNREG_FWD_WAVE"] or _FWD_REGS, CONFIG["NUM_WARPS"]) * _planning_sms(device)
 
 
 def _bc_strides(M: torch.Tensor):
