@@ -237,6 +237,20 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert "VimRepeatAugSampler" in (tmp_path / "w" / "shapes_cls.py").read_text()
 
 
+def test_tools_leave_the_process_group(train_tool, test_tool, tmp_path, capsys):
+    """train.py and test.py close the group they joined, also on an error return: left to interpreter exit,
+    gloo's threads can abort a finished run (SIGABRT on one rank; seen in CI on test_ddp_two_cpu_processes)."""
+    import torch.distributed as dist
+    from vim.engine import cli
+    runs = [lambda: train_tool.main(["--work-dir", str(tmp_path / "w"), "--resume"]),  # nothing to resume
+            lambda: test_tool.main([str(cli.DEMO_CONFIG), str(tmp_path / "missing.pth")])]
+    for i, run in enumerate(runs):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / f"store{i}"), 1), rank=0, world_size=1)
+        assert run() == 2
+        assert not dist.is_initialized()
+    cli.close_distributed()  # without a group: nothing to do
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A write that dies midway leaves the previous file whole and no temporary file behind."""
     from mmengine.fileio.backends import LocalBackend

@@ -41,6 +41,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rc = 1
+    try:
+        rc = _test(args)
+        return rc
+    finally:
+        cli.close_distributed(synchronize=rc == 0)
+
+
+def _test(args) -> int:
     try:
         cfg = cli.load_config(args.config, args.cfg_options)
         if not osp.isfile(args.checkpoint):

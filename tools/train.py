@@ -66,6 +66,15 @@ def build_cfg(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rc = 1
+    try:
+        rc = _train(args)
+        return rc
+    finally:
+        cli.close_distributed(synchronize=rc == 0)
+
+
+def _train(args) -> int:
     try:
         cfg, amp = build_cfg(args)
     except (FileNotFoundError, cli.ConfigKeyError, ValueError) as e:

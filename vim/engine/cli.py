@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from mmengine.config import Config, DictAction
 
-__all__ = ["ConfigKeyError", "load_config", "apply_amp", "apply_launcher", "format_metrics", "DictAction",
-           "set_cpu_threads", "REPO_ROOT", "DEMO_CONFIG"]
+__all__ = ["ConfigKeyError", "load_config", "apply_amp", "apply_launcher", "close_distributed", "format_metrics",
+           "DictAction", "set_cpu_threads", "REPO_ROOT", "DEMO_CONFIG"]
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO_CONFIG = osp.join(REPO_ROOT, "configs", "demo", "shapes_cls.py")
@@ -103,6 +103,20 @@ def apply_launcher(cfg: Config, launcher: str) -> None:
             find_unused_parameters=cfg.get("find_unused_parameters", False))
         wrapper["device_ids"] = None
         cfg.model_wrapper_cfg = wrapper
+
+
+def close_distributed(synchronize: bool = True) -> None:
+    """Leave the process group before the interpreter exits. Left to interpreter finalization, gloo's
+    worker threads can outlive it and abort the process (SIGABRT, "terminate called without an active
+    exception") after training has finished. ``synchronize`` waits for the other ranks first, so none
+    closes its connections while another still reads from them; pass False on an error path, where
+    the others may never arrive."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def set_cpu_threads(cfg: Config) -> Optional[int]:
