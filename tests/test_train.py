@@ -222,12 +222,16 @@ def test_test_tool_rejects_other_architecture(test_tool, tmp_path, capsys):
 def test_ddp_two_cpu_processes(tmp_path):
     """The demo pipeline under torchrun with 2 gloo processes: repeated-augmentation sampler, the
     all-reduced non-finite guard, rank-0 data generation with the others waiting, metric gathering."""
+    import socket
     import subprocess
     cache = tmp_path / "cache"
     opts = _tiny_options(cache, epochs=2, workers=0) + ["train_dataloader.batch_size=8",
                                                          "train_dataloader.sampler.num_repeats=3"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29617",
+    with socket.socket() as s:  # a free port: a fixed one collides with any other job on the machine
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
            str(REPO / "tools" / "train.py"), "--launcher", "pytorch", "--work-dir", str(tmp_path / "w"),
            *_as_argv(opts)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
