@@ -41,12 +41,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rc = 1
-    try:
-        rc = _test(args)
-        return rc
-    finally:
-        cli.close_distributed(synchronize=rc == 0)
+    return cli.run_then_close_distributed(lambda: _test(args))
 
 
 def _test(args) -> int:

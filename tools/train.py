@@ -66,12 +66,7 @@ def build_cfg(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rc = 1
-    try:
-        rc = _train(args)
-        return rc
-    finally:
-        cli.close_distributed(synchronize=rc == 0)
+    return cli.run_then_close_distributed(lambda: _train(args))
 
 
 def _train(args) -> int:

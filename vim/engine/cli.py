@@ -5,13 +5,13 @@ from __future__ import annotations
 import difflib
 import os
 import os.path as osp
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from mmengine.config import Config, DictAction
 
-__all__ = ["ConfigKeyError", "load_config", "apply_amp", "apply_launcher", "close_distributed", "format_metrics",
-           "DictAction", "set_cpu_threads", "REPO_ROOT", "DEMO_CONFIG"]
+__all__ = ["ConfigKeyError", "load_config", "apply_amp", "apply_launcher", "close_distributed",
+           "run_then_close_distributed", "format_metrics", "DictAction", "set_cpu_threads", "REPO_ROOT", "DEMO_CONFIG"]
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO_CONFIG = osp.join(REPO_ROOT, "configs", "demo", "shapes_cls.py")
@@ -117,6 +117,16 @@ def close_distributed(synchronize: bool = True) -> None:
     if synchronize:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def run_then_close_distributed(run: Callable[[], int]) -> int:
+    """A tool's main: ``run()``'s exit code, the process group closed after it (synchronized when it succeeded)."""
+    rc = 1
+    try:
+        rc = run()
+        return rc
+    finally:
+        close_distributed(synchronize=rc == 0)
 
 
 def set_cpu_threads(cfg: Config) -> Optional[int]:
