@@ -234,6 +234,8 @@ def test_dynamic_img_size_and_errors():
         fixed(torch.randn(1, 3, 96, 64))
     with pytest.raises(ValueError, match="in_chans=1"):
         fixed(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"3-D tensor \(3, 64, 64\); add the batch dimension"):
+        fixed(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="does not tile"):
         model(torch.randn(1, 3, 70, 64))
     padded = small_model(dynamic_img_size=True, dynamic_img_pad=True).eval()

@@ -66,10 +66,14 @@ def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 def _check_and_pad_input(x: torch.Tensor, in_chans: int, patch: Tuple[int, int], stride: Tuple[int, int],
                          pad: bool) -> torch.Tensor:
-    if x.dim() != 4 or x.shape[1] != in_chans:
+    if x.dim() != 4:
+        fix = "; add the batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
+        raise ValueError(f"expected a batch of images (B, {in_chans}, H, W), got a {x.dim()}-D tensor "
+                         f"{tuple(x.shape)}{fix}")
+    if x.shape[1] != in_chans:
         raise ValueError(
             f"expected images of shape (B, {in_chans}, H, W), got {tuple(x.shape)}; "
-            f"build the model with in_chans={x.shape[1] if x.dim() == 4 else '?'} to accept these")
+            f"build the model with in_chans={x.shape[1]} to accept these")
     H, W = x.shape[-2:]
     rem = [0 if s < p else (s - p) % st for s, p, st in zip((H, W), patch, stride)]
     if H < patch[0] or W < patch[1] or any(rem):
