@@ -103,3 +103,18 @@ def test_wave_caps_are_recorded_as_on_a_gpu(monkeypatch):
         flags = [{n: v for n, kind, _, v in r["args"] if kind == "constexpr"} for r in recs]
         assert [r["options"].get("maxnreg") for r in recs] == [cap, cap]
         assert [f["LOOKAHEAD"] for f in flags] == [False, cap is None]
+
+
+def test_dt_kernel_widens_bc_without_a_layout_conversion(tmp_path):
+    """The B / C widening in dt_proj's launch loads bf16 and stores float32 in one layout (``WIDEN_VEC``): with the
+    compiler's own vector width (8 bf16 against 4 float32) the tile crossed shared memory between the two, and the
+    kernel took 102 registers instead of 92 at vim_tiny's shape (4 programs an SM instead of 5). Left are the
+    conversions into and out of the tensor-core layout (the bias vector, the output tile)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_sass.py"), "--batch", "2", "--length", "9",
+                          "--dim", "384", "--kernels", "_dt_softplus_kernel", "--dump", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ttgir = next(tmp_path.glob("*_dt_softplus_kernel.ttgir")).read_text()
+    converts = [line for line in ttgir.splitlines() if "ttg.convert_layout" in line]
+    assert len(converts) == 2 and all("#mma" in line for line in converts), converts

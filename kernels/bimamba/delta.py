@@ -24,8 +24,9 @@ from ..selective_scan import triton_scan
 from ..selective_scan.triton_scan import LOG2E
 
 FP16_MAX = tl.constexpr(65504.0)
-# Tile of (tokens, channels) per program and its warps (tools/benchmark_kernels.py --sweep times them).
-CONFIG = dict(BLOCK_M=64, BLOCK_E=128, NUM_WARPS=4)
+# Tile of (tokens, channels) per program and its warps (tools/benchmark_kernels.py --sweep times them);
+# WIDEN_VEC: columns a thread copies in the B / C widening (0: the compiler's choice, 8 for bf16; docs/kernels.md v33)
+CONFIG = dict(BLOCK_M=64, BLOCK_E=128, NUM_WARPS=4, WIDEN_VEC=4)
 
 
 @triton.jit
@@ -48,13 +49,15 @@ def _softplus_fast(x):
 def _dt_softplus_kernel(dt_ptr, w_ptr, b_ptr, out_ptr, src_ptr, wide_ptr, M, E, K, C,
                         s_dm, s_dk, s_we, s_wk, s_om, s_oe, s_sm, s_sc,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-                        CLAMP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr):
+                        CLAMP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, WIDEN_VEC: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_e = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if BLOCK_C > 0:   # the first channel block also widens its rows' ``widen`` columns to float32
         if pid_e == 0:
-            offs_c = tl.arange(0, BLOCK_C)
+            # 4 contiguous columns a thread: the bf16 load then takes the float32 store's layout (16-byte vectors),
+            # where 8 would move the tile through shared memory between them
+            offs_c = tl.max_contiguous(tl.arange(0, BLOCK_C), WIDEN_VEC) if WIDEN_VEC > 0 else tl.arange(0, BLOCK_C)
             mc = (offs_m < M)[:, None] & (offs_c < C)[None, :]
             v = tl.load(src_ptr + offs_m[:, None] * s_sm + offs_c[None, :] * s_sc, mask=mc, other=0.0)
             tl.store(wide_ptr + offs_m[:, None] * C + offs_c[None, :], v.to(tl.float32), mask=mc)
@@ -119,5 +122,6 @@ def dt_softplus(dt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out_
                               BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, BLOCK_K=max(16, next_pow2(K)),
                               BLOCK_C=max(16, next_pow2(C)) if C else 0,
                               CLAMP=out_dtype == torch.float16,
-                              IEEE=dt.dtype == torch.float32 or not asm, ASM=asm, num_warps=CONFIG["NUM_WARPS"])
+                              IEEE=dt.dtype == torch.float32 or not asm, ASM=asm, WIDEN_VEC=CONFIG["WIDEN_VEC"],
+                              num_warps=CONFIG["NUM_WARPS"])
     return out if widen is None else (out, wide)
