@@ -594,6 +594,14 @@ def test_reference_is_the_literal_recurrence(groups, reverse, monkeypatch):
     assert torch.autograd.gradcheck(lambda *a: selective_scan_ref(*a, **kw), leaves, eps=1e-6, atol=1e-6)
 
 
+def test_reference_ignores_autocast():
+    """Autocast would run the reference's C product (a matmul) in bf16: the state is float32 whatever autocast says."""
+    inputs = make_inputs(2, 8, 30, 16, device="cpu")
+    y = selective_scan_ref(*inputs, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(selective_scan_ref(*inputs, delta_softplus=True), y)
+
+
 def test_bc_rows_are_float32_state_contiguous():
     """The kernels read B/C as float32 rows with the states contiguous: such inputs pass through as they
     are, anything else (bf16 model rows, channel-major (B, N, L), grouped) becomes one float32 copy."""

@@ -16,6 +16,7 @@ backward one node, not a full-size gradient buffer.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -105,7 +106,7 @@ def selective_scan_ref(
 
     u, delta, z: (batch, D, L); A: (D, N); B, C: (batch, N, L) or (batch, G, N, L); D, delta_bias: (D,).
     ``reverse=True`` runs the recurrence from the last token to the first. Computation is in float32
-    (float64 when u is float64); the output has u's dtype, the last state stays in the compute dtype.
+    (float64 when u is float64), also under autocast; the output has u's dtype, the last state stays in the compute dtype.
     """
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, channels, L), got shape {tuple(u.shape)}")
@@ -120,7 +121,10 @@ def selective_scan_ref(
     B_ = _expand_groups(B.to(cdt), channels)
     C_ = _expand_groups(C.to(cdt), channels)
     A_ = A.to(cdt)
-    y, last = _scan(u_, delta_, A_, B_, C_, reverse)
+    # the state and its C product stay in the compute dtype: autocast would run the product in bf16 / fp16
+    device = u.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+        y, last = _scan(u_, delta_, A_, B_, C_, reverse)
     if D is not None:
         y = y + u_ * D.to(cdt)[:, None]
     if z is not None:
