@@ -106,7 +106,8 @@ def selective_scan_ref(
 
     u, delta, z: (batch, D, L); A: (D, N); B, C: (batch, N, L) or (batch, G, N, L); D, delta_bias: (D,).
     ``reverse=True`` runs the recurrence from the last token to the first. Computation is in float32
-    (float64 when u is float64), also under autocast; the output has u's dtype, the last state stays in the compute dtype.
+    (float64 when u is float64), also under autocast; the output has u's dtype, the last state stays in the
+    compute dtype.
     """
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, channels, L), got shape {tuple(u.shape)}")
