@@ -111,6 +111,7 @@ def test_kernel_benchmark_dt_rows_run_on_cpu():
     bk = load_tool("benchmark_kernels")
     res = bk.time_dt_softplus(48, 24, 12, "cpu", False, torch.float32)
     assert res["dt_softplus"]["ms"] > 0 and res["linear"]["ms"] > 0 and res["dt_softplus"]["gpu_ms"] is None
+    assert res["dt_softplus_widen"]["ms"] > 0 and res["floor_bytes_widen"] == res["floor_bytes"] + 48 * 32 * 8
     assert res["floor_bytes"] == 48 * 12 * 4 + 48 * 24 * 4
 
 

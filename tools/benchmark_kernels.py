@@ -316,15 +316,19 @@ def time_conv_backward(batch, L, E, device, cuda, dtype, with_ref=True):
 
 def time_dt_softplus(tokens, E, K, device, cuda, dtype, with_ref=True):
     """The mixer's delta (``delta.dt_softplus``: dt_proj, bias and softplus, float16 out) against the bf16 dt_proj
-    GEMM alone (F.linear, what the scan read before and activated itself), dt a column slice of x_proj's rows.
-    Byte floor: dt read and delta written once."""
+    GEMM alone (F.linear, what the scan read before and activated itself), dt a column slice of x_proj's rows; and
+    as the mixer calls it, also widening the rows' 32 B / C columns to float32 (``dt_softplus_widen``).
+    Byte floor: dt read and delta written once (``floor_bytes``), plus the B / C columns read and written once
+    (``floor_bytes_widen``)."""
     rows = torch.randn(1, tokens, K + 32, device=device, dtype=dtype)
-    dt = rows[..., :K]
+    dt, bc = rows[..., :K], rows[..., K:]
     w = torch.randn(E, K, device=device, dtype=dtype) / math.sqrt(K)
     b = torch.randn(E, device=device) - 3.0
     out_dtype = delta.delta_dtype(dtype)
     res = {"floor_bytes": tokens * K * dt.element_size() + tokens * E * torch.finfo(out_dtype).bits // 8}
-    fns = {"dt_softplus": lambda: delta.dt_softplus(dt, w, b, out_dtype)}
+    res["floor_bytes_widen"] = res["floor_bytes"] + tokens * 32 * (bc.element_size() + 4)
+    fns = {"dt_softplus": lambda: delta.dt_softplus(dt, w, b, out_dtype),
+           "dt_softplus_widen": lambda: delta.dt_softplus(dt, w, b, out_dtype, widen=bc)}
     if with_ref:
         fns["linear"] = lambda: torch.nn.functional.linear(dt, w)
     for name, fn in fns.items():
@@ -460,9 +464,12 @@ def main(argv=None):
     for shp, r in report["dt_softplus"].items():
         v, ref = r["dt_softplus"], r["linear"]
         floor = r["floor_bytes"] / bw / 1e6
+        wide = r.get("dt_softplus_widen")
+        widened = (f"; with the B / C widening {wide['ms']:.4f} ms wall, GPU time {wide['gpu_ms'] or nan:.4f} ms"
+                   f" (floor {r['floor_bytes_widen'] / bw / 1e6:.4f} ms)" if wide else "")
         print(f"dt_proj + softplus, (tokens, E, K) = {shp}: {v['ms']:.4f} ms wall, GPU time {v['gpu_ms'] or nan:.4f}"
               f" ms; dt_proj GEMM alone (F.linear) {ref['ms']:.4f} ms wall, GPU time {ref['gpu_ms'] or nan:.4f} ms;"
-              f" byte floor at the copy bandwidth {floor:.4f} ms")
+              f" byte floor at the copy bandwidth {floor:.4f} ms{widened}")
     print(f"copy bandwidth {bw:.0f} GB/s; wrote {args.out}")
 
 
