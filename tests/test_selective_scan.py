@@ -583,7 +583,7 @@ def test_reference_is_the_literal_recurrence(groups, reverse, monkeypatch):
     from vim.kernels.selective_scan import naive
     inputs = [t.detach().double() for t in make_inputs(2, 4, 11, 3, groups=groups, device="cpu")]
     y0, last0 = _literal_scan(*inputs, reverse=reverse)
-    monkeypatch.setattr(naive, "_BLOCK_ELEMENTS", 4 * 2 * 4 * 3)
+    monkeypatch.setattr(naive, "_CPU_BLOCK_ELEMENTS", 4 * 2 * 4 * 3)
     kw = dict(delta_softplus=True, return_last_state=True, reverse=reverse)
     with torch.no_grad():
         y, last = selective_scan_ref(*inputs, **kw)

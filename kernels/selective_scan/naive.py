@@ -22,10 +22,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# Tokens per block: (T, batch, channels, N) float32 terms of ~1 MB, which stay in cache through the token loop
-# (vim_tiny inference at batch 8 on 2 CPU threads: 0.9 s a step against 1.6 s with 16 MB blocks); long
-# sequences keep a bounded working set in inference (training keeps every state for the backward either way).
-_BLOCK_ELEMENTS = 1 << 18
+# Tokens per block, as elements of a (T, batch, channels, N) term. On the CPU ~1 MB of float32, which stays in
+# cache through the token loop (vim_tiny inference at batch 8 on 2 CPU threads: 0.9 s a step against 1.6 s with
+# 16 MB blocks). On a GPU every op is a launch, so blocks are larger (~64 MB): a block's handful of ops is then
+# shared by many tokens. Either way long sequences keep a bounded working set in inference (training keeps every
+# state for the backward).
+_CPU_BLOCK_ELEMENTS = 1 << 18
+_GPU_BLOCK_ELEMENTS = 1 << 24
 
 
 def _expand_groups(M: torch.Tensor, channels: int) -> torch.Tensor:
@@ -64,7 +67,8 @@ def _scan(u, delta, A, B, C, reverse: bool):
     """Core recurrence, float32/float64. B, C: (b, 1 or D, N, L). Returns y (b, D, L), last state (b, D, N)."""
     batch, channels, L = u.shape
     dstate = A.shape[1]
-    T = max(1, _BLOCK_ELEMENTS // max(1, batch * channels * dstate))
+    block = _CPU_BLOCK_ELEMENTS if u.device.type == "cpu" else _GPU_BLOCK_ELEMENTS
+    T = max(1, block // max(1, batch * channels * dstate))
     h = u.new_zeros(batch, channels, dstate)
     ys = []
     starts = list(range(0, L, T))
