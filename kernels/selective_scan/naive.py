@@ -25,8 +25,9 @@ import torch.nn.functional as F
 # Tokens per block, as elements of a (T, batch, channels, N) term. On the CPU ~1 MB of float32, which stays in
 # cache through the token loop (vim_tiny inference at batch 8 on 2 CPU threads: 0.9 s a step against 1.6 s with
 # 16 MB blocks). On a GPU every op is a launch, so blocks are larger (~64 MB): a block's handful of ops is then
-# shared by many tokens. Either way long sequences keep a bounded working set in inference (training keeps every
-# state for the backward).
+# shared by many tokens (H200, bf16 inputs, forward at (128, 384, 197, 16): 3.9 ms against 7.5 ms with 16 MB
+# blocks and 4.8 ms with 256 MB). Either way long sequences keep a bounded working set in inference (training
+# keeps every state for the backward).
 _CPU_BLOCK_ELEMENTS = 1 << 18
 _GPU_BLOCK_ELEMENTS = 1 << 24
 
