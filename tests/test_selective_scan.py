@@ -157,18 +157,39 @@ def test_forward_group_sizes(unroll, reverse, lookahead, monkeypatch):
     run_both(make_inputs(1, 6, 5, 4, has_z=False, has_bias=False), softplus=False, reverse=reverse, grads=False)
 
 
-@pytest.mark.parametrize("scatter", [True, False])
+@pytest.mark.parametrize("sums", ["butterfly", "scatter", "parts"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_dB_dC_channel_sums_both_ways(scatter, reverse, monkeypatch):
-    """The backward walks sum each token's dB / dC over a block's channels as a reduce-scatter (BC_SCATTER: one
-    state per row afterwards) or as one butterfly per state (the default): the model's 32-channel blocks with 16
-    states, a block overhanging the channels, grouped B/C, and a block with fewer channels than states (the
-    butterfly either way)."""
-    monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", scatter)
+def test_dB_dC_channel_sums_both_ways(sums, reverse, monkeypatch):
+    """The backward walks sum each token's dB / dC over a block's channels as one butterfly per state (the
+    default), as a reduce-scatter (BC_SCATTER: one state per row afterwards), or as 4 partial sums per block that
+    the atomics add (BC_PARTS): the model's 32-channel blocks with 16 states, a block overhanging the channels,
+    grouped B/C, and a block with fewer channels than states (the butterfly with BC_SCATTER, 2 channels per part
+    with BC_PARTS)."""
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", sums == "scatter")
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 4 if sums == "parts" else 1)
     triton_scan.CHUNK_OVERRIDE = 7
     run_both(make_inputs(1, 40, 15, 16), reverse=reverse)
     run_both(make_inputs(2, 64, 5, 16, groups=2), reverse=reverse)
     run_both(make_inputs(1, 8, 9, 16), reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_dB_dC_partial_sums_with_split_states(reverse, monkeypatch):
+    """BC_PARTS with each channel's states split over two rows (SPLIT_BWD 2): the parts then hold both halves of
+    the states, part-major; 16-channel blocks in 2 and 4 parts, N = 16 and an odd N = 5 (masked states)."""
+    monkeypatch.setitem(triton_scan.CONFIG, "SPLIT_BWD", 2)
+    monkeypatch.setitem(triton_scan.CONFIG, "BLOCK_D_BWD", 16)
+    triton_scan.CHUNK_OVERRIDE = 7
+    for parts in (2, 4):
+        monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", parts)
+        run_both(make_inputs(1, 24, 11, 16), reverse=reverse)
+        run_both(make_inputs(1, 16, 6, 5), reverse=reverse)
+
+
+def test_bc_parts_must_be_a_power_of_two(monkeypatch):
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 3)
+    with pytest.raises(ValueError, match="BC_PARTS.*power of two"):
+        run_both(make_inputs(1, 8, 3, 4))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -781,13 +802,14 @@ def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch)
 
 
 @gpu_only
+@pytest.mark.parametrize("knob", [("BC_SCATTER", True), ("BC_PARTS", 4)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gpu_channel_sums_scattered_match_butterflies(reverse, monkeypatch):
-    """dB / dC summed over channels as a reduce-scatter (BC_SCATTER) give what one butterfly per state gives, at
-    the model's layout (32-channel blocks, 16 states, bf16 rows)."""
+def test_gpu_channel_sums_scattered_match_butterflies(reverse, knob, monkeypatch):
+    """dB / dC summed over channels as a reduce-scatter (BC_SCATTER) or as partial sums (BC_PARTS) give what one
+    butterfly per state gives, at the model's layout (32-channel blocks, 16 states, bf16 rows)."""
     inputs = make_inputs(2, 64, 197, 16, model_rows=True)
     butterflies = triton_outputs(inputs, reverse)
-    monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", True)
+    monkeypatch.setitem(triton_scan.CONFIG, *knob)
     assert_same_results(butterflies, triton_outputs(inputs, reverse))
 
 

@@ -118,3 +118,21 @@ def test_dt_kernel_widens_bc_without_a_layout_conversion(tmp_path):
     ttgir = next(tmp_path.glob("*_dt_softplus_kernel.ttgir")).read_text()
     converts = [line for line in ttgir.splitlines() if "ttg.convert_layout" in line]
     assert len(converts) == 2 and all("#mma" in line for line in converts), converts
+
+
+def test_walks_partial_channel_sums_take_fewer_shuffle_levels(tmp_path):
+    """BC_PARTS=4 (docs/kernels.md, v34): each backward walk sums a token's dB / dC over 8 of its 32 channels, 3
+    butterfly levels per state instead of 5, so 16 states x 2 tokens of a loop iteration take 96 shuffles where one
+    sum over the block takes 160; compiled for sm_90 with no spills, in both scan orders."""
+    out = tmp_path / "sass.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_sass.py"), "--batch", "2", "--length", "9",
+                          "--dim", "32", "--kernels", "_bwd_forward_walk_kernel", "_bwd_reverse_walk_kernel",
+                          "--set", "vim.kernels.selective_scan.triton_scan.CONFIG[BC_PARTS]=4", "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["kernels"]
+    assert len(rows) == 4 and {r["flags"]["BC_PARTS"] for r in rows} == {4}
+    for r in rows:
+        assert "error" not in r, (r["kernel"], r["error"][:2000])
+        assert r["local"] == 0 and r["shuffles"] == 96, (r["kernel"], r["shuffles"])

@@ -83,6 +83,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   (``_sum_channels_scattered``, where a block has at least as many channels as states per row) instead of one
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
 #   per direction at vision shapes; docs/kernels.md, v9 and v17).
+#   BC_PARTS: how many partial sums of each token's dB / dC a walk program adds atomically, each over BLOCK_D_BWD /
+#   BC_PARTS consecutive channels (1: one sum over the whole block). With 4, the butterflies take 3 shuffle levels
+#   per state instead of 5 (-64 shuffles and adds a token at 32 channels and 16 states) and the atomics 4x the adds
+#   to the same addresses (docs/kernels.md, v34). Not yet measured on a GPU, so off.
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -95,7 +99,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   (vim_small at 1248 px ran 5.4% slower wide).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
-              BC_SCATTER=False, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
+              BC_SCATTER=False, BC_PARTS=1, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
               MAXNREG_FWD_WAVES=1, WAVE_CAP_STATE_PASS=True,
               MAXNREG_FWD_WALK_WAVE=128, MAXNREG_WALK_WAVES=1,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
@@ -478,9 +482,13 @@ def _sum_parts(x, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _sum_channels(x, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr):
-    """[R, NS] -> [SPLIT * NS] in state order: per state, the sum over the program's channels (dB, dC)."""
-    if SPLIT > 1:
+def _sum_channels(x, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, PARTS: tl.constexpr = 1):
+    """[R, NS] -> [PARTS * SPLIT * NS]: per state, the sum over the program's channels (dB, dC), in state order;
+    with PARTS > 1 one such sum per run of BLOCK_D // PARTS consecutive channels, part-major."""
+    if PARTS > 1:
+        part_sums = tl.sum(tl.reshape(x, [SPLIT, PARTS, BLOCK_D // PARTS, NS]), axis=2)   # [SPLIT, PARTS, NS]
+        return tl.reshape(tl.permute(part_sums, (1, 0, 2)), [PARTS * SPLIT * NS])
+    elif SPLIT > 1:
         return tl.reshape(tl.sum(tl.reshape(x, [SPLIT, BLOCK_D, NS]), axis=1), [SPLIT * NS])
     else:
         return tl.sum(x, axis=0)
@@ -519,14 +527,18 @@ def _sum_channels_scattered(x, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _bc_grad_rows(dX_ptr, pid_b, group, N, s_b, s_g, s_n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  NS: tl.constexpr, R: tl.constexpr, SCATTER: tl.constexpr):
+                  NS: tl.constexpr, R: tl.constexpr, SCATTER: tl.constexpr, PARTS: tl.constexpr = 1):
     """Per row of a dB / dC tile, the address of its state's gradient at token 0 of the (B, G, N, L) float32
     buffer (strides s_b, s_g, s_n), and whether the row stores it: the [R] rows ``_sum_channels_scattered``
-    leaves (one state per row, rows past NS repeating), or the [BLOCK_N] states ``_sum_channels`` leaves."""
+    leaves (one state per row, rows past NS repeating), or the [PARTS * BLOCK_N] part-major states
+    ``_sum_channels`` leaves (the parts of a state share its address)."""
     if SCATTER:
         rows = tl.arange(0, R)
         n = (rows // BLOCK_D) * NS + (rows % BLOCK_D) % NS
         own = ((rows % BLOCK_D) < NS) & (n < N)
+    elif PARTS > 1:
+        n = tl.arange(0, PARTS * BLOCK_N) % BLOCK_N
+        own = n < N
     else:
         n = tl.arange(0, BLOCK_N)
         own = n < N
@@ -534,12 +546,13 @@ def _bc_grad_rows(dX_ptr, pid_b, group, N, s_b, s_g, s_n, BLOCK_D: tl.constexpr,
 
 
 @triton.jit
-def _sum_channels_for_rows(x, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, SCATTER: tl.constexpr):
+def _sum_channels_for_rows(x, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, SCATTER: tl.constexpr,
+                           PARTS: tl.constexpr = 1):
     """Per-token dB / dC in the layout ``_bc_grad_rows`` addresses."""
     if SCATTER:
         return _sum_channels_scattered(x, BLOCK_D)
     else:
-        return _sum_channels(x, SPLIT, BLOCK_D, NS)
+        return _sum_channels(x, SPLIT, BLOCK_D, NS, PARTS)
 
 
 @triton.jit
@@ -772,7 +785,7 @@ def _bwd_forward_walk_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
-    DY_SCALE: tl.constexpr, LOOKAHEAD: tl.constexpr,
+    DY_SCALE: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start).
@@ -794,8 +807,9 @@ def _bwd_forward_walk_kernel(
     F_ptrs = F_ptr + pid_b * L * Dm + offs_o
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
-    dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, N, sdC_b, sdC_g, sdC_n, BLOCK_D, BLOCK_N, NS, R, SCATTER)
-    TILE_N: tl.constexpr = R if SCATTER else BLOCK_N
+    dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, N, sdC_b, sdC_g, sdC_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
+                                    BC_PARTS)
+    TILE_N: tl.constexpr = R if SCATTER else BC_PARTS * BLOCK_N
 
     h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N, R, NS)
     px = tl.zeros([R, NS], dtype=tl.float32)
@@ -858,7 +872,7 @@ def _bwd_forward_walk_kernel(
             px += X
             dcum += dl
             qx += X * dcum[:, None]
-            dC = _sum_channels_for_rows(dy[:, None] * h, SPLIT, BLOCK_D, NS, SCATTER)
+            dC = _sum_channels_for_rows(dy[:, None] * h, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
             dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
         pp = p0 + cols
         tt = _token(pp, L, REVERSE)
@@ -892,7 +906,7 @@ def _bwd_reverse_walk_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr, DY_SCALE: tl.constexpr,
-    DA_LOG: tl.constexpr, LOOKAHEAD: tl.constexpr,
+    DA_LOG: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA (or with DA_LOG, A_log's gradient dA * A) and ddelta_bias (atomic). LOOKAHEAD: as in the forward walk
@@ -913,8 +927,9 @@ def _bwd_reverse_walk_kernel(
     F_ptrs = F_ptr + pid_b * L * Dm + offs_d
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
-    dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, N, sdB_b, sdB_g, sdB_n, BLOCK_D, BLOCK_N, NS, R, SCATTER)
-    TILE_N: tl.constexpr = R if SCATTER else BLOCK_N
+    dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, N, sdB_b, sdB_g, sdB_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
+                                    BC_PARTS)
+    TILE_N: tl.constexpr = R if SCATTER else BC_PARTS * BLOCK_N
 
     # Fold the later chunks into the adjoint entering this chunk from the right, gin. What the later chunks
     # add to every dw_t here is RX_after - RY_after, sums over the whole rest of the sequence whose
@@ -1006,7 +1021,7 @@ def _bwd_reverse_walk_kernel(
             dbias_acc += ddl
             du_tile = tl.where(cols[None, :] == j, du[:, None], du_tile)
             ddl_tile = tl.where(cols[None, :] == j, ddl[:, None], ddl_tile)
-            dB = _sum_channels_for_rows(g * du_[:, None], SPLIT, BLOCK_D, NS, SCATTER)
+            dB = _sum_channels_for_rows(g * du_[:, None], SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
             dB_tile = tl.where(cols[None, :] == j, dB[:, None], dB_tile)
             gnext = tl.exp2(dl[:, None] * A2) * g
         qq = q0 + cols
@@ -1031,6 +1046,14 @@ def _bwd_reverse_walk_kernel(
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
+def _bc_parts(block_d: int) -> int:
+    """The walks' partial dB / dC sums per program (``CONFIG["BC_PARTS"]``), at most one per channel of the block."""
+    parts = int(CONFIG["BC_PARTS"] or 1)
+    if parts < 1 or parts & (parts - 1):
+        raise ValueError(f"CONFIG['BC_PARTS'] must be a power of two, got {CONFIG['BC_PARTS']}")
+    return min(parts, block_d)
+
+
 def _block_d(Dm: int, G: int, cap: int) -> int:
     cpg = Dm // G
     if G == 1:
@@ -1393,6 +1416,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
         raise ValueError(f"the forward's chunk summaries hold {got} chunks where this backward plans {nc}: give "
                          "scan_backward the train_plan its scan_forward had (and that forward's hloc and S)")
     scatter = CONFIG["BC_SCATTER"] and BLOCK_N // split <= block_d
+    bc_parts = 1 if scatter else _bc_parts(block_d)
     grid = (n_d, nc, batch)
     common = _common_args(u, delta, A, B, C, z)
     zz = z if z is not None else u
@@ -1422,7 +1446,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
                                    dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *dzz.stride(), *dC.stride(), HAS_D=D is not None,
-                                   DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter,
+                                   DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, BC_PARTS=bc_parts,
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_forward_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
@@ -1430,7 +1454,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(), *dB.stride(),
-                                   HAS_D=D is not None, SCATTER=scatter, DA_LOG=bool(grad_A_log),
+                                   HAS_D=D is not None, SCATTER=scatter, BC_PARTS=bc_parts, DA_LOG=bool(grad_A_log),
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     dB = dB.to(B_in.dtype).reshape(B_in.shape) if B_in.dim() == 3 else dB.to(B_in.dtype)
