@@ -565,6 +565,15 @@ def _state_offsets(pid_b, chunk, NC, Dm, N, offs_d, n_idx):
 
 
 @triton.jit
+def _row_offsets(pid_b, chunk, NC, Dm, part, offs_d, SPLIT: tl.constexpr):
+    """Element offsets of one chunk's per-row scalars ([R]: row r is part part[r] of channel offs_d[r]) in the
+    walks' (B, NC, 2, SPLIT, D) float32 row-sum buffer: the forward walk's sum_t sum_n A2_n X_t,n over the row's
+    states here, the chunk's delta sum SPLIT * D further."""
+    base = (pid_b * NC + chunk).to(tl.int64) * 2 * SPLIT
+    return (base + part) * Dm + offs_d
+
+
+@triton.jit
 def _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N,
                    ROWS: tl.constexpr, COLS: tl.constexpr):
     """State entering chunk pid_c, a [ROWS, COLS] tile laid out as in ``_state_offsets``: fold the
@@ -788,7 +797,10 @@ def _bwd_forward_walk_kernel(
     DY_SCALE: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
-    float32 buffer, and per chunk TX = sum X_t and QX = sum X_t * (delta summed from the chunk start).
+    float32 buffer, and per chunk QX = sum X_t * (delta summed from the chunk start) and, per row (``_row_offsets``),
+    the two scalars the reverse walk starts from: sum_t sum_n A2_n X_t,n and the chunk's delta sum. F_t and the
+    first are running sums of per-token scalars: only their sums over the states are ever read, so no per-state
+    sum of X is kept (16 registers and an add per state and token fewer).
 
     LOOKAHEAD: each step loads the next step's inputs (``_step_raw``) before its own arithmetic. The per-token
     channel sums pass through shared memory behind a barrier, and the group's stores end it; ptxas keeps later
@@ -812,7 +824,7 @@ def _bwd_forward_walk_kernel(
     TILE_N: tl.constexpr = R if SCATTER else BC_PARTS * BLOCK_N
 
     h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N, R, NS)
-    px = tl.zeros([R, NS], dtype=tl.float32)
+    ax = tl.zeros([R], dtype=tl.float32)   # sum over the tokens so far of sum_n A2_n X_t,n (this row's states)
     qx = tl.zeros([R, NS], dtype=tl.float32)
     dcum = tl.zeros([R], dtype=tl.float32)
     dD_acc = tl.zeros([R], dtype=tl.float32)
@@ -866,10 +878,10 @@ def _bwd_forward_walk_kernel(
                 dy = dy * z * sig
             if HAS_D:
                 dD_acc += dy * u
-            F = _sum_parts(tl.sum(A2 * px, axis=1) * LN2, SPLIT, BLOCK_D)
+            F = _sum_parts(ax * LN2, SPLIT, BLOCK_D)
             F_tile = tl.where(cols[None, :] == j, F[:, None], F_tile)
             X = (dy[:, None] * Cv) * h
-            px += X
+            ax += tl.sum(A2 * X, axis=1)
             dcum += dl
             qx += X * dcum[:, None]
             dC = _sum_channels_for_rows(dy[:, None] * h, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
@@ -889,8 +901,10 @@ def _bwd_forward_walk_kernel(
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d & (part == 0), sem="relaxed")
     st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
-    tl.store(tx_ptr + st, px, mask=mask2)
     tl.store(qx_ptr + st, qx, mask=mask2)
+    rs = _row_offsets(pid_b, pid_c, NC, Dm, part, offs_d, SPLIT)
+    tl.store(tx_ptr + rs, ax, mask=mask_d)
+    tl.store(tx_ptr + rs + SPLIT * Dm, dcum, mask=mask_d)
 
 
 @triton.jit
@@ -946,12 +960,16 @@ def _bwd_reverse_walk_kernel(
                            Dm, NC, N, R, NS)
     after = gin * h_end
     st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
-    K = tl.sum(A2 * (tl.load(tx_ptr + st, mask=mask2, other=0.0) + after), axis=1) * LN2   # this row's share
+    rs = _row_offsets(pid_b, pid_c, NC, Dm, part, offs_d, SPLIT)
+    K = (tl.load(tx_ptr + rs, mask=mask_d, other=0.0) + tl.sum(A2 * after, axis=1)) * LN2   # this row's share
+    # the chunk's delta sum, as the forward walk summed it: at a one-token chunk rem * Y below is then the forward
+    # walk's dcum * X bit for bit, and dA's difference cancels to exactly 0
+    dsum = tl.load(tx_ptr + rs + SPLIT * Dm, mask=mask_d, other=0.0)
 
     gnext = gin
-    ry = tl.zeros([R, NS], dtype=tl.float32)
-    qys = tl.zeros([R, NS], dtype=tl.float32)
-    suf = tl.zeros([R], dtype=tl.float32)
+    ay = tl.zeros([R], dtype=tl.float32)        # sum over the tokens so far of sum_n A2_n Y_t,n
+    qy = tl.zeros([R, NS], dtype=tl.float32)    # sum_t Y_t * (delta summed from the chunk start to t)
+    rem = dsum                                   # that delta sum at the current token
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
@@ -1006,15 +1024,15 @@ def _bwd_reverse_walk_kernel(
             # b rounded as the forward walk's h update rounds it, so that where X and Y are equal (L = 1)
             # they are bit for bit and dA's X - Y cancels to exactly 0
             Y = g * (du_[:, None] * Bv)
-            ry += Y
-            qys += Y * suf[:, None]
-            suf += dl
+            ay += tl.sum(A2 * Y, axis=1)
+            qy += Y * rem[:, None]
+            rem -= dl
             gB = tl.sum(g * Bv, axis=1)
             du = dl * gB
             if HAS_D:
                 du += dy * Dv
             du = _sum_parts(du, SPLIT, BLOCK_D)
-            ddl = u * gB + K - Ft - tl.sum(A2 * ry, axis=1) * LN2
+            ddl = u * gB + K - Ft - ay * LN2
             if SOFTPLUS:
                 ddl = ddl * slope
             ddl = _sum_parts(tl.where(md, ddl, 0.0), SPLIT, BLOCK_D)
@@ -1034,8 +1052,8 @@ def _bwd_reverse_walk_kernel(
         tl.atomic_add(dB_ptrs[:, None] + tt[None, :] * sdB_l, dB_tile, mask=mask_n[:, None] & okv[None, :],
                       sem="relaxed")
     qx_c = tl.load(qx_ptr + st, mask=mask2, other=0.0)
-    # sum_t delta_t * dw_t over this chunk; suf now holds the chunk's delta sum
-    dA = qx_c - (suf[:, None] * ry - qys) + suf[:, None] * after
+    # sum_t delta_t * dw_t over this chunk: sum_t (X_t - Y_t) * (delta summed up to t), and the later chunks' share
+    dA = qx_c - qy + dsum[:, None] * after
     if DA_LOG:   # from A2, live anyway: keeping A too through the token loop costs this register-capped kernel
         dA = dA * (A2 * (1.0 / LOG2E))
     tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx, dA, mask=mask2, sem="relaxed")
@@ -1440,7 +1458,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     dB = dB_acc if dB_acc is not None else fresh.pop(0)
     dC = dC_acc if dC_acc is not None else fresh.pop(0)
     F = _empty((batch, L, Dm), f32, dev)
-    tx = _empty((batch, nc, N, Dm), f32, dev)
+    tx = _empty((batch, nc, 2, split, Dm), f32, dev)   # per-row chunk scalars (``_row_offsets``)
     qx = _empty((batch, nc, N, Dm), f32, dev)
     dzz = dz if dz is not None else F
     _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
