@@ -26,7 +26,7 @@ def test_forward_scan_compiles_for_sm90_and_reports_its_loop(tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["flags"]["ASM"] and r["flags"]["ROW_ASM"]                      # the CUDA code paths
-        assert 0 < r["registers"] <= 255 and r["local"] == 0
+        assert 0 < r["registers"] <= 255 and r["local"] == 0 and r["stack"] == 0 and r["spill_ops"] == 0
         assert r["loop_instructions"] > 50 and r["mufu"] >= 16 and r["loads"] > 0
         assert r["loop_cycles_one_warp"] >= r["loop_instructions"]
         # the grid (2 rows x 2 blocks of 16 channels, one chunk) in waves of resident one-warp programs on 132 SMs
@@ -48,7 +48,7 @@ def test_every_mixer_kernel_compiles_for_sm90(tmp_path):
             "_bwd_reverse_walk_kernel", "_conv_silu_bwd_kernel"} <= names, names
     for r in rows:
         assert "error" not in r, (r["kernel"], r["error"][:2000])
-        assert 0 < r["registers"] <= 255 and r["local"] == 0, r["kernel"]
+        assert 0 < r["registers"] <= 255 and r["local"] == 0 and r["stack"] == 0, (r["kernel"], r["stack"])
 
 
 def test_issue_estimate_follows_dependencies():
@@ -135,4 +135,4 @@ def test_walks_partial_channel_sums_take_fewer_shuffle_levels(tmp_path):
     assert len(rows) == 4 and {r["flags"]["BC_PARTS"] for r in rows} == {4}
     for r in rows:
         assert "error" not in r, (r["kernel"], r["error"][:2000])
-        assert r["local"] == 0 and r["shuffles"] == 96, (r["kernel"], r["shuffles"])
+        assert r["stack"] == 0 and r["spill_ops"] == 0 and r["shuffles"] == 96, (r["kernel"], r["stack"], r["shuffles"])

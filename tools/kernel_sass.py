@@ -252,7 +252,8 @@ def summarize(sass: str) -> dict:
         return sum(n for op, n in ops.items() if op.startswith(prefixes))
 
     return dict(instructions=total, loop_instructions=len(body), mufu=count("MUFU"), loads=count("LDG", "LDL"),
-                stores=count("STG", "STL"), shuffles=count("SHFL"), atomics=count("ATOMG", "RED"),
+                stores=count("STG", "STL"), spill_ops=count("LDL", "STL"), shuffles=count("SHFL"),
+                atomics=count("ATOMG", "RED"),
                 shared_ops=count("LDS", "STS", "STSM", "BAR"), loop_cycles_one_warp=issue_estimate(body))
 
 
@@ -346,8 +347,10 @@ def main(argv=None) -> int:
             with open(stem + ".ttgir", "w") as f:
                 f.write(ttgir)
         rows.append(row)
-    cols = ["kernel", "registers", "local", "shared_bytes", "programs", "per_sm", "waves", "loop_instructions", "mufu",
-            "loads", "stores", "shuffles", "atomics", "shared_ops", "loop_cycles_one_warp"]
+    # stack: bytes per thread of the stack frame, where ptxas spills registers (cuobjdump's LOCAL stays 0 for spills);
+    # spill_ops: the loop's LDL / STL, also counted in loads / stores
+    cols = ["kernel", "registers", "stack", "local", "shared_bytes", "programs", "per_sm", "waves", "loop_instructions",
+            "mufu", "loads", "stores", "spill_ops", "shuffles", "atomics", "shared_ops", "loop_cycles_one_warp"]
     print(f"sm_{args.arch}, (batch, L, E, N) = ({args.batch}, {args.length}, {args.dim}, {args.dstate}); "
           f"loop = the kernel's largest loop, counts per iteration" + "".join(f"; {k.spec}" for k in knobs))
     print(" | ".join(cols))
