@@ -42,12 +42,12 @@ def _xproj_columns(rank: int, N: int):
 
 
 def _weights(p: DirectionParams, cdt):
-    """x_proj (width, E) and dt_proj (E, width) weights in the padded layout and the compute dtype, A = -exp(A_log)
-    (E, N) in float32 and channel-contiguous as the scan kernels read it, the conv's taps (W, E) in float32 as the
-    conv forward reads them, and the layout's (dt_cols, width): one launch (weights.py)."""
+    """(``DerivedWeights``, dt_cols, width): x_proj (width, E) and dt_proj (E, width) weights in the padded layout and
+    the compute dtype, A = -exp(A_log) (E, N) in float32 and channel-contiguous as the scan kernels read it, the
+    conv's taps (W, E) in float32 as the conv forward reads them, from one launch (weights.py); and the layout."""
     dt_cols, width = _xproj_columns(p.dt_proj_weight.shape[1], p.A_log.shape[1])
-    return (*derive_weights(p.x_proj_weight, p.dt_proj_weight, p.A_log, p.conv_weight, dt_cols, width, cdt), dt_cols,
-            width)
+    derived = derive_weights(p.x_proj_weight, p.dt_proj_weight, p.A_log, p.conv_weight, dt_cols, width, cdt)
+    return derived, dt_cols, width
 
 
 # Both directions' conv + SiLU from one launch that reads x once (conv.conv_silu_pair); off: one launch each.
@@ -100,10 +100,10 @@ def _forward_impl(x, z, flat, out=None, train_plan=False):
     saved = []
     with torch.autocast(device_type=x.device.type, enabled=False):
         derived = [_weights(p, cdt) for p in (fwd, bwd)]
-        xcs = list(_convs(x, fwd, bwd, [d[3] for d in derived]))
+        xcs = list(_convs(x, fwd, bwd, [w.conv_taps for w, _, _ in derived]))
         for i, (p, reverse) in enumerate(((fwd, False), (bwd, True))):
             N = p.A_log.shape[1]
-            wx, wdt, A, _, dt_cols, _ = derived[i]
+            (wx, wdt, A, _), dt_cols, _ = derived[i]
             xc, xcs[i] = xcs[i], None
             xdbl = F.linear(xc, wx)
             dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)
@@ -136,12 +136,12 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None, train_plan=False):
         # float32 buffer, the layout of their columns in x_proj's output gradient: both zeroed by one launch
         dbcs = triton_scan._zeros([(batch, L, 2 * p.A_log.shape[1]) for p in params], x.device)
         derived = [_weights(p, cdt) for p in params]
-        xcs = list(_convs(x, *params, [d[3] for d in derived]))
+        xcs = list(_convs(x, *params, [w.conv_taps for w, _, _ in derived]))
         for i, (p, reverse) in enumerate(zip(params, (False, True))):
             xdbl, hloc, S = saved[3 * i], _none_if_absent(saved[3 * i + 1]), _none_if_absent(saved[3 * i + 2])
             N = p.A_log.shape[1]
             rank = p.dt_proj_weight.shape[1]
-            wx, wdt, A, _, dt_cols, width = derived[i]
+            (wx, wdt, A, _), dt_cols, width = derived[i]
             xc, xcs[i] = xcs[i], None
             dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)   # the forward's, recomputed
             dbc = dbcs[i]
