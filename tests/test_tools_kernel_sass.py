@@ -12,14 +12,24 @@ from tool_loading import load_tool
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_forward_scan_compiles_for_sm90_and_reports_its_loop(tmp_path):
-    out = tmp_path / "sass.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the tool compiles, not interprets
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_sass.py"), "--forward-only", "--kernels",
-                          "_fwd_kernel", "--batch", "2", "--length", "9", "--dim", "32", "--json", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
+def run_tool(*args, timeout=600):
+    """tools/kernel_sass.py in a child process that compiles (the interpreter's variable removed); checks it ran."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_sass.py"), *args],
+                         capture_output=True, text=True, env=env, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.read_text())["kernels"]
+
+
+def compiled_rows(tmp_path, *args, timeout=600):
+    """The tool's JSON rows (one per recorded launch) for these arguments."""
+    out = tmp_path / "sass.json"
+    run_tool(*args, "--json", str(out), timeout=timeout)
+    return json.loads(out.read_text())["kernels"]
+
+
+def test_forward_scan_compiles_for_sm90_and_reports_its_loop(tmp_path):
+    rows = compiled_rows(tmp_path, "--forward-only", "--kernels", "_fwd_kernel", "--batch", "2", "--length", "9",
+                         "--dim", "32")
     # both directions (the second one accumulating into the first one's output)
     assert [r["flags"]["REVERSE"] for r in rows] == [False, True]
     assert [r["flags"]["ACCUM"] for r in rows] == [False, True]
@@ -37,12 +47,7 @@ def test_forward_scan_compiles_for_sm90_and_reports_its_loop(tmp_path):
 def test_every_mixer_kernel_compiles_for_sm90(tmp_path):
     """What the interpreter cannot catch (a kernel reading a module global that is not a constexpr, a construct only
     the compiler rejects): every launch of one mixer forward and backward, compiled for sm_90, with no spills."""
-    out = tmp_path / "sass.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_sass.py"), "--batch", "2", "--length", "9",
-                          "--dim", "32", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.read_text())["kernels"]
+    rows = compiled_rows(tmp_path, "--batch", "2", "--length", "9", "--dim", "32", timeout=900)
     names = {r["kernel"] for r in rows}
     assert {"_conv_silu_pair_kernel", "_derive_kernel", "_dt_softplus_kernel", "_fwd_kernel", "_bwd_forward_walk_kernel",
             "_bwd_reverse_walk_kernel", "_conv_silu_bwd_kernel"} <= names, names
@@ -110,11 +115,8 @@ def test_dt_kernel_widens_bc_without_a_layout_conversion(tmp_path):
     compiler's own vector width (8 bf16 against 4 float32) the tile crossed shared memory between the two, and the
     kernel took 102 registers instead of 92 at vim_tiny's shape (4 programs an SM instead of 5). Left are the
     conversions into and out of the tensor-core layout (the bias vector, the output tile)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_sass.py"), "--batch", "2", "--length", "9",
-                          "--dim", "384", "--kernels", "_dt_softplus_kernel", "--dump", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_tool("--batch", "2", "--length", "9", "--dim", "384", "--kernels", "_dt_softplus_kernel",
+             "--dump", str(tmp_path))
     ttgir = next(tmp_path.glob("*_dt_softplus_kernel.ttgir")).read_text()
     converts = [line for line in ttgir.splitlines() if "ttg.convert_layout" in line]
     assert len(converts) == 2 and all("#mma" in line for line in converts), converts
@@ -124,14 +126,9 @@ def test_walks_partial_channel_sums_take_fewer_shuffle_levels(tmp_path):
     """BC_PARTS=4 (docs/kernels.md, v34): each backward walk sums a token's dB / dC over 8 of its 32 channels, 3
     butterfly levels per state instead of 5, so 16 states x 2 tokens of a loop iteration take 96 shuffles where one
     sum over the block takes 160; compiled for sm_90 with no spills, in both scan orders."""
-    out = tmp_path / "sass.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_sass.py"), "--batch", "2", "--length", "9",
-                          "--dim", "32", "--kernels", "_bwd_forward_walk_kernel", "_bwd_reverse_walk_kernel",
-                          "--set", "vim.kernels.selective_scan.triton_scan.CONFIG[BC_PARTS]=4", "--json", str(out)],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.read_text())["kernels"]
+    rows = compiled_rows(tmp_path, "--batch", "2", "--length", "9", "--dim", "32", "--kernels",
+                         "_bwd_forward_walk_kernel", "_bwd_reverse_walk_kernel",
+                         "--set", "vim.kernels.selective_scan.triton_scan.CONFIG[BC_PARTS]=4", timeout=900)
     assert len(rows) == 4 and {r["flags"]["BC_PARTS"] for r in rows} == {4}
     for r in rows:
         assert "error" not in r, (r["kernel"], r["error"][:2000])
