@@ -86,7 +86,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   BC_PARTS: how many partial sums of each token's dB / dC a walk program adds atomically, each over BLOCK_D_BWD /
 #   BC_PARTS consecutive channels (1: one sum over the whole block). With 4, the butterflies take 3 shuffle levels
 #   per state instead of 5 (-64 shuffles and adds a token at 32 channels and 16 states) and the atomics 4x the adds
-#   to the same addresses (docs/kernels.md, v34). Not yet measured on a GPU, so off.
+#   to the same addresses (docs/kernels.md, v34). Not yet measured on a GPU, so off. Ignored where BC_SCATTER applies.
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
