@@ -160,13 +160,13 @@ def test_forward_group_sizes(unroll, reverse, lookahead, monkeypatch):
 @pytest.mark.parametrize("sums", ["butterfly", "scatter", "parts"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_dB_dC_channel_sums_both_ways(sums, reverse, monkeypatch):
-    """The backward walks sum each token's dB / dC over a block's channels as one butterfly per state (the
-    default), as a reduce-scatter (BC_SCATTER: one state per row afterwards), or as 4 partial sums per block that
-    the atomics add (BC_PARTS): the model's 32-channel blocks with 16 states, a block overhanging the channels,
-    grouped B/C, and a block with fewer channels than states (the butterfly with BC_SCATTER, 2 channels per part
-    with BC_PARTS)."""
+    """The backward walks sum each token's dB / dC over a block's channels as one butterfly per state
+    (BC_PARTS 1), as a reduce-scatter (BC_SCATTER: one state per row afterwards), or as 8 partial sums per block
+    that the atomics add (BC_PARTS 8, the default): the model's 32-channel blocks with 16 states, a block
+    overhanging the channels, grouped B/C, and a block with fewer channels than states (the butterfly with
+    BC_SCATTER, one channel per part with BC_PARTS)."""
     monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", sums == "scatter")
-    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 4 if sums == "parts" else 1)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 8 if sums == "parts" else 1)
     triton_scan.CHUNK_OVERRIDE = 7
     run_both(make_inputs(1, 40, 15, 16), reverse=reverse)
     run_both(make_inputs(2, 64, 5, 16, groups=2), reverse=reverse)
@@ -176,11 +176,11 @@ def test_dB_dC_channel_sums_both_ways(sums, reverse, monkeypatch):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_dB_dC_partial_sums_with_split_states(reverse, monkeypatch):
     """BC_PARTS with each channel's states split over two rows (SPLIT_BWD 2): the parts then hold both halves of
-    the states, part-major; 16-channel blocks in 2 and 4 parts, N = 16 and an odd N = 5 (masked states)."""
+    the states, part-major; 16-channel blocks in 2 and 8 parts, N = 16 and an odd N = 5 (masked states)."""
     monkeypatch.setitem(triton_scan.CONFIG, "SPLIT_BWD", 2)
     monkeypatch.setitem(triton_scan.CONFIG, "BLOCK_D_BWD", 16)
     triton_scan.CHUNK_OVERRIDE = 7
-    for parts in (2, 4):
+    for parts in (2, 8):
         monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", parts)
         run_both(make_inputs(1, 24, 11, 16), reverse=reverse)
         run_both(make_inputs(1, 16, 6, 5), reverse=reverse)
@@ -277,6 +277,27 @@ def test_bc_gradients_added_into_given_buffers(chunk, groups, reverse, monkeypat
         triton_scan.scan_backward(*args, dB_acc=dB_acc.double())
     with pytest.raises(ValueError, match="dC_acc must be float32"):
         triton_scan.scan_backward(*args, dC_acc=dC_acc[:, :, 1:])
+
+
+def test_partial_sums_only_into_state_contiguous_buffers(monkeypatch):
+    """BC_PARTS applies where a dB / dC buffer's states are contiguous (token-major, the mixer's layout and the
+    op's own buffers), not to a (B, G, N, L) contiguous one, whose P-fold adds would each be an add of their own;
+    the results are the same either way, and the op returns its own buffers contiguous, as its fake declares."""
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 8)
+    token_major = torch.zeros(2, 13, 1, 4).permute(0, 2, 3, 1)
+    assert triton_scan._bc_parts(32, token_major) == 8 and triton_scan._bc_parts(4, token_major) == 4
+    assert triton_scan._bc_parts(32, torch.zeros(2, 1, 4, 13)) == 1
+    assert triton_scan._bc_parts(32, torch.zeros(2, 1, 1, 13)) == 8   # one state: contiguous whatever the strides
+    batch, dim, L, N = 2, 16, 13, 4
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(batch, dim, L, N)
+    out, _, hloc, S = triton_scan.scan_forward(u, delta, A, Bm, Cm, D, z, bias, True, False)
+    args = (torch.randn_like(out), u, delta, A, Bm, Cm, D, z, bias, True, False, hloc, S)
+    fresh = triton_scan.scan_backward(*args)
+    assert fresh[3].is_contiguous() and fresh[4].is_contiguous()
+    acc = [torch.zeros(batch, 1, N, L, device=DEV) for _ in range(2)]
+    got = triton_scan.scan_backward(*args, dB_acc=acc[0], dC_acc=acc[1])
+    for i in (3, 4):
+        assert rel(got[i].reshape(fresh[i].shape), fresh[i]) < 1e-6, i
 
 
 @pytest.mark.parametrize("chunk", [None, 4])
@@ -802,12 +823,14 @@ def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch)
 
 
 @gpu_only
-@pytest.mark.parametrize("knob", [("BC_SCATTER", True), ("BC_PARTS", 4)])
+@pytest.mark.parametrize("knob", [("BC_SCATTER", True), ("BC_PARTS", 4), ("BC_PARTS", 8)])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_channel_sums_scattered_match_butterflies(reverse, knob, monkeypatch):
-    """dB / dC summed over channels as a reduce-scatter (BC_SCATTER) or as partial sums (BC_PARTS) give what one
-    butterfly per state gives, at the model's layout (32-channel blocks, 16 states, bf16 rows)."""
+    """dB / dC summed over channels as a reduce-scatter (BC_SCATTER) or as partial sums (BC_PARTS; 8 is the
+    default) give what one butterfly per state gives, at the model's layout (32-channel blocks, 16 states, bf16
+    rows)."""
     inputs = make_inputs(2, 64, 197, 16, model_rows=True)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 1)
     butterflies = triton_outputs(inputs, reverse)
     monkeypatch.setitem(triton_scan.CONFIG, *knob)
     assert_same_results(butterflies, triton_outputs(inputs, reverse))

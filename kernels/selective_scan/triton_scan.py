@@ -84,9 +84,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   butterfly per state; off: slower in session 8 and, with the relaxed atomics, again in session 12 (-3.5 to +19%
 #   per direction at vision shapes; docs/kernels.md, v9 and v17).
 #   BC_PARTS: how many partial sums of each token's dB / dC a walk program adds atomically, each over BLOCK_D_BWD /
-#   BC_PARTS consecutive channels (1: one sum over the whole block). With 4, the butterflies take 3 shuffle levels
-#   per state instead of 5 (-64 shuffles and adds a token at 32 channels and 16 states) and the atomics 4x the adds
-#   to the same addresses (docs/kernels.md, v34). Not yet measured on a GPU, so off. Ignored where BC_SCATTER applies.
+#   BC_PARTS consecutive channels (1: one sum over the whole block). With 8, the butterflies take 2 shuffle levels
+#   per state instead of 5 (-96 shuffles and adds an iteration at 32 channels and 16 states; the loop -19%) and the
+#   atomics 8x the adds to the same addresses. Session 26, H200, training step at 224 px bs 256 against 1: 2 / 4 / 8
+#   / 16 / 32 parts -4.0 / -7.7 / -11.5 / +3.3 / +51% (vim_tiny), 8 parts -10.1% (vim_small), -8.5% (vim_base),
+#   and -8.2% / -8.1% for vim_tiny / vim_small at 1248 px bs 8 (docs/kernels.md, v34). Ignored where BC_SCATTER applies.
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -99,7 +101,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   (vim_small at 1248 px ran 5.4% slower wide).
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
-              BC_SCATTER=False, BC_PARTS=1, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
+              BC_SCATTER=False, BC_PARTS=8, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
               MAXNREG_FWD_WAVES=1, WAVE_CAP_STATE_PASS=True,
               MAXNREG_FWD_WALK_WAVE=128, MAXNREG_WALK_WAVES=1,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
@@ -1064,12 +1066,26 @@ def _bwd_reverse_walk_kernel(
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
-def _bc_parts(block_d: int) -> int:
-    """The walks' partial dB / dC sums per program (``CONFIG["BC_PARTS"]``), at most one per channel of the block."""
+def _bc_parts(block_d: int, grad: torch.Tensor) -> int:
+    """The walks' partial dB / dC sums per program (``CONFIG["BC_PARTS"]``), at most one per channel of the block,
+    for the (B, G, N, L) buffer ``grad`` they are added into. Only where its states are contiguous: there a lane's
+    adds go out as 16-byte vectors (v34's measured layout, the mixer's), where elsewhere each of the P times more
+    values is an add of its own (a (B, N, L) buffer at 8 parts: the one-direction op's forward+backward 1.8x session
+    23's time, docs/kernels.md v34)."""
     parts = int(CONFIG["BC_PARTS"] or 1)
     if parts < 1 or parts & (parts - 1):
         raise ValueError(f"CONFIG['BC_PARTS'] must be a power of two, got {CONFIG['BC_PARTS']}")
+    if grad.shape[2] > 1 and grad.stride(2) != 1:
+        return 1
     return min(parts, block_d)
+
+
+def _bc_grad_out(grad: torch.Tensor, like: torch.Tensor, own: bool) -> torch.Tensor:
+    """dB / dC as returned: in ``like``'s dtype and shape; a buffer of our own (token-major) made contiguous, as
+    the op's fake declares; the caller's ``dB_acc`` / ``dC_acc`` as it is (in place where the dtype matches)."""
+    # (to() returns a float32 buffer itself whatever memory_format asks; hence contiguous())
+    grad = grad.to(like.dtype, memory_format=torch.contiguous_format).contiguous() if own else grad.to(like.dtype)
+    return grad.reshape(like.shape) if like.dim() == 3 else grad
 
 
 def _block_d(Dm: int, G: int, cap: int) -> int:
@@ -1434,7 +1450,6 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
         raise ValueError(f"the forward's chunk summaries hold {got} chunks where this backward plans {nc}: give "
                          "scan_backward the train_plan its scan_forward had (and that forward's hloc and S)")
     scatter = CONFIG["BC_SCATTER"] and BLOCK_N // split <= block_d
-    bc_parts = 1 if scatter else _bc_parts(block_d)
     grid = (n_d, nc, batch)
     common = _common_args(u, delta, A, B, C, z)
     zz = z if z is not None else u
@@ -1452,11 +1467,13 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
         dz = dz_out if dz_out is not None else _empty((batch, L, Dm), z.dtype, dev).transpose(1, 2)
     _check_acc(dB_acc, (batch, G, N, L), "dB_acc")
     _check_acc(dC_acc, (batch, G, N, L), "dC_acc")
-    # the atomic sums' buffers, zeroed by one launch: dD, dA, dbias and the dB / dC the caller did not give
-    own = [(batch, G, N, L)] * ((dB_acc is None) + (dC_acc is None))
+    # the atomic sums' buffers, zeroed by one launch: dD, dA, dbias and the dB / dC the caller did not give, those
+    # token-major (viewed as (B, G, N, L)) as the mixer's are, the layout where partial sums pay (``_bc_parts``)
+    own = [(batch, G, L, N)] * ((dB_acc is None) + (dC_acc is None))
     dD, dA, dbias, *fresh = _zeros([(Dm,), (Dm, N), (Dm,), *own], dev)
-    dB = dB_acc if dB_acc is not None else fresh.pop(0)
-    dC = dC_acc if dC_acc is not None else fresh.pop(0)
+    dB = dB_acc if dB_acc is not None else fresh.pop(0).transpose(2, 3)
+    dC = dC_acc if dC_acc is not None else fresh.pop(0).transpose(2, 3)
+    parts_dC, parts_dB = (1, 1) if scatter else (_bc_parts(block_d, dC), _bc_parts(block_d, dB))
     F = _empty((batch, L, Dm), f32, dev)
     tx = _empty((batch, nc, 2, split, Dm), f32, dev)   # per-row chunk scalars (``_row_offsets``)
     qx = _empty((batch, nc, N, Dm), f32, dev)
@@ -1464,7 +1481,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
                                    dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *dzz.stride(), *dC.stride(), HAS_D=D is not None,
-                                   DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, BC_PARTS=bc_parts,
+                                   DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, BC_PARTS=parts_dC,
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_forward_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
@@ -1472,10 +1489,10 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(), *dB.stride(),
-                                   HAS_D=D is not None, SCATTER=scatter, BC_PARTS=bc_parts, DA_LOG=bool(grad_A_log),
+                                   HAS_D=D is not None, SCATTER=scatter, BC_PARTS=parts_dB, DA_LOG=bool(grad_A_log),
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
-    dB = dB.to(B_in.dtype).reshape(B_in.shape) if B_in.dim() == 3 else dB.to(B_in.dtype)
-    dC = dC.to(C_in.dtype).reshape(C_in.shape) if C_in.dim() == 3 else dC.to(C_in.dtype)
+    dB = _bc_grad_out(dB, B_in, own=dB_acc is None)
+    dC = _bc_grad_out(dC, C_in, own=dC_acc is None)
     return (du, ddelta, dA.to(A.dtype), dB, dC, dD.to(D.dtype) if D is not None else None, dz,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None)
