@@ -1068,10 +1068,10 @@ def _bwd_reverse_walk_kernel(
 # --------------------------------------------------------------------------------------------
 def _bc_parts(block_d: int, grad: torch.Tensor) -> int:
     """The walks' partial dB / dC sums per program (``CONFIG["BC_PARTS"]``), at most one per channel of the block,
-    for the (B, G, N, L) buffer ``grad`` they are added into. Only where its states are contiguous: there a lane's
-    adds go out as 16-byte vectors (v34's measured layout, the mixer's), where elsewhere each of the P times more
-    values is an add of its own (a (B, N, L) buffer at 8 parts: the one-direction op's forward+backward 1.8x session
-    23's time, docs/kernels.md v34)."""
+    for the (B, G, N, L) buffer ``grad`` they are added into. Only where its states are adjacent, as in the mixer's
+    token-major buffers where v34 was measured: there a lane's adds go out as 16-byte vectors. Into a (B, N, L)
+    buffer, states L apart, the one-direction op's forward+backward took 1.8x session 23's time at 8 parts
+    (docs/kernels.md, v34), so there the block's channels are summed in one part."""
     parts = int(CONFIG["BC_PARTS"] or 1)
     if parts < 1 or parts & (parts - 1):
         raise ValueError(f"CONFIG['BC_PARTS'] must be a power of two, got {CONFIG['BC_PARTS']}")
