@@ -538,11 +538,8 @@ def _bc_grad_rows(dX_ptr, pid_b, group, N, s_b, s_g, s_n, BLOCK_D: tl.constexpr,
         rows = tl.arange(0, R)
         n = (rows // BLOCK_D) * NS + (rows % BLOCK_D) % NS
         own = ((rows % BLOCK_D) < NS) & (n < N)
-    elif PARTS > 1:
-        n = tl.arange(0, PARTS * BLOCK_N) % BLOCK_N
-        own = n < N
     else:
-        n = tl.arange(0, BLOCK_N)
+        n = tl.arange(0, PARTS * BLOCK_N) % BLOCK_N
         own = n < N
     return dX_ptr + pid_b * s_b + group * s_g + n * s_n, own
 
