@@ -88,7 +88,7 @@ def run_both(inputs, softplus=True, reverse=False, grads=True, tol=2e-5, gtol=1e
             continue
         assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{name} missing or not finite"
         assert a.grad.shape == a.shape
-        # dA is exactly 0 at L=1 (no earlier state to decay): compare absolutely there
+        # the reference's dA is exactly 0 at L=1 (no earlier state to decay): compare absolutely there
         if b.grad.norm() < 1e-9:
             assert a.grad.abs().max() < 1e-6, f"d{name} should be 0"
         else:
@@ -171,6 +171,26 @@ def test_dB_dC_channel_sums_both_ways(sums, reverse, monkeypatch):
     run_both(make_inputs(1, 40, 15, 16), reverse=reverse)
     run_both(make_inputs(2, 64, 5, 16, groups=2), reverse=reverse)
     run_both(make_inputs(1, 8, 9, 16), reverse=reverse)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_walk_products_either_way(shared, monkeypatch):
+    """SHARED_PRODUCTS (the default) forms the walks' X and Y from dC's and dB's products, one multiply per state
+    fewer; off, X and Y are the same bits where they are equal, so dA at L = 1 is exactly 0 rather than ~1 ulp of
+    its terms. Both against float64, chunked, in both orders, and at L = 1."""
+    monkeypatch.setitem(triton_scan.CONFIG, "SHARED_PRODUCTS", shared)
+    triton_scan.CHUNK_OVERRIDE = 5
+    for reverse in (False, True):
+        run_both(make_inputs(2, 40, 13, 16), reverse=reverse)
+    triton_scan.CHUNK_OVERRIDE = None
+    inputs = make_inputs(2, 8, 1, 16)
+    run_both(inputs)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    selective_scan_fn(*leaves, delta_softplus=True, backend="triton").sum().backward()
+    dA = leaves[2].grad
+    assert dA.abs().max() < 1e-6
+    if not shared:
+        assert (dA == 0).all()
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -89,6 +89,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   atomics 8x the adds to the same addresses. Session 26, H200, training step at 224 px bs 256 against 1: 2 / 4 / 8
 #   / 16 / 32 parts -4.0 / -7.7 / -11.5 / +3.3 / +51% (vim_tiny), 8 parts -10.1% (vim_small), -8.5% (vim_base),
 #   and -8.2% / -8.1% for vim_tiny / vim_small at 1248 px bs 8 (docs/kernels.md, v34). Ignored where BC_SCATTER applies.
+# - SHARED_PRODUCTS: the walks form X = (dy h) C and Y = (g du) B from the products dC and dB sum anyway, one multiply
+#   per state and token fewer in each walk (-4% of their loop instructions), instead of X = (dy C) h and
+#   Y = g (du B), which keep X and Y bit for bit equal where the true dA is 0 (L = 1; with the option, ~1 ulp of
+#   the terms there). Session 27, H200, training step against off: vim_tiny / vim_small / vim_base at 224 px bs 256
+#   -1.0 / -1.2 / -0.9%, vim_tiny / vim_small at 1248 px bs 8 -1.6 / -1.5% (docs/kernels.md, v36).
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -106,7 +111,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               MAXNREG_FWD_WALK_WAVE=128, MAXNREG_WALK_WAVES=1,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
-              WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2)
+              WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -793,7 +798,7 @@ def _bwd_forward_walk_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
-    DY_SCALE: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1,
+    DY_SCALE: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1, SHARED: tl.constexpr = False,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk QX = sum X_t * (delta summed from the chunk start) and, per row (``_row_offsets``),
@@ -879,11 +884,15 @@ def _bwd_forward_walk_kernel(
                 dD_acc += dy * u
             F = _sum_parts(ax * LN2, SPLIT, BLOCK_D)
             F_tile = tl.where(cols[None, :] == j, F[:, None], F_tile)
-            X = (dy[:, None] * Cv) * h
+            dyh = dy[:, None] * h
+            if SHARED:   # dC's product reused: one multiply per state and token fewer (``CONFIG["SHARED_PRODUCTS"]``)
+                X = dyh * Cv
+            else:
+                X = (dy[:, None] * Cv) * h
             ax += tl.sum(A2 * X, axis=1)
             dcum += dl
             qx += X * dcum[:, None]
-            dC = _sum_channels_for_rows(dy[:, None] * h, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
+            dC = _sum_channels_for_rows(dyh, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
             dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
         pp = p0 + cols
         tt = _token(pp, L, REVERSE)
@@ -919,7 +928,7 @@ def _bwd_reverse_walk_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr, DY_SCALE: tl.constexpr,
-    DA_LOG: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1,
+    DA_LOG: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1, SHARED: tl.constexpr = False,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA (or with DA_LOG, A_log's gradient dA * A) and ddelta_bias (atomic). LOOKAHEAD: as in the forward walk
@@ -962,7 +971,7 @@ def _bwd_reverse_walk_kernel(
     rs = _row_offsets(pid_b, pid_c, NC, Dm, part, offs_d, SPLIT)
     K = (tl.load(tx_ptr + rs, mask=mask_d, other=0.0) + tl.sum(A2 * after, axis=1)) * LN2   # this row's share
     # the chunk's delta sum, as the forward walk summed it: at a one-token chunk rem * Y below is then the forward
-    # walk's dcum * X bit for bit, and dA's difference cancels to exactly 0
+    # walk's dcum * X bit for bit where X and Y are (SHARED off), and dA's difference cancels to exactly 0
     dsum = tl.load(tx_ptr + rs + SPLIT * Dm, mask=mask_d, other=0.0)
 
     gnext = gin
@@ -1020,9 +1029,11 @@ def _bwd_reverse_walk_kernel(
                 dy = dy * z * _sigmoid(z, ASM)
             g = gnext + dy[:, None] * Cv
             du_ = dl * u
-            # b rounded as the forward walk's h update rounds it, so that where X and Y are equal (L = 1)
-            # they are bit for bit and dA's X - Y cancels to exactly 0
-            Y = g * (du_[:, None] * Bv)
+            gdu = g * du_[:, None]
+            if SHARED:   # dB's product reused, as the forward walk reuses dC's: X and Y then round differently
+                Y = gdu * Bv
+            else:        # b rounded as the forward walk's h update rounds it: at L = 1, where X and Y are equal,
+                Y = g * (du_[:, None] * Bv)   # they are bit for bit and dA's X - Y cancels to exactly 0
             ay += tl.sum(A2 * Y, axis=1)
             qy += Y * rem[:, None]
             rem -= dl
@@ -1038,7 +1049,7 @@ def _bwd_reverse_walk_kernel(
             dbias_acc += ddl
             du_tile = tl.where(cols[None, :] == j, du[:, None], du_tile)
             ddl_tile = tl.where(cols[None, :] == j, ddl[:, None], ddl_tile)
-            dB = _sum_channels_for_rows(g * du_[:, None], SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
+            dB = _sum_channels_for_rows(gdu, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
             dB_tile = tl.where(cols[None, :] == j, dB[:, None], dB_tile)
             gnext = tl.exp2(dl[:, None] * A2) * g
         qq = q0 + cols
@@ -1479,6 +1490,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
                                    dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *dzz.stride(), *dC.stride(), HAS_D=D is not None,
                                    DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, BC_PARTS=parts_dC,
+                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]),
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_forward_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
@@ -1487,6 +1499,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(), *dB.stride(),
                                    HAS_D=D is not None, SCATTER=scatter, BC_PARTS=parts_dB, DA_LOG=bool(grad_A_log),
+                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]),
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     dB = _bc_grad_out(dB, B_in, own=dB_acc is None)
