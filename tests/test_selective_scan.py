@@ -157,16 +157,18 @@ def test_forward_group_sizes(unroll, reverse, lookahead, monkeypatch):
     run_both(make_inputs(1, 6, 5, 4, has_z=False, has_bias=False), softplus=False, reverse=reverse, grads=False)
 
 
-@pytest.mark.parametrize("sums", ["butterfly", "scatter", "parts"])
+@pytest.mark.parametrize("sums", ["butterfly", "scatter", "parts", "quads"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_dB_dC_channel_sums_both_ways(sums, reverse, monkeypatch):
     """The backward walks sum each token's dB / dC over a block's channels as one butterfly per state
     (BC_PARTS 1), as a reduce-scatter (BC_SCATTER: one state per row afterwards), or as 8 partial sums per block
     that the atomics add (BC_PARTS 8, the default): the model's 32-channel blocks with 16 states, a block
     overhanging the channels, grouped B/C, and a block with fewer channels than states (the butterfly with
-    BC_SCATTER, one channel per part with BC_PARTS)."""
+    BC_SCATTER, one channel per part with BC_PARTS). BC_QUADS: 8 parts reduce-scattered to 4 adjacent states a
+    channel (where a part's channels hold 4 states each: the first two cases; the third falls back to the parts)."""
     monkeypatch.setitem(triton_scan.CONFIG, "BC_SCATTER", sums == "scatter")
-    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 8 if sums == "parts" else 1)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 8 if sums in ("parts", "quads") else 1)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_QUADS", sums == "quads")
     triton_scan.CHUNK_OVERRIDE = 7
     run_both(make_inputs(1, 40, 15, 16), reverse=reverse)
     run_both(make_inputs(2, 64, 5, 16, groups=2), reverse=reverse)
@@ -843,17 +845,38 @@ def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch)
 
 
 @gpu_only
-@pytest.mark.parametrize("knob", [("BC_SCATTER", True), ("BC_PARTS", 4), ("BC_PARTS", 8)])
+@pytest.mark.parametrize("knobs", [dict(BC_SCATTER=True), dict(BC_PARTS=4), dict(BC_PARTS=8),
+                                   dict(BC_PARTS=8, BC_QUADS=True)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gpu_channel_sums_scattered_match_butterflies(reverse, knob, monkeypatch):
-    """dB / dC summed over channels as a reduce-scatter (BC_SCATTER) or as partial sums (BC_PARTS; 8 is the
-    default) give what one butterfly per state gives, at the model's layout (32-channel blocks, 16 states, bf16
+def test_gpu_channel_sums_scattered_match_butterflies(reverse, knobs, monkeypatch):
+    """dB / dC summed over channels as a reduce-scatter (BC_SCATTER), as partial sums (BC_PARTS; 8 is the
+    default) or as partial sums reduce-scattered to 4 adjacent states a lane, added by one vector atomic in PTX
+    (BC_QUADS) give what one butterfly per state gives, at the model's layout (32-channel blocks, 16 states, bf16
     rows)."""
     inputs = make_inputs(2, 64, 197, 16, model_rows=True)
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 1)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_QUADS", False)
     butterflies = triton_outputs(inputs, reverse)
-    monkeypatch.setitem(triton_scan.CONFIG, *knob)
+    for key, value in knobs.items():
+        monkeypatch.setitem(triton_scan.CONFIG, key, value)
     assert_same_results(butterflies, triton_outputs(inputs, reverse))
+
+
+def test_quads_only_where_the_vector_atomic_fits(monkeypatch):
+    """BC_QUADS applies where a part's channels hold 4 states each, one thread a channel, and the buffer's states
+    are adjacent with 16-byte aligned rows (the token-major buffers of the op and the mixer); elsewhere the walks
+    keep the tile path."""
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_QUADS", True)
+    token_major = torch.zeros(2, 1, 197, 16).transpose(2, 3)     # (B, G, N, L), states adjacent
+    assert triton_scan._bc_quads(32, 1, 16, 8, token_major)
+    assert not triton_scan._bc_quads(32, 2, 16, 8, token_major)      # states split over two threads
+    assert not triton_scan._bc_quads(32, 1, 16, 4, token_major)      # 8 channels a part: 2 states each
+    assert not triton_scan._bc_quads(32, 1, 8, 8, token_major)       # N = 8
+    assert not triton_scan._bc_quads(32, 1, 16, 8, torch.zeros(2, 1, 16, 197))         # states L apart
+    odd = torch.zeros(2, 1, 197, 18)[..., 1:17].transpose(2, 3)   # rows 4 bytes off a 16-byte boundary
+    assert not triton_scan._bc_quads(32, 1, 16, 8, odd)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_QUADS", False)
+    assert not triton_scan._bc_quads(32, 1, 16, 8, token_major)
 
 
 @gpu_only

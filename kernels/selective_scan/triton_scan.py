@@ -94,6 +94,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   Y = g (du B), which keep X and Y bit for bit equal where the true dA is 0 (L = 1; with the option, ~1 ulp of
 #   the terms there). Session 27, H200, training step against off: vim_tiny / vim_small / vim_base at 224 px bs 256
 #   -1.0 / -1.2 / -0.9%, vim_tiny / vim_small at 1248 px bs 8 -1.6 / -1.5% (docs/kernels.md, v36).
+# - BC_QUADS: with BC_PARTS parts of 4 channels and 16 states (the model's walks), each token's part sums are
+#   reduce-scattered over a part's 4 lanes so that each lane ends with 4 adjacent states, which it adds with one
+#   16-byte vector atomic in inline PTX (``_sum_channels_to_quads``, ``_add_quads``; ``_bc_quads`` says where). The
+#   butterflies instead leave all 16 sums in each of the 4 lanes, and the tile reaches the vector atomics through
+#   shared memory. sm_90 SASS, vim_tiny bs 256 (session 27): the walks' loops 684 / 748 -> 615 / 662 instructions,
+#   24 shuffles instead of 64, no shared memory or barrier in the loop. Prepared, not yet timed: off.
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -116,7 +122,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
               WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
-              WIDE_UNROLL=None, WIDE_PREFETCH=None)
+              WIDE_UNROLL=None, WIDE_PREFETCH=None, BC_QUADS=False)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -538,6 +544,63 @@ def _sum_channels_scattered(x, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _halves(x):
+    """[R, W] -> its first and its second W // 2 columns (a thread holds whole rows: no data moves)."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, [R, 2, W // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _sum_channels_to_quads(x, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
+    """[R, NS] -> four [R]: row r's part sums (over its run of CPP = BLOCK_D // PARTS channels, NS = 4 * CPP) of the 4
+    adjacent states from ``_quad_state(r)`` on. A reduce-scatter over the part's lane bits in which each level keeps
+    the half of the row's states (upper or lower: they stay adjacent) that the row's bit selects and adds its
+    partner's copy of that half: at CPP = 4, NS = 16, 8 + 4 shuffles and adds and 24 selects a token, where the
+    butterflies take 32 and 32 and then a shared-memory pass to give each lane 4 adjacent states for its vector
+    atomic (``CONFIG["BC_QUADS"]``)."""
+    R: tl.constexpr = x.shape[0]
+    CPP: tl.constexpr = BLOCK_D // PARTS
+    rows = tl.arange(0, R)
+    for k in tl.static_range(8):
+        if (1 << k) < CPP:
+            lo, hi = _halves(x)
+            bit = ((rows >> k) & 1)[:, None] == 1
+            x = tl.where(bit, hi, lo) + _row_partner(tl.where(bit, lo, hi), k)
+    even, odd = tl.split(tl.reshape(x, [R, 2, 2]))   # states 0, 2 and 1, 3 of the quad
+    q0, q2 = tl.split(even)
+    q1, q3 = tl.split(odd)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _quad_state(rows, NS: tl.constexpr, CPP: tl.constexpr):
+    """First state of the quad ``_sum_channels_to_quads`` leaves in each row."""
+    n = rows * 0
+    for k in tl.static_range(8):
+        if (1 << k) < CPP:
+            n += ((rows >> k) & 1) * (NS >> (k + 1))
+    return n
+
+
+@triton.jit
+def _add_quads(ptrs, q0, q1, q2, q3, pred, ASM: tl.constexpr):
+    """ptrs[r][0:4] += (q0, q1, q2, q3)[r] where pred[r]: on the GPU one 16-byte vector reduction a row
+    (``red.relaxed.gpu.global.add.v4.f32``, sm_90; ptrs 16-byte aligned), relaxed as the walks' other atomics."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $6, 0; "
+            "@p red.relaxed.gpu.global.add.v4.f32 [$1], {$2, $3, $4, $5}; mov.u32 $0, 0; }",
+            "=r,l,f,f,f,f,r", [ptrs.to(tl.int64), q0, q1, q2, q3, pred.to(tl.int32)], dtype=tl.int32,
+            is_pure=False, pack=1)
+    else:   # (+ 0.0: the interpreter's atomics read a split's strided values as if they were contiguous)
+        tl.atomic_add(ptrs, q0 + 0.0, mask=pred, sem="relaxed")
+        tl.atomic_add(ptrs + 1, q1 + 0.0, mask=pred, sem="relaxed")
+        tl.atomic_add(ptrs + 2, q2 + 0.0, mask=pred, sem="relaxed")
+        tl.atomic_add(ptrs + 3, q3 + 0.0, mask=pred, sem="relaxed")
+
+
+@triton.jit
 def _bc_grad_rows(dX_ptr, pid_b, group, N, s_b, s_g, s_n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   NS: tl.constexpr, R: tl.constexpr, SCATTER: tl.constexpr, PARTS: tl.constexpr = 1):
     """Per row of a dB / dC tile, the address of its state's gradient at token 0 of the (B, G, N, L) float32
@@ -804,6 +867,7 @@ def _bwd_forward_walk_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
     DY_SCALE: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1, SHARED: tl.constexpr = False,
+    QUADS: tl.constexpr = False,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk QX = sum X_t * (delta summed from the chunk start) and, per row (``_row_offsets``),
@@ -830,6 +894,9 @@ def _bwd_forward_walk_kernel(
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, N, sdC_b, sdC_g, sdC_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
                                     BC_PARTS)
+    if QUADS:   # each row's 4 adjacent states of dC, added per token (``_sum_channels_to_quads``)
+        dC_quad = _bc_base(dC_ptr, pid_b, group, sdC_b, sdC_g) + _quad_state(tl.arange(0, R), NS,
+                                                                             BLOCK_D // BC_PARTS) * sdC_n
     TILE_N: tl.constexpr = R if SCATTER else BC_PARTS * BLOCK_N
 
     h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N, R, NS)
@@ -897,8 +964,12 @@ def _bwd_forward_walk_kernel(
             ax += tl.sum(A2 * X, axis=1)
             dcum += dl
             qx += X * dcum[:, None]
-            dC = _sum_channels_for_rows(dyh, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
-            dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
+            if QUADS:
+                s0, s1, s2, s3 = _sum_channels_to_quads(dyh, BLOCK_D, BC_PARTS)
+                _add_quads(dC_quad + t * sdC_l, s0, s1, s2, s3, (tl.arange(0, R) * 0 + p) < p_end, ASM)
+            else:
+                dC = _sum_channels_for_rows(dyh, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
+                dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
         pp = p0 + cols
         tt = _token(pp, L, REVERSE)
         okv = pp < p_end
@@ -909,8 +980,9 @@ def _bwd_forward_walk_kernel(
                 dz_tile += tl.load(dz_addr, mask=m, other=0.0).to(tl.float32)
             tl.store(dz_addr, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
         tl.store(F_ptrs[:, None] + tt[None, :] * Dm, F_tile, mask=m)
-        tl.atomic_add(dC_ptrs[:, None] + tt[None, :] * sdC_l, dC_tile, mask=mask_n[:, None] & okv[None, :],
-                      sem="relaxed")
+        if not QUADS:
+            tl.atomic_add(dC_ptrs[:, None] + tt[None, :] * sdC_l, dC_tile, mask=mask_n[:, None] & okv[None, :],
+                          sem="relaxed")
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d & (part == 0), sem="relaxed")
     st = _state_offsets(pid_b, pid_c, NC, Dm, N, offs_d, n_idx)
@@ -934,6 +1006,7 @@ def _bwd_reverse_walk_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr, DY_SCALE: tl.constexpr,
     DA_LOG: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1, SHARED: tl.constexpr = False,
+    QUADS: tl.constexpr = False,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA (or with DA_LOG, A_log's gradient dA * A) and ddelta_bias (atomic). LOOKAHEAD: as in the forward walk
@@ -956,6 +1029,9 @@ def _bwd_reverse_walk_kernel(
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, N, sdB_b, sdB_g, sdB_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
                                     BC_PARTS)
+    if QUADS:
+        dB_quad = _bc_base(dB_ptr, pid_b, group, sdB_b, sdB_g) + _quad_state(tl.arange(0, R), NS,
+                                                                             BLOCK_D // BC_PARTS) * sdB_n
     TILE_N: tl.constexpr = R if SCATTER else BC_PARTS * BLOCK_N
 
     # Fold the later chunks into the adjoint entering this chunk from the right, gin. What the later chunks
@@ -1054,8 +1130,12 @@ def _bwd_reverse_walk_kernel(
             dbias_acc += ddl
             du_tile = tl.where(cols[None, :] == j, du[:, None], du_tile)
             ddl_tile = tl.where(cols[None, :] == j, ddl[:, None], ddl_tile)
-            dB = _sum_channels_for_rows(gdu, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
-            dB_tile = tl.where(cols[None, :] == j, dB[:, None], dB_tile)
+            if QUADS:
+                s0, s1, s2, s3 = _sum_channels_to_quads(gdu, BLOCK_D, BC_PARTS)
+                _add_quads(dB_quad + t * sdB_l, s0, s1, s2, s3, (tl.arange(0, R) * 0 + q) < n_steps, ASM)
+            else:
+                dB = _sum_channels_for_rows(gdu, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
+                dB_tile = tl.where(cols[None, :] == j, dB[:, None], dB_tile)
             gnext = tl.exp2(dl[:, None] * A2) * g
         qq = q0 + cols
         pp = p_end - 1 - qq
@@ -1064,8 +1144,9 @@ def _bwd_reverse_walk_kernel(
         m = mask_o[:, None] & okv[None, :]
         tl.store(du_ptrs[:, None] + tt[None, :] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(ddl_ptrs[:, None] + tt[None, :] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
-        tl.atomic_add(dB_ptrs[:, None] + tt[None, :] * sdB_l, dB_tile, mask=mask_n[:, None] & okv[None, :],
-                      sem="relaxed")
+        if not QUADS:
+            tl.atomic_add(dB_ptrs[:, None] + tt[None, :] * sdB_l, dB_tile, mask=mask_n[:, None] & okv[None, :],
+                          sem="relaxed")
     qx_c = tl.load(qx_ptr + st, mask=mask2, other=0.0)
     # sum_t delta_t * dw_t over this chunk: sum_t (X_t - Y_t) * (delta summed up to t), and the later chunks' share
     dA = qx_c - qy + dsum[:, None] * after
@@ -1091,6 +1172,16 @@ def _bc_parts(block_d: int, grad: torch.Tensor) -> int:
     if grad.shape[2] > 1 and grad.stride(2) != 1:
         return 1
     return min(parts, block_d)
+
+
+def _bc_quads(block_d: int, split: int, N: int, parts: int, grad: torch.Tensor) -> bool:
+    """Whether a walk adds its dB / dC per token as 4 adjacent states a row (``CONFIG["BC_QUADS"]``,
+    ``_sum_channels_to_quads``): one thread a channel, 4 states per channel of a part (N = 4 * block_d / parts),
+    and a buffer whose states are adjacent and whose rows are 16-byte aligned, as the vector atomic needs."""
+    if not CONFIG["BC_QUADS"] or split != 1 or parts < 2 or N != 4 * (block_d // parts):
+        return False
+    s_b, s_g, s_n, s_l = grad.stride()
+    return s_n == 1 and grad.data_ptr() % 16 == 0 and s_b % 4 == 0 and s_g % 4 == 0 and s_l % 4 == 0
 
 
 def _bc_grad_out(grad: torch.Tensor, like: torch.Tensor, own: bool) -> torch.Tensor:
@@ -1488,6 +1579,8 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     dB = dB_acc if dB_acc is not None else fresh.pop(0).transpose(2, 3)
     dC = dC_acc if dC_acc is not None else fresh.pop(0).transpose(2, 3)
     parts_dC, parts_dB = (1, 1) if scatter else (_bc_parts(block_d, dC), _bc_parts(block_d, dB))
+    quads_dC, quads_dB = (not scatter and _bc_quads(block_d, split, N, parts, grad)
+                          for parts, grad in ((parts_dC, dC), (parts_dB, dB)))
     F = _empty((batch, L, Dm), f32, dev)
     tx = _empty((batch, nc, 2, split, Dm), f32, dev)   # per-row chunk scalars (``_row_offsets``)
     qx = _empty((batch, nc, N, Dm), f32, dev)
@@ -1496,7 +1589,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
                                    dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *dzz.stride(), *dC.stride(), HAS_D=D is not None,
                                    DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, BC_PARTS=parts_dC,
-                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]),
+                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]), QUADS=quads_dC,
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_forward_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
@@ -1505,7 +1598,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(), *dB.stride(),
                                    HAS_D=D is not None, SCATTER=scatter, BC_PARTS=parts_dB, DA_LOG=bool(grad_A_log),
-                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]),
+                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]), QUADS=quads_dB,
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     dB = _bc_grad_out(dB, B_in, own=dB_acc is None)
