@@ -186,27 +186,26 @@ def test_gpu_fused_autocast(dtype):
     run_both(2, 197, 192, 16, 12, dtype=dtype, autocast=True, tol=2e-2, gtol=3e-2)
 
 
-@pytest.mark.parametrize("dtype, unroll", [(torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, 1)])
-def test_wide_forward_layout_matches_reference(monkeypatch, dtype, unroll):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wide_forward_layout_matches_reference(monkeypatch, dtype):
     """The one-chunk forward's wide layout (one thread per channel, 32-channel programs, registers capped; on the
     GPU ``triton_scan._forward_wide`` takes it where it runs in fewer waves), forced here: the mixer under
     autocast matches the float64 reference, output and every gradient, as the split layout does; both directions'
-    launches (the second accumulating into the first's output) are the wide ones, with UNROLL tokens a group or
-    their own WIDE_UNROLL. 40 channels: the second block overhangs."""
+    launches (the second accumulating into the first's output) are the wide ones. 40 channels: the second block
+    overhangs."""
     kernel, blocks = triton_scan._fwd_kernel, []
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                blocks.append((kw["BLOCK_D"], kw["SPLIT"], kw.get("maxnreg"), kw["UNROLL"]))
+                blocks.append((kw["BLOCK_D"], kw["SPLIT"], kw.get("maxnreg")))
                 return kernel[grid](*args, **kw)
             return launch
 
     monkeypatch.setattr(triton_scan, "_fwd_kernel", Spy())
     monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: True)
-    monkeypatch.setitem(triton_scan.CONFIG, "WIDE_UNROLL", unroll)
     run_both(2, 13, 40, 16, 4, dtype=dtype, autocast=True, tol=2e-2, gtol=3e-2)
-    assert blocks == [(32, 1, 80, unroll or triton_scan.CONFIG["UNROLL"])] * 2
+    assert blocks == [(32, 1, 80)] * 2
 
 
 @gpu_only

@@ -98,8 +98,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   reduce-scattered over a part's 4 lanes so that each lane ends with 4 adjacent states, which it adds with one
 #   16-byte vector atomic in inline PTX (``_sum_channels_to_quads``, ``_add_quads``; ``_bc_quads`` says where). The
 #   butterflies instead leave all 16 sums in each of the 4 lanes, and the tile reaches the vector atomics through
-#   shared memory. sm_90 SASS, vim_tiny bs 256 (session 27): the walks' loops 684 / 748 -> 615 / 662 instructions,
-#   24 shuffles instead of 64, no shared memory or barrier in the loop. Prepared, not yet timed: off.
+#   shared memory. sm_90 SASS, vim_tiny bs 256, triton 3.6 (session 27): the walks' loops 657 / 726 -> 588 / 637
+#   instructions, 24 shuffles instead of 64, no shared memory or barrier in the loop. Prepared, not yet timed: off.
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -110,10 +110,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   vim_base bs 256 -6.9% (docs/kernels.md, v30). Uncapped (86 / 102 registers) it was slower. Measured with
 #   half-precision u and an activated delta (the mixer), so only there; chunked (long L) plans keep the split layout
 #   (vim_small at 1248 px ran 5.4% slower wide).
-#   WIDE_UNROLL / WIDE_PREFETCH: the wide launches' own tokens per group and prefetch distance in groups (None: UNROLL,
-#   PREFETCH). At 80 registers and two tokens a group the wide loop spills 8 / 16 bytes (1 / 4 local loads and stores
-#   an iteration, the second direction more); at one token a group it compiles without spills and with as many
-#   instructions per token (session 27, sm_90, docs/kernels.md), fewer loads in flight. Not yet timed.
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
               BC_SCATTER=False, BC_PARTS=8, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
@@ -122,7 +118,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
               WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
-              WIDE_UNROLL=None, WIDE_PREFETCH=None, BC_QUADS=False)
+              BC_QUADS=False)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -1412,14 +1408,13 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
         delta_bias, softplus = None, 0
     wave_cap = _forward_wave_cap(n_d * nc * batch, num_warps, dev)
     wide_d = CONFIG["WIDE_BLOCK_D"]
-    unroll, prefetch = CONFIG["UNROLL"], _forward_prefetch(T, nc)
     if (nc == 1 and softplus == 0 and u.dtype in (torch.bfloat16, torch.float16) and wide_d
             and _block_d(Dm, G, wide_d) == wide_d
             and _forward_wide(batch * n_d, wave_cap, batch * cdiv(Dm, wide_d), dev)):
         block_d, n_d, split, num_warps = wide_d, cdiv(Dm, wide_d), 1, wide_d // 32
         wave_cap = CONFIG["WIDE_MAXNREG"]
-        unroll, prefetch = CONFIG["WIDE_UNROLL"] or unroll, CONFIG["WIDE_PREFETCH"] or prefetch
-    flags = _flags(u, B, C, N, block_d, split, unroll, num_warps, z, delta_bias, softplus, reverse, prefetch)
+    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], num_warps, z, delta_bias,
+                   softplus, reverse, _forward_prefetch(T, nc))
     flags["HAS_D"] = D is not None
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc) and not wave_cap
     grid = (n_d, nc, batch)
