@@ -96,9 +96,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   -1.0 / -1.2 / -0.9%, vim_tiny / vim_small at 1248 px bs 8 -1.6 / -1.5% (docs/kernels.md, v36).
 # - BC_QUADS: with BC_PARTS parts of 4 channels and 16 states (the model's walks), each token's part sums are
 #   reduce-scattered over a part's 4 lanes so that each lane ends with 4 adjacent states, which it adds with one
-#   16-byte vector atomic in inline PTX (``_sum_channels_to_quads``, ``_add_quads``; ``_bc_quads`` says where). The
+#   16-byte vector atomic in inline PTX (``_sum_channels_to_quads``, ``_add_token_quads``; ``_bc_quads`` says where). The
 #   butterflies instead leave all 16 sums in each of the 4 lanes, and the tile reaches the vector atomics through
-#   shared memory. sm_90 SASS, vim_tiny bs 256, triton 3.6 (session 27): the walks' loops 657 / 726 -> 588 / 637
+#   shared memory. sm_90 SASS, vim_tiny bs 256, triton 3.6 (session 27): the walks' loops 657 / 726 -> 589 / 637
 #   instructions, 24 shuffles instead of 64, no shared memory or barrier in the loop. Prepared, not yet timed: off.
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
@@ -550,7 +550,7 @@ def _halves(x):
 @triton.jit
 def _sum_channels_to_quads(x, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
     """[R, NS] -> four [R]: row r's part sums (over its run of CPP = BLOCK_D // PARTS channels, NS = 4 * CPP) of the 4
-    adjacent states from ``_quad_state(r)`` on. A reduce-scatter over the part's lane bits in which each level keeps
+    adjacent states from the one ``_bc_quad_rows`` addresses on. A reduce-scatter over the part's lane bits in which each level keeps
     the half of the row's states (upper or lower: they stay adjacent) that the row's bit selects and adds its
     partner's copy of that half: at CPP = 4, NS = 16, 8 + 4 shuffles and adds and 24 selects a token, where the
     butterflies take 32 and 32 and then a shared-memory pass to give each lane 4 adjacent states for its vector
@@ -570,30 +570,35 @@ def _sum_channels_to_quads(x, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
 
 
 @triton.jit
-def _quad_state(rows, NS: tl.constexpr, CPP: tl.constexpr):
-    """First state of the quad ``_sum_channels_to_quads`` leaves in each row."""
+def _bc_quad_rows(dX_ptr, pid_b, group, s_b, s_g, s_n, R: tl.constexpr, NS: tl.constexpr, CPP: tl.constexpr):
+    """Per row, the address at token 0 of the first of the 4 states ``_sum_channels_to_quads`` leaves it (each level
+    that kept the upper half moves it on by that half)."""
+    rows = tl.arange(0, R)
     n = rows * 0
     for k in tl.static_range(8):
         if (1 << k) < CPP:
             n += ((rows >> k) & 1) * (NS >> (k + 1))
-    return n
+    return _bc_base(dX_ptr, pid_b, group, s_b, s_g) + n * s_n
 
 
 @triton.jit
-def _add_quads(ptrs, q0, q1, q2, q3, pred, ASM: tl.constexpr):
-    """ptrs[r][0:4] += (q0, q1, q2, q3)[r] where pred[r]: on the GPU one 16-byte vector reduction a row
-    (``red.relaxed.gpu.global.add.v4.f32``, sm_90; ptrs 16-byte aligned), relaxed as the walks' other atomics."""
+def _add_token_quads(x, ptrs, valid, BLOCK_D: tl.constexpr, PARTS: tl.constexpr, ASM: tl.constexpr):
+    """One token's dB / dC: x [R, NS] summed over each part's channels as quads (``_sum_channels_to_quads``) and
+    added at ptrs (``_bc_quad_rows`` moved to the token) if the token is in the chunk (``valid``). On the GPU one
+    16-byte vector reduction a row (``red.relaxed.gpu.global.add.v4.f32``, sm_90; ptrs 16-byte aligned), relaxed as
+    the walks' other atomics."""
+    q0, q1, q2, q3 = _sum_channels_to_quads(x, BLOCK_D, PARTS)
+    pred = tl.zeros([x.shape[0]], dtype=tl.int32) + valid.to(tl.int32)
     if ASM:
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $6, 0; "
             "@p red.relaxed.gpu.global.add.v4.f32 [$1], {$2, $3, $4, $5}; mov.u32 $0, 0; }",
-            "=r,l,f,f,f,f,r", [ptrs.to(tl.int64), q0, q1, q2, q3, pred.to(tl.int32)], dtype=tl.int32,
-            is_pure=False, pack=1)
+            "=r,l,f,f,f,f,r", [ptrs.to(tl.int64), q0, q1, q2, q3, pred], dtype=tl.int32, is_pure=False, pack=1)
     else:   # (+ 0.0: the interpreter's atomics read a split's strided values as if they were contiguous)
-        tl.atomic_add(ptrs, q0 + 0.0, mask=pred, sem="relaxed")
-        tl.atomic_add(ptrs + 1, q1 + 0.0, mask=pred, sem="relaxed")
-        tl.atomic_add(ptrs + 2, q2 + 0.0, mask=pred, sem="relaxed")
-        tl.atomic_add(ptrs + 3, q3 + 0.0, mask=pred, sem="relaxed")
+        tl.atomic_add(ptrs, q0 + 0.0, mask=pred != 0, sem="relaxed")
+        tl.atomic_add(ptrs + 1, q1 + 0.0, mask=pred != 0, sem="relaxed")
+        tl.atomic_add(ptrs + 2, q2 + 0.0, mask=pred != 0, sem="relaxed")
+        tl.atomic_add(ptrs + 3, q3 + 0.0, mask=pred != 0, sem="relaxed")
 
 
 @triton.jit
@@ -890,9 +895,8 @@ def _bwd_forward_walk_kernel(
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, N, sdC_b, sdC_g, sdC_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
                                     BC_PARTS)
-    if QUADS:   # each row's 4 adjacent states of dC, added per token (``_sum_channels_to_quads``)
-        dC_quad = _bc_base(dC_ptr, pid_b, group, sdC_b, sdC_g) + _quad_state(tl.arange(0, R), NS,
-                                                                             BLOCK_D // BC_PARTS) * sdC_n
+    if QUADS:   # each row's 4 adjacent states of dC, added per token (``_add_token_quads``)
+        dC_quad = _bc_quad_rows(dC_ptr, pid_b, group, sdC_b, sdC_g, sdC_n, R, NS, BLOCK_D // BC_PARTS)
     TILE_N: tl.constexpr = R if SCATTER else BC_PARTS * BLOCK_N
 
     h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N, R, NS)
@@ -961,8 +965,7 @@ def _bwd_forward_walk_kernel(
             dcum += dl
             qx += X * dcum[:, None]
             if QUADS:
-                s0, s1, s2, s3 = _sum_channels_to_quads(dyh, BLOCK_D, BC_PARTS)
-                _add_quads(dC_quad + t * sdC_l, s0, s1, s2, s3, (tl.arange(0, R) * 0 + p) < p_end, ASM)
+                _add_token_quads(dyh, dC_quad + t * sdC_l, ok, BLOCK_D, BC_PARTS, ASM)
             else:
                 dC = _sum_channels_for_rows(dyh, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
                 dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
@@ -1026,8 +1029,7 @@ def _bwd_reverse_walk_kernel(
     dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, N, sdB_b, sdB_g, sdB_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
                                     BC_PARTS)
     if QUADS:
-        dB_quad = _bc_base(dB_ptr, pid_b, group, sdB_b, sdB_g) + _quad_state(tl.arange(0, R), NS,
-                                                                             BLOCK_D // BC_PARTS) * sdB_n
+        dB_quad = _bc_quad_rows(dB_ptr, pid_b, group, sdB_b, sdB_g, sdB_n, R, NS, BLOCK_D // BC_PARTS)
     TILE_N: tl.constexpr = R if SCATTER else BC_PARTS * BLOCK_N
 
     # Fold the later chunks into the adjoint entering this chunk from the right, gin. What the later chunks
@@ -1127,8 +1129,7 @@ def _bwd_reverse_walk_kernel(
             du_tile = tl.where(cols[None, :] == j, du[:, None], du_tile)
             ddl_tile = tl.where(cols[None, :] == j, ddl[:, None], ddl_tile)
             if QUADS:
-                s0, s1, s2, s3 = _sum_channels_to_quads(gdu, BLOCK_D, BC_PARTS)
-                _add_quads(dB_quad + t * sdB_l, s0, s1, s2, s3, (tl.arange(0, R) * 0 + q) < n_steps, ASM)
+                _add_token_quads(gdu, dB_quad + t * sdB_l, ok, BLOCK_D, BC_PARTS, ASM)
             else:
                 dB = _sum_channels_for_rows(gdu, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
                 dB_tile = tl.where(cols[None, :] == j, dB[:, None], dB_tile)
