@@ -849,9 +849,9 @@ def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch)
                                    dict(BC_PARTS=8, BC_QUADS=True)])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_channel_sums_scattered_match_butterflies(reverse, knobs, monkeypatch):
-    """dB / dC summed over channels as a reduce-scatter (BC_SCATTER), as partial sums (BC_PARTS; 8 is the
-    default) or as partial sums reduce-scattered to 4 adjacent states a lane, added by one vector atomic in PTX
-    (BC_QUADS) give what one butterfly per state gives, at the model's layout (32-channel blocks, 16 states, bf16
+    """dB / dC summed over channels as a reduce-scatter (BC_SCATTER), as partial sums (BC_PARTS) or as 8 partial
+    sums reduce-scattered to 4 adjacent states a lane, added by one vector atomic in PTX (BC_QUADS; the default)
+    give what one butterfly per state gives, at the model's layout (32-channel blocks, 16 states, bf16
     rows)."""
     inputs = make_inputs(2, 64, 197, 16, model_rows=True)
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 1)

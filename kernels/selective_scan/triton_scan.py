@@ -99,7 +99,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   16-byte vector atomic in inline PTX (``_sum_channels_to_quads``, ``_add_token_quads``; ``_bc_quads`` says where). The
 #   butterflies instead leave all 16 sums in each of the 4 lanes, and the tile reaches the vector atomics through
 #   shared memory. sm_90 SASS, vim_tiny bs 256, triton 3.6 (session 27): the walks' loops 657 / 726 -> 589 / 637
-#   instructions, 24 shuffles instead of 64, no shared memory or barrier in the loop. Prepared, not yet timed: off.
+#   instructions, 24 shuffles instead of 64, no shared memory or barrier in the loop. Session 28, H200, training step
+#   against off: vim_tiny / vim_small / vim_base at 224 px bs 256 -5.8 / -5.9 / -4.9%, vim_tiny / vim_small at
+#   1248 px bs 8 -4.3 / -4.1% (docs/kernels.md, v37).
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -118,7 +120,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
               WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
-              BC_QUADS=False)
+              BC_QUADS=True)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
