@@ -175,6 +175,31 @@ def test_dB_dC_channel_sums_both_ways(sums, reverse, monkeypatch):
     run_both(make_inputs(1, 8, 9, 16), reverse=reverse)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_walks_with_lane_offsets(reverse, monkeypatch):
+    """LANE_OFFSETS: the walks address their per-token rows as a uniform base plus a 32-bit offset per row. Against
+    float64, every gradient: token-major and channel-major inputs, grouped B / C (the quads), chunked (the chunk
+    summaries) and not, with and without z."""
+    monkeypatch.setitem(triton_scan.CONFIG, "LANE_OFFSETS", True)
+    taken = []
+    rule = triton_scan._lane_offsets_fit
+    monkeypatch.setattr(triton_scan, "_lane_offsets_fit", lambda *a: taken.append(rule(*a)) or taken[-1])
+    triton_scan.CHUNK_OVERRIDE = 7
+    run_both(make_inputs(2, 40, 15, 16), reverse=reverse)
+    run_both(make_inputs(2, 64, 9, 16, groups=2, token_major=False), reverse=reverse)
+    triton_scan.CHUNK_OVERRIDE = None
+    run_both(make_inputs(1, 24, 11, 4, has_z=False), reverse=reverse)
+    assert taken == [True] * 3
+
+
+def test_lane_offsets_only_where_int32_holds_them():
+    """The walks' 32-bit row offsets must hold channel * stride + token * stride within a batch."""
+    small = torch.empty(2, 197, 384).transpose(1, 2)
+    assert triton_scan._lane_offsets_fit((small, 1, 2))
+    long_rows = torch.empty(1, 2 ** 28, 16, dtype=torch.float16, device="meta").transpose(1, 2)   # (B, L, D) storage
+    assert not triton_scan._lane_offsets_fit((small, 1, 2), (long_rows, 1, 2))
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_walk_products_either_way(shared, monkeypatch):
     """SHARED_PRODUCTS (the default) forms the walks' X and Y from dC's and dB's products, one multiply per state
@@ -877,6 +902,18 @@ def test_quads_only_where_the_vector_atomic_fits(monkeypatch):
     assert not triton_scan._bc_quads(32, 1, 16, 8, odd)
     monkeypatch.setitem(triton_scan.CONFIG, "BC_QUADS", False)
     assert not triton_scan._bc_quads(32, 1, 16, 8, token_major)
+
+
+@gpu_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_walks_with_lane_offsets_match(reverse, monkeypatch):
+    """LANE_OFFSETS at the model's layout (32-channel blocks, 16 states, bf16 rows): the same output, gradients
+    within the atomics' rounding."""
+    inputs = make_inputs(2, 64, 197, 16, model_rows=True, dtype=torch.bfloat16)
+    monkeypatch.setitem(triton_scan.CONFIG, "LANE_OFFSETS", False)
+    plain = triton_outputs(inputs, reverse)
+    monkeypatch.setitem(triton_scan.CONFIG, "LANE_OFFSETS", True)
+    assert_same_results(plain, triton_outputs(inputs, reverse))
 
 
 @gpu_only

@@ -122,13 +122,15 @@ def test_dt_kernel_widens_bc_without_a_layout_conversion(tmp_path):
     assert len(converts) == 2 and all("#mma" in line for line in converts), converts
 
 
-def test_walks_partial_channel_sums_take_fewer_shuffle_levels(tmp_path):
-    """BC_PARTS=8, the default (docs/kernels.md, v34): each backward walk sums a token's dB / dC over 4 of its 32
-    channels, 2 butterfly levels per state instead of 5, so 16 states x 2 tokens of a loop iteration take 64
-    shuffles where one sum over the block takes 160; compiled for sm_90 with no spills, in both scan orders."""
+def test_walks_channel_sums_as_quads_take_fewer_shuffles(tmp_path):
+    """BC_PARTS=8 with BC_QUADS, the defaults (docs/kernels.md, v34 and v37): each backward walk sums a token's dB /
+    dC over 4 of its 32 channels as a reduce-scatter that leaves each lane 4 adjacent states, 8 + 4 shuffles a token,
+    so the 2 tokens of a loop iteration take 24 shuffles (the parts' butterflies took 64, one sum over the block 160)
+    and 2 vector atomics, with no shared memory in the loop; compiled for sm_90 with no spills, in both scan orders."""
     rows = compiled_rows(tmp_path, "--batch", "2", "--length", "9", "--dim", "32", "--kernels",
                          "_bwd_forward_walk_kernel", "_bwd_reverse_walk_kernel", timeout=900)
-    assert len(rows) == 4 and {r["flags"]["BC_PARTS"] for r in rows} == {8}
+    assert len(rows) == 4 and {r["flags"]["BC_PARTS"] for r in rows} == {8} and all(r["flags"]["QUADS"] for r in rows)
     for r in rows:
         assert "error" not in r, (r["kernel"], r["error"][:2000])
-        assert r["stack"] == 0 and r["spill_ops"] == 0 and r["shuffles"] == 64, (r["kernel"], r["stack"], r["shuffles"])
+        assert r["stack"] == 0 and r["spill_ops"] == 0 and r["shuffles"] == 24, (r["kernel"], r["stack"], r["shuffles"])
+        assert r["atomics"] == 2 and r["shared_ops"] == 0, (r["kernel"], r["atomics"], r["shared_ops"])

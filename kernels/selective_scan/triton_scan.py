@@ -102,6 +102,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   instructions, 24 shuffles instead of 64, no shared memory or barrier in the loop. Session 28, H200, training step
 #   against off: vim_tiny / vim_small / vim_base at 224 px bs 256 -5.8 / -5.9 / -4.9%, vim_tiny / vim_small at
 #   1248 px bs 8 -4.3 / -4.1% (docs/kernels.md, v37).
+# - LANE_OFFSETS: the walks address their per-token rows (u, delta, z, dy, F, dz, du, ddelta, the dB / dC quads) as
+#   the batch's uniform base plus a 32-bit offset per row (``_walk_rows``) instead of a 64-bit pointer per row moved
+#   on by 64-bit arithmetic each token; where every offset fits in int32 (``_lane_offsets_fit``). Session 28, H200,
+#   training step against off: vim_tiny / vim_small at 224 px bs 256 -1.4 / -0.8%; off until the model-level GPU
+#   tests have run with it (docs/kernels.md, v39).
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -120,7 +125,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
               WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
-              BC_QUADS=True)
+              BC_QUADS=True, LANE_OFFSETS=False)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -335,23 +340,28 @@ def _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
 @triton.jit
 def _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t, mask_d, part, N, su_l, sd_l, sz_l, sg_l, sB_l, sB_n,
               sC_l, sC_n, NS: tl.constexpr, SPLIT: tl.constexpr, HAS_Z: tl.constexpr, EVEN_D: tl.constexpr,
-              EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr):
+              EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, u_off=0, d_off=0, z_off=0, g_off=0):
     """A backward walk's loads for token t, unconverted (u, raw delta, z and dy in their storage dtypes; z is u
-    without HAS_Z), for ``_load_step`` to take a step later (LOOKAHEAD_BWD)."""
+    without HAS_Z), for ``_load_step`` to take a step later (LOOKAHEAD_BWD). ``u_off`` ... ``g_off``: the rows'
+    int32 channel offsets where the four pointers are the batch's scalar bases (``_walk_rows``), else 0."""
+    u_at = u_ptrs + (u_off + t * su_l)
+    d_at = dl_ptrs + (d_off + t * sd_l)
+    z_at = z_ptrs + (z_off + t * sz_l)
+    g_at = g_ptrs + (g_off + t * sg_l)
     if EVEN_D:
-        u = tl.load(u_ptrs + t * su_l)
-        raw = tl.load(dl_ptrs + t * sd_l)
-        g = tl.load(g_ptrs + t * sg_l)
+        u = tl.load(u_at)
+        raw = tl.load(d_at)
+        g = tl.load(g_at)
     else:
-        u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0)
-        raw = tl.load(dl_ptrs + t * sd_l, mask=mask_d, other=0.0)
-        g = tl.load(g_ptrs + t * sg_l, mask=mask_d, other=0.0)
+        u = tl.load(u_at, mask=mask_d, other=0.0)
+        raw = tl.load(d_at, mask=mask_d, other=0.0)
+        g = tl.load(g_at, mask=mask_d, other=0.0)
     z = u
     if HAS_Z:
         if EVEN_D:
-            z = tl.load(z_ptrs + t * sz_l)
+            z = tl.load(z_at)
         else:
-            z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0)
+            z = tl.load(z_at, mask=mask_d, other=0.0)
     Bv = _load_state_rows(B_base, t, sB_l, sB_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
     Cv = _load_state_rows(C_base, t, sC_l, sC_n, N, part, NS, SPLIT, EVEN_N, ROW_ASM)
     return u, raw, z, g, Bv, Cv
@@ -572,15 +582,43 @@ def _sum_channels_to_quads(x, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
 
 
 @triton.jit
-def _bc_quad_rows(dX_ptr, pid_b, group, s_b, s_g, s_n, R: tl.constexpr, NS: tl.constexpr, CPP: tl.constexpr):
+def _walk_rows(u_ptr, dl_ptr, z_ptr, dy_ptr, pid_b, offs_d, su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d,
+               LANE_OFFSETS: tl.constexpr):
+    """The walks' per-token rows of u, delta, z and dy at token 0 as pointers and int32 offsets to add
+    (``_step_raw``): per-row pointers and zeros, or with LANE_OFFSETS (``CONFIG["LANE_OFFSETS"]``) the batch's scalar
+    bases and the rows' channel offsets, so that a load's address is a 32-bit add and one widening add to a uniform
+    base rather than 64-bit arithmetic on a per-row pointer."""
+    u_off = offs_d * su_d
+    d_off = offs_d * sd_d
+    z_off = offs_d * sz_d
+    g_off = offs_d * sg_d
+    u = u_ptr + pid_b * su_b
+    d = dl_ptr + pid_b * sd_b
+    z = z_ptr + pid_b * sz_b
+    g = dy_ptr + pid_b * sg_b
+    if LANE_OFFSETS:
+        return u, d, z, g, u_off, d_off, z_off, g_off
+    else:
+        zero = offs_d * 0
+        return u + u_off, d + d_off, z + z_off, g + g_off, zero, zero, zero, zero
+
+
+@triton.jit
+def _bc_quad_rows(dX_ptr, pid_b, group, s_b, s_g, s_n, R: tl.constexpr, NS: tl.constexpr, CPP: tl.constexpr,
+                  LANE_OFFSETS: tl.constexpr = False):
     """Per row, the address at token 0 of the first of the 4 states ``_sum_channels_to_quads`` leaves it (each level
-    that kept the upper half moves it on by that half)."""
+    that kept the upper half moves it on by that half), as a pointer and an int32 offset to add: the row's pointer and
+    0, or with LANE_OFFSETS the scalar base and the row's offset (``_walk_rows``)."""
     rows = tl.arange(0, R)
     n = rows * 0
     for k in tl.static_range(8):
         if (1 << k) < CPP:
             n += ((rows >> k) & 1) * (NS >> (k + 1))
-    return _bc_base(dX_ptr, pid_b, group, s_b, s_g) + n * s_n
+    base = _bc_base(dX_ptr, pid_b, group, s_b, s_g)
+    if LANE_OFFSETS:
+        return base, n * s_n
+    else:
+        return base + n * s_n, rows * 0
 
 
 @triton.jit
@@ -870,7 +908,7 @@ def _bwd_forward_walk_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
     DY_SCALE: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1, SHARED: tl.constexpr = False,
-    QUADS: tl.constexpr = False,
+    QUADS: tl.constexpr = False, LANE_OFFSETS: tl.constexpr = False,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk QX = sum X_t * (delta summed from the chunk start) and, per row (``_row_offsets``),
@@ -887,18 +925,21 @@ def _bwd_forward_walk_kernel(
         A_ptr, bias_ptr, Dm, N, CPG, sA_d, sA_n, BLOCK_D, BLOCK_N, SPLIT, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d & (part == 0), other=0.0).to(tl.float32)
-    u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
-    dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
-    z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
-    g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
-    dz_ptrs = dz_ptr + pid_b * sdz_b + offs_o * sdz_d
-    F_ptrs = F_ptr + pid_b * L * Dm + offs_o
+    u_ptrs, dl_ptrs, z_ptrs, g_ptrs, u_off, d_off, z_off, g_off = _walk_rows(
+        u_ptr, dl_ptr, z_ptr, dy_ptr, pid_b, offs_d, su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, LANE_OFFSETS)
+    dz_ptrs = dz_ptr + pid_b * sdz_b
+    F_ptrs = F_ptr + pid_b * L * Dm
+    dz_off = offs_o * sdz_d
+    if not LANE_OFFSETS:
+        dz_ptrs += dz_off
+        F_ptrs += offs_o
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, N, sdC_b, sdC_g, sdC_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
                                     BC_PARTS)
     if QUADS:   # each row's 4 adjacent states of dC, added per token (``_add_token_quads``)
-        dC_quad = _bc_quad_rows(dC_ptr, pid_b, group, sdC_b, sdC_g, sdC_n, R, NS, BLOCK_D // BC_PARTS)
+        dC_quad, dC_qoff = _bc_quad_rows(dC_ptr, pid_b, group, sdC_b, sdC_g, sdC_n, R, NS, BLOCK_D // BC_PARTS,
+                                         LANE_OFFSETS)
     TILE_N: tl.constexpr = R if SCATTER else BC_PARTS * BLOCK_N
 
     h = _initial_state(hloc_ptr, S_ptr, A2, pid_b, pid_c, offs_d, n_idx, mask2, mask_d, Dm, NC, N, R, NS)
@@ -919,7 +960,7 @@ def _bwd_forward_walk_kernel(
         nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base,
                                            _scan_token(p_start, p_end, L, REVERSE), mask_d, part, N, su_l, sd_l,
                                            sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT, HAS_Z, EVEN_D, EVEN_N,
-                                           ROW_ASM)
+                                           ROW_ASM, u_off, d_off, z_off, g_off)
     for p0 in range(p_start, p_end, UNROLL):
         if PREFETCH > 0:
             _prefetch_group(pf_addr, pf_step, _scan_token(p0 + PREFETCH * UNROLL + pf_j, p_end, L, REVERSE))
@@ -935,11 +976,11 @@ def _bwd_forward_walk_kernel(
                 nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base,
                                                    _scan_token(p + 1, p_end, L, REVERSE), mask_d, part, N, su_l, sd_l,
                                                    sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT, HAS_Z, EVEN_D,
-                                                   EVEN_N, ROW_ASM)
+                                                   EVEN_N, ROW_ASM, u_off, d_off, z_off, g_off)
             else:
                 cu, cd, cz, cg, cB, cC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t, mask_d, part,
                                                    N, su_l, sd_l, sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT,
-                                                   HAS_Z, EVEN_D, EVEN_N, ROW_ASM)
+                                                   HAS_Z, EVEN_D, EVEN_N, ROW_ASM, u_off, d_off, z_off, g_off)
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
                                                 HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM,
@@ -967,7 +1008,7 @@ def _bwd_forward_walk_kernel(
             dcum += dl
             qx += X * dcum[:, None]
             if QUADS:
-                _add_token_quads(dyh, dC_quad + t * sdC_l, ok, BLOCK_D, BC_PARTS, ASM)
+                _add_token_quads(dyh, dC_quad + (dC_qoff + t * sdC_l), ok, BLOCK_D, BC_PARTS, ASM)
             else:
                 dC = _sum_channels_for_rows(dyh, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
                 dC_tile = tl.where(cols[None, :] == j, dC[:, None], dC_tile)
@@ -976,11 +1017,17 @@ def _bwd_forward_walk_kernel(
         okv = pp < p_end
         m = mask_o[:, None] & okv[None, :]
         if HAS_Z:
-            dz_addr = dz_ptrs[:, None] + tt[None, :] * sdz_l
+            if LANE_OFFSETS:
+                dz_addr = dz_ptrs + (dz_off[:, None] + tt[None, :] * sdz_l)
+            else:
+                dz_addr = dz_ptrs[:, None] + tt[None, :] * sdz_l
             if DZ_ACCUM:   # the second scan over the same z adds its dz in place of a separate add pass
                 dz_tile += tl.load(dz_addr, mask=m, other=0.0).to(tl.float32)
             tl.store(dz_addr, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
-        tl.store(F_ptrs[:, None] + tt[None, :] * Dm, F_tile, mask=m)
+        if LANE_OFFSETS:
+            tl.store(F_ptrs + (offs_o[:, None] + tt[None, :] * Dm), F_tile, mask=m)
+        else:
+            tl.store(F_ptrs[:, None] + tt[None, :] * Dm, F_tile, mask=m)
         if not QUADS:
             tl.atomic_add(dC_ptrs[:, None] + tt[None, :] * sdC_l, dC_tile, mask=mask_n[:, None] & okv[None, :],
                           sem="relaxed")
@@ -1007,7 +1054,7 @@ def _bwd_reverse_walk_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr, DY_SCALE: tl.constexpr,
     DA_LOG: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1, SHARED: tl.constexpr = False,
-    QUADS: tl.constexpr = False,
+    QUADS: tl.constexpr = False, LANE_OFFSETS: tl.constexpr = False,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA (or with DA_LOG, A_log's gradient dA * A) and ddelta_bias (atomic). LOOKAHEAD: as in the forward walk
@@ -1019,19 +1066,26 @@ def _bwd_reverse_walk_kernel(
     first = mask_d & (part == 0)   # the rows that carry a channel's once-per-channel terms
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=first, other=0.0).to(tl.float32)
-    u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
-    dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
-    z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
-    g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
-    du_ptrs = du_ptr + pid_b * sdu_b + offs_o * sdu_d
-    ddl_ptrs = ddl_ptr + pid_b * sdd_b + offs_o * sdd_d
-    F_ptrs = F_ptr + pid_b * L * Dm + offs_d
+    u_ptrs, dl_ptrs, z_ptrs, g_ptrs, u_off, d_off, z_off, g_off = _walk_rows(
+        u_ptr, dl_ptr, z_ptr, dy_ptr, pid_b, offs_d, su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, LANE_OFFSETS)
+    du_ptrs = du_ptr + pid_b * sdu_b
+    ddl_ptrs = ddl_ptr + pid_b * sdd_b
+    F_ptrs = F_ptr + pid_b * L * Dm
+    du_off = offs_o * sdu_d
+    dd_off = offs_o * sdd_d
+    F_off = offs_d
+    if not LANE_OFFSETS:
+        du_ptrs += du_off
+        ddl_ptrs += dd_off
+        F_ptrs += F_off
+        F_off = F_off * 0
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, N, sdB_b, sdB_g, sdB_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
                                     BC_PARTS)
     if QUADS:
-        dB_quad = _bc_quad_rows(dB_ptr, pid_b, group, sdB_b, sdB_g, sdB_n, R, NS, BLOCK_D // BC_PARTS)
+        dB_quad, dB_qoff = _bc_quad_rows(dB_ptr, pid_b, group, sdB_b, sdB_g, sdB_n, R, NS, BLOCK_D // BC_PARTS,
+                                         LANE_OFFSETS)
     TILE_N: tl.constexpr = R if SCATTER else BC_PARTS * BLOCK_N
 
     # Fold the later chunks into the adjoint entering this chunk from the right, gin. What the later chunks
@@ -1074,8 +1128,8 @@ def _bwd_reverse_walk_kernel(
         t0 = _walk_back_token(0, n_steps, p_end, L, REVERSE)
         nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t0, mask_d, part, N,
                                            su_l, sd_l, sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT, HAS_Z, EVEN_D,
-                                           EVEN_N, ROW_ASM)
-        nF = tl.load(F_ptrs + t0 * Dm, mask=mask_d & (part == 0), other=0.0)
+                                           EVEN_N, ROW_ASM, u_off, d_off, z_off, g_off)
+        nF = tl.load(F_ptrs + (F_off + t0 * Dm), mask=mask_d & (part == 0), other=0.0)
     for q0 in range(0, n_steps, UNROLL):
         if PREFETCH > 0:
             _prefetch_group(pf_addr, pf_step, _walk_back_token(q0 + PREFETCH * UNROLL + pf_j, n_steps, p_end, L,
@@ -1093,13 +1147,13 @@ def _bwd_reverse_walk_kernel(
                 tn = _walk_back_token(q + 1, n_steps, p_end, L, REVERSE)
                 nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, tn, mask_d, part,
                                                    N, su_l, sd_l, sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT,
-                                                   HAS_Z, EVEN_D, EVEN_N, ROW_ASM)
-                nF = tl.load(F_ptrs + tn * Dm, mask=mask_d & (part == 0), other=0.0)
+                                                   HAS_Z, EVEN_D, EVEN_N, ROW_ASM, u_off, d_off, z_off, g_off)
+                nF = tl.load(F_ptrs + (F_off + tn * Dm), mask=mask_d & (part == 0), other=0.0)
             else:
                 cu, cd, cz, cg, cB, cC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t, mask_d, part,
                                                    N, su_l, sd_l, sz_l, sg_l, sB_l, sB_n, sC_l, sC_n, NS, SPLIT,
-                                                   HAS_Z, EVEN_D, EVEN_N, ROW_ASM)
-                cF = tl.load(F_ptrs + t * Dm, mask=mask_d & (part == 0), other=0.0)
+                                                   HAS_Z, EVEN_D, EVEN_N, ROW_ASM, u_off, d_off, z_off, g_off)
+                cF = tl.load(F_ptrs + (F_off + t * Dm), mask=mask_d & (part == 0), other=0.0)
             u, dl, slope, z, Bv, Cv = _load_step(u_ptrs, dl_ptrs, z_ptrs, B_base, C_base, t, ok, mask_d, part, N,
                                                 su_l, sd_l, sz_l, sB_l, sB_n, sC_l, sC_n, bias, NS, SPLIT,
                                                 HAS_Z, HAS_BIAS, SOFTPLUS, EVEN_D, EVEN_N, ROW_ASM, ASM,
@@ -1131,7 +1185,7 @@ def _bwd_reverse_walk_kernel(
             du_tile = tl.where(cols[None, :] == j, du[:, None], du_tile)
             ddl_tile = tl.where(cols[None, :] == j, ddl[:, None], ddl_tile)
             if QUADS:
-                _add_token_quads(gdu, dB_quad + t * sdB_l, ok, BLOCK_D, BC_PARTS, ASM)
+                _add_token_quads(gdu, dB_quad + (dB_qoff + t * sdB_l), ok, BLOCK_D, BC_PARTS, ASM)
             else:
                 dB = _sum_channels_for_rows(gdu, SPLIT, BLOCK_D, NS, SCATTER, BC_PARTS)
                 dB_tile = tl.where(cols[None, :] == j, dB[:, None], dB_tile)
@@ -1141,8 +1195,13 @@ def _bwd_reverse_walk_kernel(
         tt = _token(pp, L, REVERSE)
         okv = qq < n_steps
         m = mask_o[:, None] & okv[None, :]
-        tl.store(du_ptrs[:, None] + tt[None, :] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
-        tl.store(ddl_ptrs[:, None] + tt[None, :] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
+        if LANE_OFFSETS:
+            tl.store(du_ptrs + (du_off[:, None] + tt[None, :] * sdu_l), du_tile.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddl_ptrs + (dd_off[:, None] + tt[None, :] * sdd_l), ddl_tile.to(ddl_ptr.dtype.element_ty),
+                     mask=m)
+        else:
+            tl.store(du_ptrs[:, None] + tt[None, :] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddl_ptrs[:, None] + tt[None, :] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
         if not QUADS:
             tl.atomic_add(dB_ptrs[:, None] + tt[None, :] * sdB_l, dB_tile, mask=mask_n[:, None] & okv[None, :],
                           sem="relaxed")
@@ -1181,6 +1240,15 @@ def _bc_quads(block_d: int, split: int, N: int, parts: int, grad: torch.Tensor) 
         return False
     s_b, s_g, s_n, s_l = grad.stride()
     return s_n == 1 and grad.data_ptr() % 16 == 0 and s_b % 4 == 0 and s_g % 4 == 0 and s_l % 4 == 0
+
+
+def _lane_offsets_fit(*rows) -> bool:
+    """Whether every (tensor, channel dim, token dim) given has its offsets within a batch (channel * stride + token *
+    stride, the walks' LANE_OFFSETS arithmetic) below 2**31."""
+    for t, dc, dl in rows:
+        if (t.shape[dc] - 1) * abs(t.stride(dc)) + (t.shape[dl] - 1) * abs(t.stride(dl)) >= 2 ** 31:
+            return False
+    return True
 
 
 def _bc_grad_out(grad: torch.Tensor, like: torch.Tensor, own: bool) -> torch.Tensor:
@@ -1583,11 +1651,14 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     tx = _empty((batch, nc, 2, split, Dm), f32, dev)   # per-row chunk scalars (``_row_offsets``)
     qx = _empty((batch, nc, N, Dm), f32, dev)
     dzz = dz if dz is not None else F
+    # (du and ddelta, made below, are (B, L, D) like F)
+    lanes = bool(CONFIG["LANE_OFFSETS"]) and _lane_offsets_fit(
+        (u, 1, 2), (delta, 1, 2), (zz, 1, 2), (dout, 1, 2), (dzz, 1, 2), (F, 2, 1), (dB, 2, 3), (dC, 2, 3))
     _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
                                    dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *dzz.stride(), *dC.stride(), HAS_D=D is not None,
                                    DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, BC_PARTS=parts_dC,
-                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]), QUADS=quads_dC,
+                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]), QUADS=quads_dC, LANE_OFFSETS=lanes,
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_forward_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
@@ -1596,7 +1667,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
                                    du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg,
                                    *common, *dout.stride(), *du.stride(), *ddelta.stride(), *dB.stride(),
                                    HAS_D=D is not None, SCATTER=scatter, BC_PARTS=parts_dB, DA_LOG=bool(grad_A_log),
-                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]), QUADS=quads_dB,
+                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]), QUADS=quads_dB, LANE_OFFSETS=lanes,
                                    LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
                                    **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     dB = _bc_grad_out(dB, B_in, own=dB_acc is None)
