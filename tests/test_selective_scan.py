@@ -178,8 +178,8 @@ def test_dB_dC_channel_sums_both_ways(sums, reverse, monkeypatch):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_walks_with_lane_offsets(reverse, monkeypatch):
     """LANE_OFFSETS: the walks address their per-token rows as a uniform base plus a 32-bit offset per row. Against
-    float64, every gradient: token-major and channel-major inputs, grouped B / C (the quads), chunked (the chunk
-    summaries) and not, with and without z."""
+    float64, every gradient: token-major and channel-major inputs, 32-channel blocks (one overhanging) with the
+    quads' offsets, grouped B / C, chunked (the chunk summaries) and not, with and without z."""
     monkeypatch.setitem(triton_scan.CONFIG, "LANE_OFFSETS", True)
     taken = []
     rule = triton_scan._lane_offsets_fit
