@@ -582,43 +582,49 @@ def _sum_channels_to_quads(x, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
 
 
 @triton.jit
+def _lane_rows(base, off, LANE_OFFSETS: tl.constexpr):
+    """A walk's rows at token 0 of one per-token tensor, from the batch's scalar ``base`` and the rows' int32 offsets
+    ``off``, as a pointer and an offset to add per access: the per-row pointers and zeros, or with LANE_OFFSETS
+    (``CONFIG["LANE_OFFSETS"]``) the scalar base and the offsets, so that an address is a 32-bit add and one widening
+    add to a uniform base rather than 64-bit arithmetic on a per-row pointer."""
+    if LANE_OFFSETS:
+        return base, off
+    else:
+        return base + off, off * 0
+
+
+@triton.jit
+def _lane_tile(ptrs, off, tt, s_l, LANE_OFFSETS: tl.constexpr):
+    """Addresses of a [rows, UNROLL] tile at tokens tt from ``_lane_rows``'s pointer and offset."""
+    if LANE_OFFSETS:
+        return ptrs + (off[:, None] + tt[None, :] * s_l)
+    else:
+        return ptrs[:, None] + tt[None, :] * s_l
+
+
+@triton.jit
 def _walk_rows(u_ptr, dl_ptr, z_ptr, dy_ptr, pid_b, offs_d, su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d,
                LANE_OFFSETS: tl.constexpr):
-    """The walks' per-token rows of u, delta, z and dy at token 0 as pointers and int32 offsets to add
-    (``_step_raw``): per-row pointers and zeros, or with LANE_OFFSETS (``CONFIG["LANE_OFFSETS"]``) the batch's scalar
-    bases and the rows' channel offsets, so that a load's address is a 32-bit add and one widening add to a uniform
-    base rather than 64-bit arithmetic on a per-row pointer."""
-    u_off = offs_d * su_d
-    d_off = offs_d * sd_d
-    z_off = offs_d * sz_d
-    g_off = offs_d * sg_d
-    u = u_ptr + pid_b * su_b
-    d = dl_ptr + pid_b * sd_b
-    z = z_ptr + pid_b * sz_b
-    g = dy_ptr + pid_b * sg_b
-    if LANE_OFFSETS:
-        return u, d, z, g, u_off, d_off, z_off, g_off
-    else:
-        zero = offs_d * 0
-        return u + u_off, d + d_off, z + z_off, g + g_off, zero, zero, zero, zero
+    """The walks' per-token rows of u, delta, z and dy (``_step_raw``): four pointers, then their four offsets
+    (``_lane_rows``)."""
+    u, u_off = _lane_rows(u_ptr + pid_b * su_b, offs_d * su_d, LANE_OFFSETS)
+    d, d_off = _lane_rows(dl_ptr + pid_b * sd_b, offs_d * sd_d, LANE_OFFSETS)
+    z, z_off = _lane_rows(z_ptr + pid_b * sz_b, offs_d * sz_d, LANE_OFFSETS)
+    g, g_off = _lane_rows(dy_ptr + pid_b * sg_b, offs_d * sg_d, LANE_OFFSETS)
+    return u, d, z, g, u_off, d_off, z_off, g_off
 
 
 @triton.jit
 def _bc_quad_rows(dX_ptr, pid_b, group, s_b, s_g, s_n, R: tl.constexpr, NS: tl.constexpr, CPP: tl.constexpr,
                   LANE_OFFSETS: tl.constexpr = False):
     """Per row, the address at token 0 of the first of the 4 states ``_sum_channels_to_quads`` leaves it (each level
-    that kept the upper half moves it on by that half), as a pointer and an int32 offset to add: the row's pointer and
-    0, or with LANE_OFFSETS the scalar base and the row's offset (``_walk_rows``)."""
+    that kept the upper half moves it on by that half), as a pointer and an int32 offset to add (``_lane_rows``)."""
     rows = tl.arange(0, R)
     n = rows * 0
     for k in tl.static_range(8):
         if (1 << k) < CPP:
             n += ((rows >> k) & 1) * (NS >> (k + 1))
-    base = _bc_base(dX_ptr, pid_b, group, s_b, s_g)
-    if LANE_OFFSETS:
-        return base, n * s_n
-    else:
-        return base + n * s_n, rows * 0
+    return _lane_rows(_bc_base(dX_ptr, pid_b, group, s_b, s_g), n * s_n, LANE_OFFSETS)
 
 
 @triton.jit
@@ -927,12 +933,8 @@ def _bwd_forward_walk_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d & (part == 0), other=0.0).to(tl.float32)
     u_ptrs, dl_ptrs, z_ptrs, g_ptrs, u_off, d_off, z_off, g_off = _walk_rows(
         u_ptr, dl_ptr, z_ptr, dy_ptr, pid_b, offs_d, su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, LANE_OFFSETS)
-    dz_ptrs = dz_ptr + pid_b * sdz_b
-    F_ptrs = F_ptr + pid_b * L * Dm
-    dz_off = offs_o * sdz_d
-    if not LANE_OFFSETS:
-        dz_ptrs += dz_off
-        F_ptrs += offs_o
+    dz_ptrs, dz_off = _lane_rows(dz_ptr + pid_b * sdz_b, offs_o * sdz_d, LANE_OFFSETS)
+    F_ptrs, F_off = _lane_rows(F_ptr + pid_b * L * Dm, offs_o, LANE_OFFSETS)
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, N, sdC_b, sdC_g, sdC_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
@@ -1017,17 +1019,11 @@ def _bwd_forward_walk_kernel(
         okv = pp < p_end
         m = mask_o[:, None] & okv[None, :]
         if HAS_Z:
-            if LANE_OFFSETS:
-                dz_addr = dz_ptrs + (dz_off[:, None] + tt[None, :] * sdz_l)
-            else:
-                dz_addr = dz_ptrs[:, None] + tt[None, :] * sdz_l
+            dz_addr = _lane_tile(dz_ptrs, dz_off, tt, sdz_l, LANE_OFFSETS)
             if DZ_ACCUM:   # the second scan over the same z adds its dz in place of a separate add pass
                 dz_tile += tl.load(dz_addr, mask=m, other=0.0).to(tl.float32)
             tl.store(dz_addr, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
-        if LANE_OFFSETS:
-            tl.store(F_ptrs + (offs_o[:, None] + tt[None, :] * Dm), F_tile, mask=m)
-        else:
-            tl.store(F_ptrs[:, None] + tt[None, :] * Dm, F_tile, mask=m)
+        tl.store(_lane_tile(F_ptrs, F_off, tt, Dm, LANE_OFFSETS), F_tile, mask=m)
         if not QUADS:
             tl.atomic_add(dC_ptrs[:, None] + tt[None, :] * sdC_l, dC_tile, mask=mask_n[:, None] & okv[None, :],
                           sem="relaxed")
@@ -1068,17 +1064,9 @@ def _bwd_reverse_walk_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=first, other=0.0).to(tl.float32)
     u_ptrs, dl_ptrs, z_ptrs, g_ptrs, u_off, d_off, z_off, g_off = _walk_rows(
         u_ptr, dl_ptr, z_ptr, dy_ptr, pid_b, offs_d, su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, LANE_OFFSETS)
-    du_ptrs = du_ptr + pid_b * sdu_b
-    ddl_ptrs = ddl_ptr + pid_b * sdd_b
-    F_ptrs = F_ptr + pid_b * L * Dm
-    du_off = offs_o * sdu_d
-    dd_off = offs_o * sdd_d
-    F_off = offs_d
-    if not LANE_OFFSETS:
-        du_ptrs += du_off
-        ddl_ptrs += dd_off
-        F_ptrs += F_off
-        F_off = F_off * 0
+    du_ptrs, du_off = _lane_rows(du_ptr + pid_b * sdu_b, offs_o * sdu_d, LANE_OFFSETS)
+    ddl_ptrs, dd_off = _lane_rows(ddl_ptr + pid_b * sdd_b, offs_o * sdd_d, LANE_OFFSETS)
+    F_ptrs, F_off = _lane_rows(F_ptr + pid_b * L * Dm, offs_d, LANE_OFFSETS)
     B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
     C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
     dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, N, sdB_b, sdB_g, sdB_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
@@ -1195,13 +1183,8 @@ def _bwd_reverse_walk_kernel(
         tt = _token(pp, L, REVERSE)
         okv = qq < n_steps
         m = mask_o[:, None] & okv[None, :]
-        if LANE_OFFSETS:
-            tl.store(du_ptrs + (du_off[:, None] + tt[None, :] * sdu_l), du_tile.to(du_ptr.dtype.element_ty), mask=m)
-            tl.store(ddl_ptrs + (dd_off[:, None] + tt[None, :] * sdd_l), ddl_tile.to(ddl_ptr.dtype.element_ty),
-                     mask=m)
-        else:
-            tl.store(du_ptrs[:, None] + tt[None, :] * sdu_l, du_tile.to(du_ptr.dtype.element_ty), mask=m)
-            tl.store(ddl_ptrs[:, None] + tt[None, :] * sdd_l, ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
+        tl.store(_lane_tile(du_ptrs, du_off, tt, sdu_l, LANE_OFFSETS), du_tile.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(_lane_tile(ddl_ptrs, dd_off, tt, sdd_l, LANE_OFFSETS), ddl_tile.to(ddl_ptr.dtype.element_ty), mask=m)
         if not QUADS:
             tl.atomic_add(dB_ptrs[:, None] + tt[None, :] * sdB_l, dB_tile, mask=mask_n[:, None] & okv[None, :],
                           sem="relaxed")
