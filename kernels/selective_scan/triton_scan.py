@@ -105,8 +105,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 # - LANE_OFFSETS: the walks address their per-token rows (u, delta, z, dy, F, dz, du, ddelta, the dB / dC quads) as
 #   the batch's uniform base plus a 32-bit offset per row (``_walk_rows``) instead of a 64-bit pointer per row moved
 #   on by 64-bit arithmetic each token; where every offset fits in int32 (``_lane_offsets_fit``). Session 28, H200,
-#   training step against off: vim_tiny / vim_small at 224 px bs 256 -1.4 / -0.8%; off until the model-level GPU
-#   tests have run with it (docs/kernels.md, v39).
+#   training step against off: vim_tiny / vim_small at 224 px bs 256 -1.4 / -0.8%; the default since session 29, when
+#   the GPU tests passed with it (docs/kernels.md, v39).
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -125,7 +125,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
               WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
-              BC_QUADS=True, LANE_OFFSETS=False)
+              BC_QUADS=True, LANE_OFFSETS=True)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
