@@ -200,6 +200,17 @@ def test_lane_offsets_only_where_int32_holds_them():
     assert not triton_scan._lane_offsets_fit((small, 1, 2), (long_rows, 1, 2))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_walks_over_several_warps(reverse, monkeypatch):
+    """Walk programs of 4 warps (``NUM_WARPS_BWD``; 128 channels, 32 parts so that the quads still hold), whose
+    warps prefetch their own channels' rows: against float64, chunked, with the last block overhanging."""
+    monkeypatch.setitem(triton_scan.CONFIG, "BLOCK_D_BWD", 128)
+    monkeypatch.setitem(triton_scan.CONFIG, "NUM_WARPS_BWD", 4)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 32)
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 7)
+    run_both(make_inputs(2, 160, 15, 16, model_rows=True), reverse=reverse)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_walk_products_either_way(shared, monkeypatch):
     """SHARED_PRODUCTS (the default) forms the walks' X and Y from dC's and dB's products, one multiply per state
@@ -914,6 +925,20 @@ def test_gpu_walks_with_lane_offsets_match(reverse, monkeypatch):
     plain = triton_outputs(inputs, reverse)
     monkeypatch.setitem(triton_scan.CONFIG, "LANE_OFFSETS", True)
     assert_same_results(plain, triton_outputs(inputs, reverse))
+
+
+@gpu_only
+@pytest.mark.parametrize("warps", [2, 4])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_walks_over_several_warps_match(reverse, warps, monkeypatch):
+    """Walk programs of 2 or 4 warps (8 parts a warp, so the quads hold) at the model's layout: the same results as
+    one-warp programs."""
+    inputs = make_inputs(2, 384, 197, 16, model_rows=True, dtype=torch.bfloat16)
+    base = triton_outputs(inputs, reverse)
+    monkeypatch.setitem(triton_scan.CONFIG, "BLOCK_D_BWD", 32 * warps)
+    monkeypatch.setitem(triton_scan.CONFIG, "NUM_WARPS_BWD", warps)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 8 * warps)
+    assert_same_results(base, triton_outputs(inputs, reverse))
 
 
 @gpu_only

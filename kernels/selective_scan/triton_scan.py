@@ -53,6 +53,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 # - LOOKAHEAD: which forward launches load the next group's u and delta a group early (see ``_fwd_kernel``): 0 none,
 #   1 all, "accumulate" (default) the launch that adds to a prior output (the mixer's second direction) when the
 #   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
+# - BLOCK_D_BWD / NUM_WARPS_BWD: channels and warps of a walk program (32 / 1: a warp a program, one thread a
+#   channel). With several warps (and BC_PARTS at 8 a warp, so that the quads hold) the 4 warps of a 128-channel
+#   program read the same B / C rows through one SM's L1, where one-warp programs of a batch row run on different
+#   SMs (L1 hits 11-14%, session 28); each warp prefetches its own channels' rows. Prepared in session 29, not yet
+#   timed (docs/kernels.md, "Walk programs of several warps").
 # - LOOKAHEAD_BWD: the backward walks load each token's inputs one step ahead, before the previous step's arithmetic
 #   (see ``_bwd_forward_walk_kernel``). MAXNREG_FWD_WALK caps the forward walk's registers (None: the compiler's
 #   choice), as MAXNREG_REV does the reverse walk's: the lookahead's registers took it from 159 to 214, 12 -> 9
@@ -416,15 +421,28 @@ def _lane_pick(kind, k, ptr, s_l, a0, st0):
 @triton.jit
 def _prefetch_lanes(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, e1_ptr, e2_ptr, su_l, sd_l, sz_l, sB_l, sC_l, s1_l, s2_l,
                     R: tl.constexpr, UNROLL: tl.constexpr, BLOCK_N: tl.constexpr, HAS_Z: tl.constexpr,
-                    HAS_E1: tl.constexpr, HAS_E2: tl.constexpr):
+                    HAS_E1: tl.constexpr, HAS_E2: tl.constexpr,
+                    su_d=0, sd_d=0, sz_d=0, s1_d=0, s2_d=0, n_ch=1):
     """Per lane of a warp, one line to prefetch for each token of a group: lane r asks for row kind
     r // UNROLL (u, delta, z, the 32-byte sectors of the B and C rows, then up to two more per-token rows
     e1, e2 such as the output or dy) of token r % UNROLL. The pointers are the program's first channel
     (first state for B, C) at token 0. Returns the lanes' addresses at token 0, their byte steps per token
-    and their token in the group (loop-invariant; lanes beyond the list repeat u, kinds beyond R lanes are
-    not prefetched)."""
+    and their token in the group (loop-invariant; lanes beyond the list repeat u, kinds beyond 32 lanes are
+    not prefetched). Where R spans several warps (``NUM_WARPS_BWD``), each warp asks for the channel rows at its
+    own first channel (su_d ... s2_d: the rows' channel strides; n_ch: the block's channels in range)."""
     NSEC: tl.constexpr = (BLOCK_N * 4 + 31) // 32   # sectors of a float32 B / C row
-    kind = tl.arange(0, R) // UNROLL
+    lane = tl.arange(0, R)
+    if R > 32:
+        kind = (lane % 32) // UNROLL
+        ch = (lane // 32) * 32
+        ch = tl.where(ch < n_ch, ch, 0)
+        u_ptr += ch * su_d
+        dl_ptr += ch * sd_d
+        z_ptr += ch * sz_d
+        e1_ptr += ch * s1_d
+        e2_ptr += ch * s2_d
+    else:
+        kind = lane // UNROLL
     addr, step = _byte_addr(u_ptr, su_l)
     a0 = tl.zeros([R], dtype=tl.int64) + addr
     st0 = tl.zeros([R], dtype=tl.int64) + step
@@ -439,7 +457,7 @@ def _prefetch_lanes(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, e1_ptr, e2_ptr, su_l, sd
         a0, st0 = _lane_pick(kind, k + 2 * NSEC, e1_ptr, s1_l, a0, st0)
     if HAS_E2:
         a0, st0 = _lane_pick(kind, k + 2 * NSEC + 1, e2_ptr, s2_l, a0, st0)
-    return a0, st0, tl.arange(0, R) % UNROLL
+    return a0, st0, lane % UNROLL
 
 
 @triton.jit
@@ -957,7 +975,8 @@ def _bwd_forward_walk_kernel(
         pf_addr, pf_step, pf_j = _prefetch_lanes(
             u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
             B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, dz_ptr + pid_b * sdz_b + d0 * sdz_d,
-            su_l, sd_l, sz_l, sB_l, sC_l, sg_l, sdz_l, R, UNROLL, BLOCK_N, HAS_Z, True, HAS_Z and DZ_ACCUM)
+            su_l, sd_l, sz_l, sB_l, sC_l, sg_l, sdz_l, R, UNROLL, BLOCK_N, HAS_Z, True, HAS_Z and DZ_ACCUM,
+            su_d, sd_d, sz_d, sg_d, sdz_d, Dm - d0)
     if LOOKAHEAD:
         nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base,
                                            _scan_token(p_start, p_end, L, REVERSE), mask_d, part, N, su_l, sd_l,
@@ -1111,7 +1130,8 @@ def _bwd_reverse_walk_kernel(
         pf_addr, pf_step, pf_j = _prefetch_lanes(
             u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
             B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, F_ptr + pid_b * L * Dm + d0,
-            su_l, sd_l, sz_l, sB_l, sC_l, sg_l, Dm, R, UNROLL, BLOCK_N, HAS_Z, True, True)
+            su_l, sd_l, sz_l, sB_l, sC_l, sg_l, Dm, R, UNROLL, BLOCK_N, HAS_Z, True, True,
+            su_d, sd_d, sz_d, sg_d, 1, Dm - d0)
     if LOOKAHEAD:
         t0 = _walk_back_token(0, n_steps, p_end, L, REVERSE)
         nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t0, mask_d, part, N,
