@@ -186,13 +186,14 @@ def test_gpu_fused_autocast(dtype):
     run_both(2, 197, 192, 16, 12, dtype=dtype, autocast=True, tol=2e-2, gtol=3e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_wide_forward_layout_matches_reference(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, wide_d", [(torch.bfloat16, 32), (torch.float16, 32), (torch.bfloat16, 128)])
+def test_wide_forward_layout_matches_reference(monkeypatch, dtype, wide_d):
     """The one-chunk forward's wide layout (one thread per channel, 32-channel programs, registers capped; on the
     GPU ``triton_scan._forward_wide`` takes it where it runs in fewer waves), forced here: the mixer under
     autocast matches the float64 reference, output and every gradient, as the split layout does; both directions'
     launches (the second accumulating into the first's output) are the wide ones. 40 channels: the second block
-    overhangs."""
+    overhangs (with 128-channel programs of 4 warps, ``WIDE_BLOCK_D``, 136 channels do that)."""
+    monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", wide_d)
     kernel, blocks = triton_scan._fwd_kernel, []
 
     class Spy:
@@ -204,14 +205,17 @@ def test_wide_forward_layout_matches_reference(monkeypatch, dtype):
 
     monkeypatch.setattr(triton_scan, "_fwd_kernel", Spy())
     monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: True)
-    run_both(2, 13, 40, 16, 4, dtype=dtype, autocast=True, tol=2e-2, gtol=3e-2)
-    assert blocks == [(32, 1, 80)] * 2
+    run_both(2, 13, 40 if wide_d == 32 else 136, 16, 4, dtype=dtype, autocast=True, tol=2e-2, gtol=3e-2)
+    assert blocks == [(wide_d, 1, 80)] * 2
 
 
 @gpu_only
-def test_gpu_wide_forward_at_model_shape(monkeypatch):
+@pytest.mark.parametrize("wide_d", [32, 128])
+def test_gpu_wide_forward_at_model_shape(monkeypatch, wide_d):
     """The wide layout on the GPU at a vim_tiny layer's shape (384 channels, 197 tokens, bf16), forced at a batch
-    where the rule would not take it."""
+    where the rule would not take it; also in 128-channel programs of 4 warps, whose warps prefetch their own
+    channels' rows."""
+    monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", wide_d)
     monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: True)
     run_both(2, 197, 384, 16, 12, dtype=torch.bfloat16, autocast=True, tol=2e-2, gtol=3e-2)
 

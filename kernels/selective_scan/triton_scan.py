@@ -121,7 +121,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   against three) -0.5%, bs 64 / 128 (one wave either way) +30% / +17%; vim_small bs 128 / 256 -6.3% / -5.6%,
 #   vim_base bs 256 -6.9% (docs/kernels.md, v30). Uncapped (86 / 102 registers) it was slower. Measured with
 #   half-precision u and an activated delta (the mixer), so only there; chunked (long L) plans keep the split layout
-#   (vim_small at 1248 px ran 5.4% slower wide).
+#   (vim_small at 1248 px ran 5.4% slower wide). WIDE_BLOCK_D = 64 / 128 makes programs of 2 / 4 warps, whose warps
+#   share the B / C rows through L1 as the walks' would (BLOCK_D_BWD); prepared in session 29, not yet timed.
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
               BC_SCATTER=False, BC_PARTS=8, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
@@ -428,8 +429,9 @@ def _prefetch_lanes(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, e1_ptr, e2_ptr, su_l, sd
     e1, e2 such as the output or dy) of token r % UNROLL. The pointers are the program's first channel
     (first state for B, C) at token 0. Returns the lanes' addresses at token 0, their byte steps per token
     and their token in the group (loop-invariant; lanes beyond the list repeat u, kinds beyond 32 lanes are
-    not prefetched). Where R spans several warps (``NUM_WARPS_BWD``), each warp asks for the channel rows at its
-    own first channel (su_d ... s2_d: the rows' channel strides; n_ch: the block's channels in range)."""
+    not prefetched). Where R spans several warps (``NUM_WARPS_BWD``, ``WIDE_BLOCK_D``), each warp asks for the
+    channel rows at its own first channel (su_d ... s2_d: the rows' channel strides; n_ch: the block's channels in
+    range; rows past them, such as a split layout's second part, ask for the first warp's)."""
     NSEC: tl.constexpr = (BLOCK_N * 4 + 31) // 32   # sectors of a float32 B / C row
     lane = tl.arange(0, R)
     if R > 32:
@@ -785,7 +787,7 @@ def _fwd_kernel(
         pf_addr, pf_step, pf_j = _prefetch_lanes(
             u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
             B_base, C_base, out_ptr + pid_b * so_b + d0 * so_d, out_ptr, su_l, sd_l, sz_l, sB_l, sC_l, so_l, so_l,
-            R, UNROLL, BLOCK_N, HZ, ACCUM, False)
+            R, UNROLL, BLOCK_N, HZ, ACCUM, False, su_d, sd_d, sz_d, so_d, 0, tl.minimum(Dm - d0, BLOCK_D))
     if LOOKAHEAD:
         u_next, d_next = _load_group_raw(u_ptrs, dl_ptrs, p_start, p_end, L, cols, su_l, sd_l, mask_d, REVERSE,
                                          EVEN_D)
@@ -976,7 +978,7 @@ def _bwd_forward_walk_kernel(
             u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
             B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, dz_ptr + pid_b * sdz_b + d0 * sdz_d,
             su_l, sd_l, sz_l, sB_l, sC_l, sg_l, sdz_l, R, UNROLL, BLOCK_N, HAS_Z, True, HAS_Z and DZ_ACCUM,
-            su_d, sd_d, sz_d, sg_d, sdz_d, Dm - d0)
+            su_d, sd_d, sz_d, sg_d, sdz_d, tl.minimum(Dm - d0, BLOCK_D))
     if LOOKAHEAD:
         nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base,
                                            _scan_token(p_start, p_end, L, REVERSE), mask_d, part, N, su_l, sd_l,
@@ -1131,7 +1133,7 @@ def _bwd_reverse_walk_kernel(
             u_ptr + pid_b * su_b + d0 * su_d, dl_ptr + pid_b * sd_b + d0 * sd_d, z_ptr + pid_b * sz_b + d0 * sz_d,
             B_base, C_base, dy_ptr + pid_b * sg_b + d0 * sg_d, F_ptr + pid_b * L * Dm + d0,
             su_l, sd_l, sz_l, sB_l, sC_l, sg_l, Dm, R, UNROLL, BLOCK_N, HAS_Z, True, True,
-            su_d, sd_d, sz_d, sg_d, 1, Dm - d0)
+            su_d, sd_d, sz_d, sg_d, 1, tl.minimum(Dm - d0, BLOCK_D))
     if LOOKAHEAD:
         t0 = _walk_back_token(0, n_steps, p_end, L, REVERSE)
         nu, nd, nz, ng, nB, nC = _step_raw(u_ptrs, dl_ptrs, z_ptrs, g_ptrs, B_base, C_base, t0, mask_d, part, N,
