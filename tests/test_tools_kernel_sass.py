@@ -42,6 +42,9 @@ def test_forward_scan_compiles_for_sm90_and_reports_its_loop(tmp_path):
         # the grid (2 rows x 2 blocks of 16 channels, one chunk) in waves of resident one-warp programs on 132 SMs
         assert r["programs"] == 4 and r["per_sm"] == (28 if r["registers"] > 64 else 32)
         assert r["waves"] == round(4 / (r["per_sm"] * 132), 2)
+        # 4 one-warp programs, 5 iterations of 2 tokens each (9 tokens), one warp instruction a clock per scheduler
+        assert r["launches"] == 1
+        assert r["issue_floor_us"] == round(4 * 5 * r["loop_instructions"] / (132 * 4 * 1.98e3), 2)
 
 
 def test_every_mixer_kernel_compiles_for_sm90(tmp_path):
@@ -63,6 +66,14 @@ def test_issue_estimate_follows_dependencies():
     assert tool.issue_estimate(chained) > tool.issue_estimate(independent)
     mufus = [("MUFU.EX2", ["R1"], ["R2"]), ("MUFU.EX2", ["R3"], ["R4"])]
     assert tool.issue_estimate(mufus) >= 2 * tool.MUFU_PIPE_CYCLES
+
+
+def test_issue_floor_counts_every_warp_of_every_program():
+    tool = load_tool("kernel_sass")
+    # vim_tiny's forward at bs 256: 3,072 one-warp programs, 99 iterations of 2 tokens, 266 instructions each
+    assert abs(tool.issue_floor_us(3072, 1, 197, 2, 266, 132, 1.98) - 77.38) < 0.01
+    assert tool.issue_floor_us(768, 4, 197, 2, 266, 132, 1.98) == tool.issue_floor_us(3072, 1, 197, 2, 266, 132, 1.98)
+    assert tool.issue_floor_us(1, 1, 9, 2, 100, 1, 1.0) == 5 * 100 / 4e3   # 9 tokens: 5 iterations
 
 
 def test_waves_count_resident_programs():

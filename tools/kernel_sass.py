@@ -2,7 +2,8 @@
 """What the mixer's Triton kernels compile to for a GPU, on a machine without one: registers, spills, the grid in
 waves of resident programs, and the main loop's SASS (instruction mix; MUFU, load, shuffle and atomic counts; a
 single-warp issue estimate) of every kernel that one bidirectional mixer forward and backward launches at a given
-shape.
+shape; for the scans, the issue floor (``issue_floor_us``: the loop at one warp instruction a clock per scheduler,
+every warp of the grid) and its sum over the layer's launches.
 
     python tools/kernel_sass.py                                    # a vim_tiny layer at bs 128, sm_90
     python tools/kernel_sass.py --batch 256 --dim 768 --json sass.json
@@ -240,6 +241,16 @@ def waves(grid: List[int], usage: dict, num_warps: int, sms: int) -> dict:
     return dict(programs=programs, per_sm=per_sm, waves=round(programs / max(per_sm * sms, 1), 2))
 
 
+def issue_floor_us(programs: int, num_warps: int, tokens: int, unroll: int, loop_instructions: int, sms: int,
+                   clock_ghz: float) -> float:
+    """Microseconds the launch's main loop takes at one warp instruction a clock on each of an SM's 4 schedulers: every
+    warp of every program issues ``loop_instructions`` per iteration, ``tokens / unroll`` iterations (a program
+    walks one chunk of ``tokens``). A floor of the compiled code, not of the arithmetic: docs/benchmarks.md, "Issue
+    floors of the scan kernels"."""
+    warp_instructions = programs * num_warps * math.ceil(tokens / unroll) * loop_instructions
+    return warp_instructions / (sms * 4 * clock_ghz * 1e3)
+
+
 def summarize(sass: str) -> dict:
     loop = main_loop(sass)
     total = len(_instructions(sass.splitlines()))
@@ -280,6 +291,8 @@ def parse_args(argv=None):
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--sms", type=int, default=132,
                    help="SM count for the launch rules that pick a register cap by wave count (H100 / H200: 132)")
+    p.add_argument("--clock-ghz", type=float, default=1.98,
+                   help="SM clock for the issue floor column (H100 / H200 SXM boost: 1.98)")
     p.add_argument("--kernels", nargs="*", help="only these kernel names")
     p.add_argument("--dump", help="write each kernel's SASS (.sass) and Triton GPU IR (.ttgir) into this folder")
     p.add_argument("--json", help="write the table as JSON")
@@ -318,16 +331,17 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: run without TRITON_INTERPRET (the kernels are compiled, not interpreted)", file=sys.stderr)
         return 2
-    seen, rows = set(), []
+    seen, rows = {}, []
     for rec in capture_launches(args):
         if args.kernels and rec["name"] not in args.kernels:
             continue
         key = json.dumps([rec["name"], rec["args"], rec["options"]], sort_keys=True, default=str)
-        if key in seen:
+        if key in seen:   # the same launch again (one compile): counted in the layer's issue floor
+            seen[key]["launches"] += 1
             continue
-        seen.add(key)
         flags = {n: v for n, kind, _, v in rec["args"] if kind == "constexpr" and n.isupper()}
-        row = dict(kernel=rec["name"], flags=flags, options=rec["options"])
+        row = dict(kernel=rec["name"], flags=flags, options=rec["options"], launches=1)
+        seen[key] = row
         try:
             sass, usage, ttgir = compile_launch(rec, args.arch)
         except Exception as e:   # report and go on: one kernel's failure should not hide the others
@@ -339,6 +353,11 @@ def main(argv=None) -> int:
         row.update(usage)
         row.update(summarize(sass))
         row.update(waves(rec["grid"], usage, rec["options"].get("num_warps", 4), args.sms))
+        tokens = next((v for n, _, _, v in rec["args"] if n == "T"), None)   # a token loop's chunk (the scans)
+        if "loop_instructions" in row and tokens and flags.get("UNROLL"):
+            row["issue_floor_us"] = round(issue_floor_us(row["programs"], rec["options"].get("num_warps", 4), tokens,
+                                                         flags["UNROLL"], row["loop_instructions"], args.sms,
+                                                         args.clock_ghz), 2)
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             stem = os.path.join(args.dump, f"{len(rows):02d}_{rec['name']}")
@@ -350,7 +369,8 @@ def main(argv=None) -> int:
     # stack: bytes per thread of the stack frame, where ptxas spills registers (cuobjdump's LOCAL stays 0 for spills);
     # spill_ops: the loop's LDL / STL, also counted in loads / stores
     cols = ["kernel", "registers", "stack", "local", "shared_bytes", "programs", "per_sm", "waves", "loop_instructions",
-            "mufu", "loads", "stores", "spill_ops", "shuffles", "atomics", "shared_ops", "loop_cycles_one_warp"]
+            "mufu", "loads", "stores", "spill_ops", "shuffles", "atomics", "shared_ops", "loop_cycles_one_warp",
+            "issue_floor_us"]
     print(f"sm_{args.arch}, (batch, L, E, N) = ({args.batch}, {args.length}, {args.dim}, {args.dstate}); "
           f"loop = the kernel's largest loop, counts per iteration" + "".join(f"; {k.spec}" for k in knobs))
     print(" | ".join(cols))
@@ -358,7 +378,16 @@ def main(argv=None) -> int:
         if "error" in row:
             print(f"{row['kernel']} | not compiled: {row['error']}")
         else:
-            print(" | ".join(str(row.get(c, "-")) for c in cols))
+            again = f" (x{row['launches']})" if row["launches"] > 1 else ""
+            print(" | ".join(str(row.get(c, "-")) for c in cols) + again)
+    floors = [(r["kernel"], r["launches"] * r["issue_floor_us"]) for r in rows if "issue_floor_us" in r]
+    if floors:
+        per_kernel = collections.Counter()
+        for name, us in floors:
+            per_kernel[name] += us
+        print(f"issue floor of one layer's scan loops at {args.clock_ghz} GHz on {args.sms} SMs: "
+              + ", ".join(f"{k} {v:.1f} us" for k, v in per_kernel.items())
+              + f"; all {sum(per_kernel.values()):.1f} us")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(arch=args.arch, shape=[args.batch, args.length, args.dim, args.dstate], set=args.set,
