@@ -57,7 +57,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   channel). With several warps (and BC_PARTS at 8 a warp, so that the quads hold) the 4 warps of a 128-channel
 #   program read the same B / C rows through one SM's L1, where one-warp programs of a batch row run on different
 #   SMs (L1 hits 11-14%, session 28); each warp prefetches its own channels' rows. Prepared in session 29, not yet
-#   timed (docs/kernels.md, "Walk programs of several warps").
+#   timed (docs/kernels.md, "Prepared in session 29").
 # - LOOKAHEAD_BWD: the backward walks load each token's inputs one step ahead, before the previous step's arithmetic
 #   (see ``_bwd_forward_walk_kernel``). MAXNREG_FWD_WALK caps the forward walk's registers (None: the compiler's
 #   choice), as MAXNREG_REV does the reverse walk's: the lookahead's registers took it from 159 to 214, 12 -> 9
@@ -428,8 +428,8 @@ def _prefetch_lanes(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, e1_ptr, e2_ptr, su_l, sd
     r // UNROLL (u, delta, z, the 32-byte sectors of the B and C rows, then up to two more per-token rows
     e1, e2 such as the output or dy) of token r % UNROLL. The pointers are the program's first channel
     (first state for B, C) at token 0. Returns the lanes' addresses at token 0, their byte steps per token
-    and their token in the group (loop-invariant; lanes beyond the list repeat u, kinds beyond 32 lanes are
-    not prefetched). Where R spans several warps (``NUM_WARPS_BWD``, ``WIDE_BLOCK_D``), each warp asks for the
+    and their token in the group (loop-invariant; lanes beyond the list repeat u, kinds beyond min(R, 32) lanes
+    are not prefetched). Where R spans several warps (``NUM_WARPS_BWD``, ``WIDE_BLOCK_D``), each warp asks for the
     channel rows at its own first channel (su_d ... s2_d: the rows' channel strides; n_ch: the block's channels in
     range; rows past them, such as a split layout's second part, ask for the first warp's)."""
     NSEC: tl.constexpr = (BLOCK_N * 4 + 31) // 32   # sectors of a float32 B / C row
