@@ -50,10 +50,13 @@ SWEEP_BWD = [(32, 1, 2, 1, 168), (32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1
 # partial sums per block added atomically instead of the default 8 (fewer butterfly levels, more atomic adds); and
 # X / Y formed apart from those sums' products (SHARED_PRODUCTS off: one multiply per state and token more); and the
 # 8 parts added through the tile's shared-memory path instead of reduce-scattered to 4 adjacent states a lane, one
-# vector atomic each (BC_QUADS off; v37 made it the default); and the walks' per-token addresses as 32-bit offsets
-# from uniform bases (LANE_OFFSETS, v39, off until its model-level GPU tests have run)
+# vector atomic each (BC_QUADS off; v37 made it the default); and the walks' per-token addresses as 64-bit row
+# pointers (LANE_OFFSETS off; v39's 32-bit offsets the default since session 29); and walk programs of 2 and 4 warps
+# (8 parts a warp, so that the quads hold), whose warps share the B / C rows through L1 (session 29, not yet timed)
 SWEEP_BWD_SUMS = [dict(BC_SCATTER=True), dict(BC_PARTS=1), dict(BC_PARTS=2), dict(BC_PARTS=4), dict(BC_PARTS=16),
-                  dict(SHARED_PRODUCTS=False), dict(BC_QUADS=False), dict(LANE_OFFSETS=True)]
+                  dict(SHARED_PRODUCTS=False), dict(BC_QUADS=False), dict(LANE_OFFSETS=False),
+                  dict(BLOCK_D_BWD=64, NUM_WARPS_BWD=2, BC_PARTS=16),
+                  dict(BLOCK_D_BWD=128, NUM_WARPS_BWD=4, BC_PARTS=32)]
 SWEEP_CHUNK = [(16384, 64), (2048, 64)]
 # the forward's GPU time against its program count (vim_tiny's layer at these batches, 24 programs per row), with
 # and without the register cap that saves a wave (MAXNREG_FWD_WAVE; 3,697-4,224 programs on 132 SMs)
