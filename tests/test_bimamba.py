@@ -209,6 +209,17 @@ def test_wide_forward_layout_matches_reference(monkeypatch, dtype, wide_d):
     assert blocks == [(wide_d, 1, 80)] * 2
 
 
+def test_bc_pair_in_the_mixer(monkeypatch):
+    """BC_PAIR (C addressed from B's row): the mixer's B / C rows are one float32 (B, L, 2N) copy, so every scan
+    launch of its forward and backward takes it; the results match the float64 reference."""
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
+    taken = []
+    rule = triton_scan._bc_pair
+    monkeypatch.setattr(triton_scan, "_bc_pair", lambda *a: taken.append(rule(*a)) or taken[-1])
+    run_both(2, 13, 40, 16, 4)
+    assert len(taken) >= 4 and all(taken)
+
+
 @gpu_only
 @pytest.mark.parametrize("wide_d", [32, 128])
 def test_gpu_wide_forward_at_model_shape(monkeypatch, wide_d):

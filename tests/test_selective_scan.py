@@ -66,10 +66,15 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def run_both(inputs, softplus=True, reverse=False, grads=True, tol=2e-5, gtol=1e-4):
+def run_both(inputs, softplus=True, reverse=False, grads=True, tol=2e-5, gtol=1e-4, pair_rows=False):
     """Triton on the inputs vs the float64 reference on their upcast copies; checks out, last state
-    and the gradient of every tensor input."""
+    and the gradient of every tensor input. pair_rows: the Triton call's B and C are views of one (B, L, 2N) leaf,
+    each token's C states right after its B states, as the model's rows are."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    if pair_rows:
+        N = inputs[3].shape[-2]
+        rows = torch.cat([inputs[3].transpose(1, 2), inputs[4].transpose(1, 2)], dim=-1).detach().requires_grad_()
+        leaves[3], leaves[4] = rows[..., :N].transpose(1, 2), rows[..., N:].transpose(1, 2)
     leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
     y, last = selective_scan_fn(*leaves, delta_softplus=softplus, return_last_state=True, reverse=reverse,
                                 backend="triton")
@@ -83,16 +88,21 @@ def run_both(inputs, softplus=True, reverse=False, grads=True, tol=2e-5, gtol=1e
     gy = torch.randn_like(yr)
     y.backward(gy.to(y.dtype))
     yr.backward(gy)
-    for name, a, b in zip(NAMES, leaves, leaves64):
+    if pair_rows:   # B and C are views: their gradients are the rows' halves
+        got = [t.grad if t is not None and t.is_leaf else None for t in leaves]
+        got[3], got[4] = rows.grad[..., :N].transpose(1, 2), rows.grad[..., N:].transpose(1, 2)
+    else:
+        got = [t.grad if t is not None else None for t in leaves]
+    for name, a, g, b in zip(NAMES, leaves, got, leaves64):
         if a is None:
             continue
-        assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{name} missing or not finite"
-        assert a.grad.shape == a.shape
+        assert g is not None and torch.isfinite(g).all(), f"d{name} missing or not finite"
+        assert g.shape == a.shape
         # the reference's dA is exactly 0 at L=1 (no earlier state to decay): compare absolutely there
         if b.grad.norm() < 1e-9:
-            assert a.grad.abs().max() < 1e-6, f"d{name} should be 0"
+            assert g.abs().max() < 1e-6, f"d{name} should be 0"
         else:
-            assert rel(a.grad, b.grad) < gtol, f"d{name} rel err {rel(a.grad, b.grad):.2e}"
+            assert rel(g, b.grad) < gtol, f"d{name} rel err {rel(g, b.grad):.2e}"
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -209,6 +219,35 @@ def test_walks_over_several_warps(reverse, monkeypatch):
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 32)
     monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 7)
     run_both(make_inputs(2, 160, 15, 16, model_rows=True), reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_bc_pair_addresses_c_from_b(reverse, monkeypatch):
+    """BC_PAIR: where each token's C states follow its B states in one float32 row (the model's rows), every scan
+    kernel addresses C from B's row. Against float64, every gradient, chunked (the adjoint state pass too) and not,
+    with and without z; the rule must have taken it in every launch."""
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
+    taken = []
+    rule = triton_scan._bc_pair
+    monkeypatch.setattr(triton_scan, "_bc_pair", lambda *a: taken.append(rule(*a)) or taken[-1])
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 7)
+    run_both(make_inputs(2, 40, 15, 16), reverse=reverse, pair_rows=True)
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", None)
+    run_both(make_inputs(1, 24, 11, 16, has_z=False), reverse=reverse, pair_rows=True)
+    assert taken and all(taken)
+
+
+def test_bc_pair_only_for_adjacent_float32_rows():
+    pair = lambda B, C: triton_scan._bc_pair(B, C, B.shape[-2])   # noqa: E731
+    rows = torch.empty(2, 9, 12 + 32)
+    assert pair(rows[..., 12:28].transpose(1, 2), rows[..., 28:].transpose(1, 2))          # the model's rows
+    assert not pair(rows[..., 28:].transpose(1, 2), rows[..., 12:28].transpose(1, 2))      # C before B
+    gap = torch.empty(2, 9, 35)
+    assert not pair(gap[..., :16].transpose(1, 2), gap[..., 19:].transpose(1, 2))         # a gap between them
+    assert not pair(rows.half()[..., 12:28].transpose(1, 2), rows.half()[..., 28:].transpose(1, 2))   # not float32
+    odd = torch.empty(2, 9, 24)
+    assert not pair(odd[..., :12].transpose(1, 2), odd[..., 12:].transpose(1, 2))          # N not a power of two
+    assert not pair(torch.empty(2, 16, 9), torch.empty(2, 16, 9))                           # apart
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -925,6 +964,25 @@ def test_gpu_walks_with_lane_offsets_match(reverse, monkeypatch):
     plain = triton_outputs(inputs, reverse)
     monkeypatch.setitem(triton_scan.CONFIG, "LANE_OFFSETS", True)
     assert_same_results(plain, triton_outputs(inputs, reverse))
+
+
+@gpu_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_bc_pair_matches(reverse, monkeypatch):
+    """BC_PAIR at the model's layout (float32 B / C rows of one x_proj-like tensor): the same results as C addressed
+    on its own."""
+    inputs = make_inputs(2, 384, 197, 16, model_rows=True, dtype=torch.bfloat16)
+    inputs[3], inputs[4] = [x.float() for x in inputs[3:5]]   # float32 copies, apart: the kernels take C on its own
+    plain = triton_outputs(inputs, reverse)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
+    rows = torch.cat([inputs[3].transpose(1, 2), inputs[4].transpose(1, 2)], dim=-1).requires_grad_()
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    leaves[3], leaves[4] = rows[..., :16].transpose(1, 2), rows[..., 16:].transpose(1, 2)
+    assert triton_scan._bc_pair(leaves[3], leaves[4], 16)
+    y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
+    y.sum().backward()
+    grads = [t.grad for t in leaves[:3]] + [rows.grad[..., :16].transpose(1, 2), rows.grad[..., 16:].transpose(1, 2)]
+    assert_same_results(plain, [y] + grads + [t.grad for t in leaves[5:] if t is not None])
 
 
 @gpu_only

@@ -112,6 +112,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   on by 64-bit arithmetic each token; where every offset fits in int32 (``_lane_offsets_fit``). Session 28, H200,
 #   training step against off: vim_tiny / vim_small at 224 px bs 256 -1.4 / -0.8%; the default since session 29, when
 #   the GPU tests passed with it (docs/kernels.md, v39).
+# - BC_PAIR: where each token's C states follow its B states in one float32 row (the mixer's rows, ``_bc_pair``), the
+#   scan kernels address C from B's row (``_bc_bases``): one address a token for both, C's loads at a fixed offset.
+#   sm_90, vim_tiny bs 256 (session 29): loops 266 / 320 / 572 / 616 / 584 / 614 -> 259 / 309 / 563 / 608 / 575 / 604
+#   (forward, walks), the layer's issue floor -1.8%. Prepared in session 29, not yet timed: off.
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -131,7 +135,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
               WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
-              BC_QUADS=True, LANE_OFFSETS=True)
+              BC_QUADS=True, LANE_OFFSETS=True, BC_PAIR=False)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -242,6 +246,18 @@ def _sigmoid(x, ASM: tl.constexpr):
 def _bc_base(M_ptr, pid_b, group, s_b, s_g):
     """Scalar pointer to state 0 of token 0 of the program's B or C rows (float32, see ``_bc_rows``)."""
     return M_ptr + pid_b * s_b + group * s_g
+
+
+@triton.jit
+def _bc_bases(B_ptr, C_ptr, pid_b, group, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, BLOCK_N: tl.constexpr,
+              BC_PAIR: tl.constexpr):
+    """``_bc_base`` of B and of C, and the C strides the kernel then uses. BC_PAIR (``_bc_pair``): each token's C
+    states follow its B states in one row, so C is B's row BLOCK_N on, with B's strides: one address a token serves
+    both, C's loads at a fixed offset from it."""
+    B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
+    if BC_PAIR:
+        return B_base, B_base + BLOCK_N, sB_n, sB_l
+    return B_base, _bc_base(C_ptr, pid_b, group, sC_b, sC_g), sC_n, sC_l
 
 
 @triton.jit
@@ -751,7 +767,7 @@ def _fwd_kernel(
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, STATE_PASS: tl.constexpr, ACCUM: tl.constexpr, STORE_LAST: tl.constexpr,
-    PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
+    PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PAIR: tl.constexpr = False,
 ):
     """Forward walk (the state pass of long sequences stores each chunk's local end state and delta sum
     instead of outputs).
@@ -768,8 +784,8 @@ def _fwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d & (part == 0), other=0.0).to(tl.float32)
     u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
-    B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)   # one part's states
-    C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
+    B_base, C_base, sC_n, sC_l = _bc_bases(B_ptr, C_ptr, pid_b, group, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+                                           BLOCK_N, BC_PAIR)   # one part's states
     o_ptrs = out_ptr + pid_b * so_b + offs_o * so_d
     zo_ptrs = z_ptr + pid_b * sz_b + offs_o * sz_d   # z is loaded per output tile, for the gate
 
@@ -875,7 +891,7 @@ def _bwd_adjoint_state_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, ROW_ASM: tl.constexpr, ASM: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
-    PREFETCH: tl.constexpr, DY_SCALE: tl.constexpr,
+    PREFETCH: tl.constexpr, DY_SCALE: tl.constexpr, BC_PAIR: tl.constexpr = False,
 ):
     """Per chunk, the adjoint walked from zero at the chunk's end: stores a_s*g_s at the chunk's first
     position (Gout), (B, NC, N, D) float32."""
@@ -887,8 +903,8 @@ def _bwd_adjoint_state_kernel(
     dl_ptrs = dl_ptr + pid_b * sd_b + offs_d * sd_d
     z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
     g_ptrs = dy_ptr + pid_b * sg_b + offs_d * sg_d
-    B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
-    C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
+    B_base, C_base, sC_n, sC_l = _bc_bases(B_ptr, C_ptr, pid_b, group, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+                                           BLOCK_N, BC_PAIR)
     gnext = tl.zeros([R, NS], dtype=tl.float32)
     p_start = pid_c * T
     p_end = tl.minimum(p_start + T, L)
@@ -934,7 +950,7 @@ def _bwd_forward_walk_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, DZ_ACCUM: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr,
     DY_SCALE: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1, SHARED: tl.constexpr = False,
-    QUADS: tl.constexpr = False, LANE_OFFSETS: tl.constexpr = False,
+    QUADS: tl.constexpr = False, LANE_OFFSETS: tl.constexpr = False, BC_PAIR: tl.constexpr = False,
 ):
     """Forward-order walk with the true states: dz, dC (atomic), dD (atomic), F_t into a (B, L, D)
     float32 buffer, and per chunk QX = sum X_t * (delta summed from the chunk start) and, per row (``_row_offsets``),
@@ -955,8 +971,8 @@ def _bwd_forward_walk_kernel(
         u_ptr, dl_ptr, z_ptr, dy_ptr, pid_b, offs_d, su_b, su_d, sd_b, sd_d, sz_b, sz_d, sg_b, sg_d, LANE_OFFSETS)
     dz_ptrs, dz_off = _lane_rows(dz_ptr + pid_b * sdz_b, offs_o * sdz_d, LANE_OFFSETS)
     F_ptrs, F_off = _lane_rows(F_ptr + pid_b * L * Dm, offs_o, LANE_OFFSETS)
-    B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
-    C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
+    B_base, C_base, sC_n, sC_l = _bc_bases(B_ptr, C_ptr, pid_b, group, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+                                           BLOCK_N, BC_PAIR)
     dC_ptrs, mask_n = _bc_grad_rows(dC_ptr, pid_b, group, N, sdC_b, sdC_g, sdC_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
                                     BC_PARTS)
     if QUADS:   # each row's 4 adjacent states of dC, added per token (``_add_token_quads``)
@@ -1071,7 +1087,7 @@ def _bwd_reverse_walk_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, PREFETCH: tl.constexpr, SCATTER: tl.constexpr, DY_SCALE: tl.constexpr,
     DA_LOG: tl.constexpr, LOOKAHEAD: tl.constexpr, BC_PARTS: tl.constexpr = 1, SHARED: tl.constexpr = False,
-    QUADS: tl.constexpr = False, LANE_OFFSETS: tl.constexpr = False,
+    QUADS: tl.constexpr = False, LANE_OFFSETS: tl.constexpr = False, BC_PAIR: tl.constexpr = False,
 ):
     """Reverse-order walk with the true adjoint: du, ddelta (through softplus/bias), dB (atomic),
     dA (or with DA_LOG, A_log's gradient dA * A) and ddelta_bias (atomic). LOOKAHEAD: as in the forward walk
@@ -1088,8 +1104,8 @@ def _bwd_reverse_walk_kernel(
     du_ptrs, du_off = _lane_rows(du_ptr + pid_b * sdu_b, offs_o * sdu_d, LANE_OFFSETS)
     ddl_ptrs, dd_off = _lane_rows(ddl_ptr + pid_b * sdd_b, offs_o * sdd_d, LANE_OFFSETS)
     F_ptrs, F_off = _lane_rows(F_ptr + pid_b * L * Dm, offs_d, LANE_OFFSETS)
-    B_base = _bc_base(B_ptr, pid_b, group, sB_b, sB_g)
-    C_base = _bc_base(C_ptr, pid_b, group, sC_b, sC_g)
+    B_base, C_base, sC_n, sC_l = _bc_bases(B_ptr, C_ptr, pid_b, group, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+                                           BLOCK_N, BC_PAIR)
     dB_ptrs, mask_n = _bc_grad_rows(dB_ptr, pid_b, group, N, sdB_b, sdB_g, sdB_n, BLOCK_D, BLOCK_N, NS, R, SCATTER,
                                     BC_PARTS)
     if QUADS:
@@ -1422,7 +1438,18 @@ def _flags(u, B, C, N, block_d, split, unroll, num_warps, z, delta_bias, softplu
     return dict(BLOCK_D=block_d, BLOCK_N=BLOCK_N, UNROLL=unroll, SPLIT=split,
                 EVEN_D=u.shape[1] % block_d == 0, EVEN_N=N == BLOCK_N, ROW_ASM=_row_asm_ok(B, C, N, split, asm),
                 ASM=asm, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                REVERSE=bool(reverse), PREFETCH=prefetch, num_warps=num_warps)
+                REVERSE=bool(reverse), PREFETCH=prefetch, BC_PAIR=bool(CONFIG["BC_PAIR"]) and _bc_pair(B, C, N),
+                num_warps=num_warps)
+
+
+def _bc_pair(B: torch.Tensor, C: torch.Tensor, N: int) -> bool:
+    """Whether each token's C states follow its B states in one float32 row (the mixer's rows: one (B, L, 2N) copy,
+    ``_scan_rows``), N a power of two: the kernels then address C from B's row (``_bc_bases``)."""
+    if B.dtype != torch.float32 or C.dtype != torch.float32 or N != next_pow2(N) or B.shape != C.shape:
+        return False
+    if _bc_strides(B) != _bc_strides(C) or _bc_strides(B)[2] != 1:
+        return False
+    return C.data_ptr() == B.data_ptr() + 4 * N
 
 
 def _common_args(u, delta, A, B, C, z):
