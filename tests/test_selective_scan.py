@@ -66,15 +66,29 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+def fresh_leaves(inputs, pair_rows=False):
+    """Fresh leaves of ``inputs`` and a function giving their gradients after a backward (None where an input is).
+    pair_rows: B and C become views of one (B, L, 2N) leaf, each token's C states right after its B states, as the
+    model's rows are; their gradients are that leaf's halves."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    if not pair_rows:
+        return leaves, lambda: [t.grad if t is not None else None for t in leaves]
+    N = inputs[3].shape[-2]
+    rows = torch.cat([inputs[3].transpose(1, 2), inputs[4].transpose(1, 2)], dim=-1).detach().requires_grad_()
+    leaves[3], leaves[4] = rows[..., :N].transpose(1, 2), rows[..., N:].transpose(1, 2)
+
+    def grads():
+        got = [t.grad if t is not None and t.is_leaf else None for t in leaves]
+        got[3], got[4] = rows.grad[..., :N].transpose(1, 2), rows.grad[..., N:].transpose(1, 2)
+        return got
+    return leaves, grads
+
+
 def run_both(inputs, softplus=True, reverse=False, grads=True, tol=2e-5, gtol=1e-4, pair_rows=False):
     """Triton on the inputs vs the float64 reference on their upcast copies; checks out, last state
-    and the gradient of every tensor input. pair_rows: the Triton call's B and C are views of one (B, L, 2N) leaf,
-    each token's C states right after its B states, as the model's rows are."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-    if pair_rows:
-        N = inputs[3].shape[-2]
-        rows = torch.cat([inputs[3].transpose(1, 2), inputs[4].transpose(1, 2)], dim=-1).detach().requires_grad_()
-        leaves[3], leaves[4] = rows[..., :N].transpose(1, 2), rows[..., N:].transpose(1, 2)
+    and the gradient of every tensor input. pair_rows: the Triton call's B and C are views of one (B, L, 2N) leaf
+    (``fresh_leaves``)."""
+    leaves, leaf_grads = fresh_leaves(inputs, pair_rows)
     leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
     y, last = selective_scan_fn(*leaves, delta_softplus=softplus, return_last_state=True, reverse=reverse,
                                 backend="triton")
@@ -88,12 +102,7 @@ def run_both(inputs, softplus=True, reverse=False, grads=True, tol=2e-5, gtol=1e
     gy = torch.randn_like(yr)
     y.backward(gy.to(y.dtype))
     yr.backward(gy)
-    if pair_rows:   # B and C are views: their gradients are the rows' halves
-        got = [t.grad if t is not None and t.is_leaf else None for t in leaves]
-        got[3], got[4] = rows.grad[..., :N].transpose(1, 2), rows.grad[..., N:].transpose(1, 2)
-    else:
-        got = [t.grad if t is not None else None for t in leaves]
-    for name, a, g, b in zip(NAMES, leaves, got, leaves64):
+    for name, a, g, b in zip(NAMES, leaves, leaf_grads(), leaves64):
         if a is None:
             continue
         assert g is not None and torch.isfinite(g).all(), f"d{name} missing or not finite"
@@ -890,12 +899,13 @@ def test_gpu_long_65536_forward_bf16():
     run_both(make_inputs(1, 32, 65536, 16, dtype=torch.bfloat16), reverse=True, grads=False, tol=1e-2)
 
 
-def triton_outputs(inputs, reverse, softplus=True):
-    """Output and every gradient of one Triton scan (with delta softplus) on fresh leaves of ``inputs``."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+def triton_outputs(inputs, reverse, softplus=True, pair_rows=False):
+    """Output and every gradient of one Triton scan (with delta softplus) on fresh leaves of ``inputs``
+    (``fresh_leaves``)."""
+    leaves, leaf_grads = fresh_leaves(inputs, pair_rows)
     y = selective_scan_fn(*leaves, delta_softplus=softplus, reverse=reverse, backend="triton")
     y.sum().backward()
-    return [y] + [t.grad for t in leaves if t is not None]
+    return [y] + [g for t, g in zip(inputs, leaf_grads()) if t is not None]
 
 
 def assert_same_results(a, b):
@@ -975,14 +985,11 @@ def test_gpu_bc_pair_matches(reverse, monkeypatch):
     inputs[3], inputs[4] = [x.float() for x in inputs[3:5]]   # float32 copies, apart: the kernels take C on its own
     plain = triton_outputs(inputs, reverse)
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
-    rows = torch.cat([inputs[3].transpose(1, 2), inputs[4].transpose(1, 2)], dim=-1).requires_grad_()
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-    leaves[3], leaves[4] = rows[..., :16].transpose(1, 2), rows[..., 16:].transpose(1, 2)
-    assert triton_scan._bc_pair(leaves[3], leaves[4], 16)
-    y = selective_scan_fn(*leaves, delta_softplus=True, reverse=reverse, backend="triton")
-    y.sum().backward()
-    grads = [t.grad for t in leaves[:3]] + [rows.grad[..., :16].transpose(1, 2), rows.grad[..., 16:].transpose(1, 2)]
-    assert_same_results(plain, [y] + grads + [t.grad for t in leaves[5:] if t is not None])
+    taken = []
+    rule = triton_scan._bc_pair
+    monkeypatch.setattr(triton_scan, "_bc_pair", lambda *a: taken.append(rule(*a)) or taken[-1])
+    assert_same_results(plain, triton_outputs(inputs, reverse, pair_rows=True))
+    assert taken and all(taken)
 
 
 @gpu_only

@@ -380,11 +380,11 @@ def main(argv=None) -> int:
         else:
             again = f" (x{row['launches']})" if row["launches"] > 1 else ""
             print(" | ".join(str(row.get(c, "-")) for c in cols) + again)
-    floors = [(r["kernel"], r["launches"] * r["issue_floor_us"]) for r in rows if "issue_floor_us" in r]
-    if floors:
-        per_kernel = collections.Counter()
-        for name, us in floors:
-            per_kernel[name] += us
+    per_kernel = collections.Counter()
+    for r in rows:
+        if "issue_floor_us" in r:
+            per_kernel[r["kernel"]] += r["launches"] * r["issue_floor_us"]
+    if per_kernel:
         print(f"issue floor of one layer's scan loops at {args.clock_ghz} GHz on {args.sms} SMs: "
               + ", ".join(f"{k} {v:.1f} us" for k, v in per_kernel.items())
               + f"; all {sum(per_kernel.values()):.1f} us")
