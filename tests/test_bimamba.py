@@ -220,6 +220,34 @@ def test_bc_pair_in_the_mixer(monkeypatch):
     assert len(taken) >= 4 and all(taken)
 
 
+@pytest.mark.parametrize("plan", ["split", "wide", "chunked"])
+def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, plan):
+    """The forward launches address C from B's row in the wide and the chunked forwards only; the split one-chunk
+    forward ran slower that way (``_forward_bc_pair``). The backward's launches take it in every plan. The mixer
+    still matches the float64 reference."""
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
+    monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: plan == "wide")
+    monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", 32)   # 40 channels: one program of 32 and an overhang
+    if plan == "chunked":
+        monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 5)
+    kernel, forward_pairs = triton_scan._fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                forward_pairs.append(kw["BC_PAIR"])
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(triton_scan, "_fwd_kernel", Spy())
+    taken = []
+    rule = triton_scan._bc_pair
+    monkeypatch.setattr(triton_scan, "_bc_pair", lambda *a: taken.append(rule(*a)) or taken[-1])
+    run_both(2, 13, 40, 16, 4, dtype=torch.bfloat16, autocast=True, tol=2e-2, gtol=3e-2)
+    assert forward_pairs and all(pair == (plan != "split") for pair in forward_pairs)
+    assert taken and all(taken)
+
+
 @gpu_only
 @pytest.mark.parametrize("wide_d", [32, 128])
 def test_gpu_wide_forward_at_model_shape(monkeypatch, wide_d):

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref
 from vim.kernels.selective_scan import triton_scan
+from vim.kernels.host_math import cdiv
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -498,31 +499,39 @@ def test_forward_walk_register_cap_by_waves(monkeypatch):
     assert cap(2112) == {}
 
 
-def test_forward_wide_layout_where_it_saves_waves(monkeypatch):
-    """The one-chunk forward takes the wide layout only where its grid (32-channel one-warp programs, 25 per SM at
-    80 registers: 3,300 on 132 SMs) runs in fewer waves than the split layout's (16-channel programs, 3,696 at 72
-    registers, 4,224 where the wave cap applies). Session 22 (H200, vim_tiny inference): bs 192-256 and 512 wide
-    4.8-9.4% faster, bs 384 -0.5%, bs 64 / 128 (one wave either way) +30% / +17%."""
+@pytest.mark.parametrize("wide_d", [32, 128])
+def test_forward_wide_layout_where_it_saves_waves(monkeypatch, wide_d):
+    """The one-chunk forward takes the wide layout only where its grid runs in fewer waves than the split layout's
+    (16-channel programs, 3,696 at 72 registers, 4,224 where the wave cap applies). Wide programs at 80 registers:
+    32 channels, one warp, 25 per SM (3,300 on 132 SMs), or 128 channels, 4 warps, 6 per SM (792; 101,376 channels
+    a wave against 105,600), so 128-channel programs stop 4% of the batches sooner. Session 22 (H200, vim_tiny
+    inference, 32 channels): bs 192-256 and 512 wide 4.8-9.4% faster, bs 384 -0.5%, bs 64 / 128 (one wave either
+    way) +30% / +17%."""
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(triton_scan, "sm_count", lambda device: 132)
-    assert triton_scan._resident_programs(80, 1, gpu) == 3300
+    monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", wide_d)
+    assert triton_scan._resident_programs(80, wide_d // 32, gpu) == {32: 3300, 128: 792}[wide_d]
 
     def wide(batch, E=384, dev=gpu):
         split = batch * E // 16
-        return triton_scan._forward_wide(split, triton_scan._forward_wave_cap(split, 1, dev), batch * E // 32, dev)
+        return triton_scan._forward_wide(split, triton_scan._forward_wave_cap(split, 1, dev), batch * E // wide_d, dev)
 
-    assert wide(177) and wide(192) and wide(256) and wide(275) and wide(309) and wide(384) and wide(512)  # vim_tiny
-    assert wide(128, 768) and wide(256, 768) and wide(256, 1536)   # vim_small, vim_base
-    # one wave either way (bs 160-176: the split layout under its wave cap); two either way (bs 276-308)
-    assert not (wide(64) or wide(128) or wide(154) or wide(176) or wide(276) or wide(308) or wide(0))
+    last = {32: (275, 137, 68), 128: (264, 132, 66)}[wide_d]   # the first window's last batch: tiny, small, base
+    assert wide(177) and wide(192) and wide(256) and wide(last[0]) and wide(309) and wide(384) and wide(512)
+    assert wide(128, 768) and wide(last[1], 768) and wide(155, 768) and wide(256, 768)   # vim_small
+    assert wide(45, 1536) and wide(last[2], 1536) and wide(78, 1536) and wide(256, 1536)  # vim_base
+    # one wave either way (bs 160-176: the split layout under its wave cap); two either way (to bs 308)
+    assert not (wide(64) or wide(128) or wide(154) or wide(176) or wide(last[0] + 1) or wide(308) or wide(0))
+    assert not (wide(last[1] + 1, 768) or wide(154, 768) or wide(last[2] + 1, 1536) or wide(77, 1536))
     assert not wide(256, dev=torch.device("cpu"))
     monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", None)
     assert not wide(256)
 
 
-def test_wide_layout_launch(monkeypatch):
-    """Where the wide layout is taken, the forward launches 32-channel programs, one thread per channel, at its
-    register cap and without lookahead; it is only for one-chunk sequences, half-precision u and a delta that needs
+@pytest.mark.parametrize("wide_d, d", [(32, 48), (128, 136)])
+def test_wide_layout_launch(monkeypatch, wide_d, d):
+    """Where the wide layout is taken, the forward launches WIDE_BLOCK_D-channel programs of a warp per 32 channels,
+    one thread per channel, at its register cap and without lookahead; it is only for one-chunk sequences, half-precision u and a delta that needs
     no softplus in the kernel (what was measured), and channel blocks that stay inside one group of B / C."""
     launches = []
 
@@ -532,8 +541,9 @@ def test_wide_layout_launch(monkeypatch):
 
     monkeypatch.setattr(triton_scan, "_fwd_kernel", Recorder())
     monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: True)
+    monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", wide_d)
 
-    def launch(dtype=torch.bfloat16, softplus=False, chunk=None, groups=0, d=48, accumulate=False):
+    def launch(dtype=torch.bfloat16, softplus=False, chunk=None, groups=0, accumulate=False):
         launches.clear()
         monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
         u, delta, A, Bm, Cm, D, z, _ = make_inputs(2, d, 20, 16, groups=groups, dtype=dtype, device="cpu")
@@ -542,12 +552,13 @@ def test_wide_layout_launch(monkeypatch):
         return [(grid, kw["BLOCK_D"], kw["SPLIT"], kw["num_warps"], kw.get("maxnreg"), kw["LOOKAHEAD"])
                 for grid, kw in launches]
 
-    wide = [((2, 1, 2), 32, 1, 1, 80, False)]
+    wide = [((2, 1, 2), wide_d, 1, wide_d // 32, 80, False)]   # the second block overhangs
     assert launch() == launch(torch.float16) == launch(accumulate=True) == wide
-    split = [((3, 1, 2), 16, 2, 1, None, False)]
+    split = [((cdiv(d, 16), 1, 2), 16, 2, 1, None, False)]
     assert launch(torch.float32) == launch(softplus=True) == split
-    assert launch(groups=3) == split   # 16 channels per group of B / C
-    assert [x[0] for x in launch(chunk=8)] == [(3, 3, 2)] * 2          # chunked: state pass and main pass, split
+    groups = {48: 3, 136: 17}[d]   # 16 / 8 channels per group of B / C: blocks stay inside one, split
+    assert [x[1:3] for x in launch(groups=groups)] == [(d // groups, 2)]
+    assert [x[0] for x in launch(chunk=8)] == [(cdiv(d, 16), 3, 2)] * 2   # chunked: state pass and main pass, split
 
 
 @pytest.mark.parametrize("state_pass_cap", [True, False])
@@ -908,11 +919,11 @@ def triton_outputs(inputs, reverse, softplus=True, pair_rows=False):
     return [y] + [g for t, g in zip(inputs, leaf_grads()) if t is not None]
 
 
-def assert_same_results(a, b):
-    """Outputs bit for bit; gradients that atomics sum in no fixed order within float32 rounding."""
+def assert_same_results(a, b, gtol=1e-5):
+    """Outputs bit for bit; gradients that atomics sum in no fixed order within float32 rounding (gtol)."""
     assert torch.equal(a[0], b[0])
     for x, y in zip(a[1:], b[1:], strict=True):
-        assert rel(x, y) < 1e-5
+        assert rel(x, y) < gtol
 
 
 @gpu_only
@@ -997,13 +1008,15 @@ def test_gpu_bc_pair_matches(reverse, monkeypatch):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_walks_over_several_warps_match(reverse, warps, monkeypatch):
     """Walk programs of 2 or 4 warps (8 parts a warp, so the quads hold) at the model's layout: the same results as
-    one-warp programs."""
+    one-warp programs. A program's parts add their channels' dB / dC before its atomics, so more warps group the
+    channel sums differently, and bf16 gradients round what that changes to a whole ulp: session 30 measured up to
+    9.6e-5 (dB) and 2.3e-5 (dC) against one-warp programs."""
     inputs = make_inputs(2, 384, 197, 16, model_rows=True, dtype=torch.bfloat16)
     base = triton_outputs(inputs, reverse)
     monkeypatch.setitem(triton_scan.CONFIG, "BLOCK_D_BWD", 32 * warps)
     monkeypatch.setitem(triton_scan.CONFIG, "NUM_WARPS_BWD", warps)
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PARTS", 8 * warps)
-    assert_same_results(base, triton_outputs(inputs, reverse))
+    assert_same_results(base, triton_outputs(inputs, reverse), gtol=5e-4)
 
 
 @gpu_only

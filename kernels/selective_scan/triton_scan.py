@@ -115,7 +115,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 # - BC_PAIR: where each token's C states follow its B states in one float32 row (the mixer's rows, ``_bc_pair``), the
 #   scan kernels address C from B's row (``_bc_bases``): one address a token for both, C's loads at a fixed offset.
 #   sm_90, vim_tiny bs 256 (session 29): loops 266 / 320 / 572 / 616 / 584 / 614 -> 259 / 309 / 563 / 608 / 575 / 604
-#   (forward, walks), the layer's issue floor -1.8%. Prepared in session 29, not yet timed: off.
+#   (forward, walks), the layer's issue floor -1.8%. The split one-chunk forward keeps C's own address, where it
+#   ran slower (``_forward_bc_pair``). Session 30, H200, with WIDE_BLOCK_D = 128, against 32 and off: inference
+#   vim_tiny / vim_small at 224 px bs 256 -1.8 / -1.3%, training -0.4 / -0.5%; vim_tiny at 1248 px bs 8 inference
+#   -0.9%, training -2.0% (docs/kernels.md, v40).
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -125,8 +128,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   against three) -0.5%, bs 64 / 128 (one wave either way) +30% / +17%; vim_small bs 128 / 256 -6.3% / -5.6%,
 #   vim_base bs 256 -6.9% (docs/kernels.md, v30). Uncapped (86 / 102 registers) it was slower. Measured with
 #   half-precision u and an activated delta (the mixer), so only there; chunked (long L) plans keep the split layout
-#   (vim_small at 1248 px ran 5.4% slower wide). WIDE_BLOCK_D = 64 / 128 makes programs of 2 / 4 warps, whose warps
-#   share the B / C rows through L1 as the walks' would (BLOCK_D_BWD); prepared in session 29, not yet timed.
+#   (vim_small at 1248 px ran 5.4% slower wide). WIDE_BLOCK_D = 128 (since session 30) makes programs of 4 warps,
+#   whose warps share the B / C rows through L1: inference at 224 px bs 256 against 32 -1.1 / -1.0 / -0.6% (vim_tiny
+#   / vim_small / vim_base), training -0.3 / -0.2 / -0.1% (docs/kernels.md, v40). The walks' programs of several
+#   warps (BLOCK_D_BWD = 32 w, NUM_WARPS_BWD = w, BC_PARTS = 8 w) ran slower: training +0.2% / +0.3% (2 warps),
+#   +0.8% / +0.8% (4 warps), vim_tiny / vim_small at 224 px bs 256.
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
               BC_SCATTER=False, BC_PARTS=8, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
@@ -134,8 +140,8 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               MAXNREG_FWD_WALK_WAVE=128, MAXNREG_WALK_WAVES=1,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
-              WIDE_BLOCK_D=32, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
-              BC_QUADS=True, LANE_OFFSETS=True, BC_PAIR=False)
+              WIDE_BLOCK_D=128, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
+              BC_QUADS=True, LANE_OFFSETS=True, BC_PAIR=True)
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -1511,13 +1517,15 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
         delta_bias, softplus = None, 0
     wave_cap = _forward_wave_cap(n_d * nc * batch, num_warps, dev)
     wide_d = CONFIG["WIDE_BLOCK_D"]
-    if (nc == 1 and softplus == 0 and u.dtype in (torch.bfloat16, torch.float16) and wide_d
+    wide = (nc == 1 and softplus == 0 and u.dtype in (torch.bfloat16, torch.float16) and bool(wide_d)
             and _block_d(Dm, G, wide_d) == wide_d
-            and _forward_wide(batch * n_d, wave_cap, batch * cdiv(Dm, wide_d), dev)):
+            and _forward_wide(batch * n_d, wave_cap, batch * cdiv(Dm, wide_d), dev))
+    if wide:
         block_d, n_d, split, num_warps = wide_d, cdiv(Dm, wide_d), 1, wide_d // 32
         wave_cap = CONFIG["WIDE_MAXNREG"]
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], num_warps, z, delta_bias,
                    softplus, reverse, _forward_prefetch(T, nc))
+    flags["BC_PAIR"] = flags["BC_PAIR"] and _forward_bc_pair(wide, nc)
     flags["HAS_D"] = D is not None
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc) and not wave_cap
     grid = (n_d, nc, batch)
@@ -1536,6 +1544,15 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
                       STATE_PASS=False, ACCUM=bool(accumulate), STORE_LAST=want_last, **flags,
                       **({"maxnreg": wave_cap} if wave_cap else {}))
     return out, last, hloc, S
+
+
+def _forward_bc_pair(wide: bool, nc: int) -> bool:
+    """Whether a forward launch on paired B / C rows addresses C from B's row (``BC_PAIR``): the wide and the
+    chunked forwards do; the split one-chunk forward keeps C's own address. Session 30, H200, against C on its own:
+    the wide forward (vim_tiny / vim_small / vim_base inference at 224 px bs 256) -1.1 / -0.8 / -0.4%, the chunked one
+    (vim_tiny inference at 1248 px bs 8) -0.9%, the split one-chunk forward (vim_tiny inference at 224 px bs 128)
+    +3.3% (docs/kernels.md, v40)."""
+    return wide or nc > 1
 
 
 def _resident_programs(regs: int, num_warps: int, device: torch.device) -> int:
@@ -1580,10 +1597,11 @@ def _walk_maxnreg(cap, low, programs: int, num_warps: int, device: torch.device)
 def _forward_wide(split_programs: int, split_cap: Optional[int], wide_programs: int, device: torch.device) -> bool:
     """Whether a one-chunk forward runs in the wide layout (``CONFIG["WIDE_*"]``): where its wide grid, at
     ``WIDE_MAXNREG`` registers, runs in fewer waves of resident programs than the split layout's grid does at its
-    own registers (``split_cap``, what ``_forward_wave_cap`` gave it, else the compiler's). On 132 SMs: 3,300 wide
-    one-warp programs per wave against 3,696 split ones (4,224 under the wave cap) of half the channels; at 224 px
-    vim_tiny takes it at bs 177-275 and from 309, vim_small at 89-137 and from 155, vim_base at 45-68 and from 78
-    (in between both layouts need the same number of waves). A wide program walks its tokens longer than a split
+    own registers (``split_cap``, what ``_forward_wave_cap`` gave it, else the compiler's). On 132 SMs: 792 wide
+    programs of 128 channels and 4 warps per wave (3,300 of 32 channels and one warp) against 3,696 split ones
+    (4,224 under the wave cap) of 16 channels; at 224 px vim_tiny takes it at bs 177-264 and from 309, vim_small
+    at 89-132 and from 155, vim_base at 45-66 and from 78 (with 32-channel programs: to 275, 137, 68; in between
+    both layouts need the same number of waves). A wide program walks its tokens longer than a split
     one, so at equal waves the split layout is faster (session 22: vim_tiny bs 128 +17% wide); with fewer waves its
     fewer instructions win. CUDA only."""
     wide_d = CONFIG["WIDE_BLOCK_D"]
