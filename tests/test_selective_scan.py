@@ -504,7 +504,7 @@ def test_forward_wide_layout_where_it_saves_waves(monkeypatch, wide_d):
     """The one-chunk forward takes the wide layout only where its grid runs in fewer waves than the split layout's
     (16-channel programs, 3,696 at 72 registers, 4,224 where the wave cap applies). Wide programs at 80 registers:
     32 channels, one warp, 25 per SM (3,300 on 132 SMs), or 128 channels, 4 warps, 6 per SM (792; 101,376 channels
-    a wave against 105,600), so 128-channel programs stop 4% of the batches sooner. Session 22 (H200, vim_tiny
+    a wave against 105,600), so with 128-channel programs the first window ends ~4% sooner. Session 22 (H200, vim_tiny
     inference, 32 channels): bs 192-256 and 512 wide 4.8-9.4% faster, bs 384 -0.5%, bs 64 / 128 (one wave either
     way) +30% / +17%."""
     gpu = torch.device("cuda", 0)
@@ -531,8 +531,9 @@ def test_forward_wide_layout_where_it_saves_waves(monkeypatch, wide_d):
 @pytest.mark.parametrize("wide_d, d", [(32, 48), (128, 136)])
 def test_wide_layout_launch(monkeypatch, wide_d, d):
     """Where the wide layout is taken, the forward launches WIDE_BLOCK_D-channel programs of a warp per 32 channels,
-    one thread per channel, at its register cap and without lookahead; it is only for one-chunk sequences, half-precision u and a delta that needs
-    no softplus in the kernel (what was measured), and channel blocks that stay inside one group of B / C."""
+    one thread per channel, at its register cap and without lookahead; it is only for one-chunk sequences,
+    half-precision u and a delta that needs no softplus in the kernel (what was measured), and channel blocks that
+    stay inside one group of B / C."""
     launches = []
 
     class Recorder:

@@ -1549,9 +1549,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
 def _forward_bc_pair(wide: bool, nc: int) -> bool:
     """Whether a forward launch on paired B / C rows addresses C from B's row (``BC_PAIR``): the wide and the
     chunked forwards do; the split one-chunk forward keeps C's own address. Session 30, H200, against C on its own:
-    the wide forward (vim_tiny / vim_small / vim_base inference at 224 px bs 256) -1.1 / -0.8 / -0.4%, the chunked one
-    (vim_tiny inference at 1248 px bs 8) -0.9%, the split one-chunk forward (vim_tiny inference at 224 px bs 128)
-    +3.3% (docs/kernels.md, v40)."""
+    the wide forward (32-channel programs; vim_tiny / vim_small / vim_base inference at 224 px bs 256) -1.1 / -0.8 /
+    -0.4%, the chunked one (vim_tiny inference at 1248 px bs 8) -0.9%, the split one-chunk forward (vim_tiny
+    inference at 224 px bs 128) +3.3%: there ptxas issues the C loads of the accumulating launch next to their use
+    (docs/kernels.md, v40)."""
     return wide or nc > 1
 
 
