@@ -220,12 +220,15 @@ def test_bc_pair_in_the_mixer(monkeypatch):
     assert len(taken) >= 4 and all(taken)
 
 
-@pytest.mark.parametrize("plan", ["split", "wide", "chunked"])
-def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, plan):
+@pytest.mark.parametrize("plan, split", [("split", False), ("wide", False), ("chunked", False), ("split", "first"),
+                                         ("split", True)])
+def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, plan, split):
     """The forward launches address C from B's row in the wide and the chunked forwards only; the split one-chunk
-    forward ran slower that way (``_forward_bc_pair``). The backward's launches take it in every plan. The mixer
-    still matches the float64 reference."""
+    forward ran slower that way (``_forward_bc_pair``), unless ``BC_PAIR_SPLIT`` gives it back to its first launch
+    (the one without look-ahead) or to both. The backward's launches take it in every plan. The mixer still matches
+    the float64 reference."""
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR_SPLIT", split)
     monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: plan == "wide")
     monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", 32)   # 40 channels: one program of 32 and an overhang
     if plan == "chunked":
@@ -235,7 +238,7 @@ def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, plan):
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                forward_pairs.append(kw["BC_PAIR"])
+                forward_pairs.append((kw["BC_PAIR"], kw["LOOKAHEAD"]))
                 return kernel[grid](*args, **kw)
             return launch
 
@@ -244,8 +247,21 @@ def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, plan):
     rule = triton_scan._bc_pair
     monkeypatch.setattr(triton_scan, "_bc_pair", lambda *a: taken.append(rule(*a)) or taken[-1])
     run_both(2, 13, 40, 16, 4, dtype=torch.bfloat16, autocast=True, tol=2e-2, gtol=3e-2)
-    assert forward_pairs and all(pair == (plan != "split") for pair in forward_pairs)
+    if plan == "split":   # the first direction's launch without look-ahead, the accumulating one with it
+        assert [ahead for _, ahead in forward_pairs] == [False, True]
+        assert [pair for pair, _ in forward_pairs] == {False: [False, False], "first": [True, False],
+                                                       True: [True, True]}[split]
+    else:
+        assert forward_pairs and all(pair for pair, _ in forward_pairs)
     assert taken and all(taken)
+
+
+def test_bc_pair_split_knob_checked(monkeypatch):
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR_SPLIT", "second")
+    with pytest.raises(ValueError, match="BC_PAIR_SPLIT"):
+        triton_scan._forward_bc_pair(False, 1, False)
+    monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR_SPLIT", 1)   # as --variant gives True
+    assert triton_scan._forward_bc_pair(False, 1, True)
 
 
 @gpu_only
