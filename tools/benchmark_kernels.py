@@ -52,7 +52,8 @@ SWEEP_BWD = [(32, 1, 2, 1, 168), (32, 1, 2, 1, None), (32, 1, 2, 1, 128), (32, 1
 # 8 parts added through the tile's shared-memory path instead of reduce-scattered to 4 adjacent states a lane, one
 # vector atomic each (BC_QUADS off; v37 made it the default); and the walks' per-token addresses as 64-bit row
 # pointers (LANE_OFFSETS off; v39's 32-bit offsets the default since session 29); and walk programs of 2 and 4 warps
-# (8 parts a warp, so that the quads hold), whose warps share the B / C rows through L1 (session 29, not yet timed)
+# (8 parts a warp, so that the quads hold), whose warps share the B / C rows through L1 (session 30: the training
+# step 0.2-0.8% slower with them, docs/kernels.md v40)
 SWEEP_BWD_SUMS = [dict(BC_SCATTER=True), dict(BC_PARTS=1), dict(BC_PARTS=2), dict(BC_PARTS=4), dict(BC_PARTS=16),
                   dict(SHARED_PRODUCTS=False), dict(BC_QUADS=False), dict(LANE_OFFSETS=False),
                   dict(BLOCK_D_BWD=64, NUM_WARPS_BWD=2, BC_PARTS=16),

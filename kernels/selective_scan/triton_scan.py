@@ -56,8 +56,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 # - BLOCK_D_BWD / NUM_WARPS_BWD: channels and warps of a walk program (32 / 1: a warp a program, one thread a
 #   channel). With several warps (and BC_PARTS at 8 a warp, so that the quads hold) the 4 warps of a 128-channel
 #   program read the same B / C rows through one SM's L1, where one-warp programs of a batch row run on different
-#   SMs (L1 hits 11-14%, session 28); each warp prefetches its own channels' rows. Prepared in session 29, not yet
-#   timed (docs/kernels.md, "Prepared in session 29").
+#   SMs (L1 hits 11-14%, session 28); each warp prefetches its own channels' rows. Session 30, H200, training at
+#   224 px bs 256 against one warp: 2 warps +0.2 / +0.3%, 4 warps +0.8 / +0.8% (vim_tiny / vim_small; docs/kernels.md,
+#   v40): not adopted.
 # - LOOKAHEAD_BWD: the backward walks load each token's inputs one step ahead, before the previous step's arithmetic
 #   (see ``_bwd_forward_walk_kernel``). MAXNREG_FWD_WALK caps the forward walk's registers (None: the compiler's
 #   choice), as MAXNREG_REV does the reverse walk's: the lookahead's registers took it from 159 to 214, 12 -> 9
