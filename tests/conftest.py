@@ -33,3 +33,16 @@ def training_plan_differs(monkeypatch):
     monkeypatch.setitem(triton_scan.CONFIG, "MIN_CHUNK", 1)
     monkeypatch.setitem(triton_scan.CONFIG, "TARGET_PROGRAMS", 2)
     monkeypatch.setattr(triton_scan, "_walk_chunk_target", lambda device: 3)
+
+
+@pytest.fixture
+def rule_verdicts(monkeypatch):
+    """``watch(name)`` wraps the launch rule ``triton_scan.<name>`` and returns the list of every verdict it then
+    gives, so that a test can check the rule took its path in every launch."""
+    from vim.kernels.selective_scan import triton_scan
+
+    def watch(name):
+        verdicts, rule = [], getattr(triton_scan, name)
+        monkeypatch.setattr(triton_scan, name, lambda *args: verdicts.append(rule(*args)) or verdicts[-1])
+        return verdicts
+    return watch

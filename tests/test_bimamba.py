@@ -41,6 +41,21 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+def forward_launches(monkeypatch, *keys):
+    """Spies on the scan's forward launches (which still run): the list of each launch's ``keys`` arguments."""
+    kernel, launches = triton_scan._fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(tuple(kw.get(k) for k in keys))
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(triton_scan, "_fwd_kernel", Spy())
+    return launches
+
+
 def run_both(batch, L, E, N, R, dtype=torch.float32, autocast=False, tol=2e-5, gtol=1e-4, conv_bias=True):
     fwd, bwd = make_params(E, N, R, conv_bias), make_params(E, N, R, conv_bias)
     xz = torch.randn(batch, L, 2 * E)
@@ -194,35 +209,24 @@ def test_wide_forward_layout_matches_reference(monkeypatch, dtype, wide_d):
     launches (the second accumulating into the first's output) are the wide ones. 40 channels: the second block
     overhangs (with 128-channel programs of 4 warps, ``WIDE_BLOCK_D``, 136 channels do that)."""
     monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", wide_d)
-    kernel, blocks = triton_scan._fwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                blocks.append((kw["BLOCK_D"], kw["SPLIT"], kw.get("maxnreg")))
-                return kernel[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(triton_scan, "_fwd_kernel", Spy())
+    blocks = forward_launches(monkeypatch, "BLOCK_D", "SPLIT", "maxnreg")
     monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: True)
     run_both(2, 13, 40 if wide_d == 32 else 136, 16, 4, dtype=dtype, autocast=True, tol=2e-2, gtol=3e-2)
     assert blocks == [(wide_d, 1, 80)] * 2
 
 
-def test_bc_pair_in_the_mixer(monkeypatch):
+def test_bc_pair_in_the_mixer(monkeypatch, rule_verdicts):
     """BC_PAIR (C addressed from B's row): the mixer's B / C rows are one float32 (B, L, 2N) copy, so every scan
     launch of its forward and backward takes it; the results match the float64 reference."""
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
-    taken = []
-    rule = triton_scan._bc_pair
-    monkeypatch.setattr(triton_scan, "_bc_pair", lambda *a: taken.append(rule(*a)) or taken[-1])
+    taken = rule_verdicts("_bc_pair")
     run_both(2, 13, 40, 16, 4)
     assert len(taken) >= 4 and all(taken)
 
 
 @pytest.mark.parametrize("plan, split", [("split", False), ("wide", False), ("chunked", False), ("split", "first"),
                                          ("split", True)])
-def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, plan, split):
+def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, rule_verdicts, plan, split):
     """The forward launches address C from B's row in the wide and the chunked forwards only; the split one-chunk
     forward ran slower that way (``_forward_bc_pair``), unless ``BC_PAIR_SPLIT`` gives it back to its first launch
     (the one without look-ahead) or to both. The backward's launches take it in every plan. The mixer still matches
@@ -233,19 +237,8 @@ def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, plan, split):
     monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", 32)   # 40 channels: one program of 32 and an overhang
     if plan == "chunked":
         monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 5)
-    kernel, forward_pairs = triton_scan._fwd_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                forward_pairs.append((kw["BC_PAIR"], kw["LOOKAHEAD"]))
-                return kernel[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(triton_scan, "_fwd_kernel", Spy())
-    taken = []
-    rule = triton_scan._bc_pair
-    monkeypatch.setattr(triton_scan, "_bc_pair", lambda *a: taken.append(rule(*a)) or taken[-1])
+    forward_pairs = forward_launches(monkeypatch, "BC_PAIR", "LOOKAHEAD")
+    taken = rule_verdicts("_bc_pair")
     run_both(2, 13, 40, 16, 4, dtype=torch.bfloat16, autocast=True, tol=2e-2, gtol=3e-2)
     if plan == "split":   # the first direction's launch without look-ahead, the accumulating one with it
         assert [ahead for _, ahead in forward_pairs] == [False, True]

@@ -196,14 +196,12 @@ def test_dB_dC_channel_sums_both_ways(sums, reverse, monkeypatch):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_walks_with_lane_offsets(reverse, monkeypatch):
+def test_walks_with_lane_offsets(reverse, monkeypatch, rule_verdicts):
     """LANE_OFFSETS: the walks address their per-token rows as a uniform base plus a 32-bit offset per row. Against
     float64, every gradient: token-major and channel-major inputs, 32-channel blocks (one overhanging) with the
     quads' offsets, grouped B / C, chunked (the chunk summaries) and not, with and without z."""
     monkeypatch.setitem(triton_scan.CONFIG, "LANE_OFFSETS", True)
-    taken = []
-    rule = triton_scan._lane_offsets_fit
-    monkeypatch.setattr(triton_scan, "_lane_offsets_fit", lambda *a: taken.append(rule(*a)) or taken[-1])
+    taken = rule_verdicts("_lane_offsets_fit")
     triton_scan.CHUNK_OVERRIDE = 7
     run_both(make_inputs(2, 40, 15, 16), reverse=reverse)
     run_both(make_inputs(2, 64, 9, 16, groups=2, token_major=False), reverse=reverse)
@@ -232,14 +230,12 @@ def test_walks_over_several_warps(reverse, monkeypatch):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_bc_pair_addresses_c_from_b(reverse, monkeypatch):
+def test_bc_pair_addresses_c_from_b(reverse, monkeypatch, rule_verdicts):
     """BC_PAIR: where each token's C states follow its B states in one float32 row (the model's rows), every scan
     kernel addresses C from B's row. Against float64, every gradient, chunked (the adjoint state pass too) and not,
     with and without z; the rule must have taken it in every launch."""
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
-    taken = []
-    rule = triton_scan._bc_pair
-    monkeypatch.setattr(triton_scan, "_bc_pair", lambda *a: taken.append(rule(*a)) or taken[-1])
+    taken = rule_verdicts("_bc_pair")
     monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 7)
     run_both(make_inputs(2, 40, 15, 16), reverse=reverse, pair_rows=True)
     monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", None)
@@ -990,16 +986,14 @@ def test_gpu_walks_with_lane_offsets_match(reverse, monkeypatch):
 
 @gpu_only
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gpu_bc_pair_matches(reverse, monkeypatch):
+def test_gpu_bc_pair_matches(reverse, monkeypatch, rule_verdicts):
     """BC_PAIR at the model's layout (float32 B / C rows of one x_proj-like tensor): the same results as C addressed
     on its own."""
     inputs = make_inputs(2, 384, 197, 16, model_rows=True, dtype=torch.bfloat16)
     inputs[3], inputs[4] = [x.float() for x in inputs[3:5]]   # float32 copies, apart: the kernels take C on its own
     plain = triton_outputs(inputs, reverse)
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
-    taken = []
-    rule = triton_scan._bc_pair
-    monkeypatch.setattr(triton_scan, "_bc_pair", lambda *a: taken.append(rule(*a)) or taken[-1])
+    taken = rule_verdicts("_bc_pair")
     assert_same_results(plain, triton_outputs(inputs, reverse, pair_rows=True))
     assert taken and all(taken)
 
