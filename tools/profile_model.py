@@ -4,6 +4,8 @@ grouped by name, with their share of the step.
 
     python tools/profile_model.py vim_tiny --batch-size 256 --mode infer
     python tools/profile_model.py vim_tiny --batch-size 128 --mode train --top 30
+    python tools/profile_model.py vim_tiny --batch-size 64 \
+        --set "vim.kernels.selective_scan.triton_scan.CONFIG[BC_PAIR_SPLIT]=False"   # with a kernel knob set
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without install
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the tools import each other from their folder
 
 import timm  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import vim  # noqa: E402,F401  (registers the vim_* models)
+from knobs import resolve_knob  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,10 +33,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--set", action="append", default=[], metavar="SPEC",
+                   help="repeatable: a kernel knob set for the profiled steps, dotted.module.ATTR=VALUE or "
+                        "dotted.module.DICT[KEY]=VALUE, as tools/benchmark.py --variant takes them")
     args = p.parse_args(argv)
+    knobs = [resolve_knob(spec, "--set") for spec in args.set]   # a misspelt knob is an error on any machine
     if not torch.cuda.is_available():
         print("error: profiling needs a CUDA GPU", file=sys.stderr)
         return 2
+    for knob in knobs:
+        knob.set(knob.value)
     dtype = getattr(torch, args.dtype)
     model = timm.create_model(args.model, img_size=args.img_size).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -61,7 +71,8 @@ def main(argv=None) -> int:
     total = sum(e.self_device_time_total for e in rows)
     rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
     print(f"{args.model} {args.mode} bs {args.batch_size} @ {args.img_size}, {args.dtype}: "
-          f"{total / args.steps / 1e3:.2f} ms GPU time per step, {torch.cuda.get_device_name()}")
+          f"{total / args.steps / 1e3:.2f} ms GPU time per step, {torch.cuda.get_device_name()}"
+          + "".join(f"; {k.spec}" for k in knobs))
     print(f"{'share':>6} {'ms/step':>8} {'calls/step':>10}  kernel")
     for e in rows[:args.top]:
         print(f"{100 * e.self_device_time_total / total:5.1f}% {e.self_device_time_total / args.steps / 1e3:8.3f} "
