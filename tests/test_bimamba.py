@@ -224,15 +224,17 @@ def test_bc_pair_in_the_mixer(monkeypatch, rule_verdicts):
     assert len(taken) >= 4 and all(taken)
 
 
-@pytest.mark.parametrize("plan, split", [("split", False), ("wide", False), ("chunked", False), ("split", "first"),
-                                         ("split", True)])
+@pytest.mark.parametrize("plan, split", [("split", None), ("wide", None), ("chunked", None), ("split", False),
+                                         ("split", "first"), ("split", True)])
 def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, rule_verdicts, plan, split):
-    """The forward launches address C from B's row in the wide and the chunked forwards only; the split one-chunk
-    forward ran slower that way (``_forward_bc_pair``), unless ``BC_PAIR_SPLIT`` gives it back to its first launch
-    (the one without look-ahead) or to both. The backward's launches take it in every plan. The mixer still matches
-    the float64 reference."""
+    """The forward launches address C from B's row in the wide and the chunked forwards, and by default
+    (``BC_PAIR_SPLIT = "first"``) in the split one-chunk forward's launch without look-ahead; its accumulating launch
+    with the look-ahead ran slower that way (``_forward_bc_pair``). False leaves the split forward on C's own
+    address, True gives the pair to both its launches. The backward's launches take it in every plan. The mixer
+    still matches the float64 reference (split None: the default)."""
     monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR", True)
-    monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR_SPLIT", split)
+    if split is not None:
+        monkeypatch.setitem(triton_scan.CONFIG, "BC_PAIR_SPLIT", split)
     monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: plan == "wide")
     monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", 32)   # 40 channels: one program of 32 and an overhang
     if plan == "chunked":
@@ -242,7 +244,7 @@ def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, rule_verdicts, plan, 
     run_both(2, 13, 40, 16, 4, dtype=torch.bfloat16, autocast=True, tol=2e-2, gtol=3e-2)
     if plan == "split":   # the first direction's launch without look-ahead, the accumulating one with it
         assert [ahead for _, ahead in forward_pairs] == [False, True]
-        assert [pair for pair, _ in forward_pairs] == {False: [False, False], "first": [True, False],
+        assert [pair for pair, _ in forward_pairs] == {False: [False, False], "first": [True, False], None: [True, False],
                                                        True: [True, True]}[split]
     else:
         assert forward_pairs and all(pair for pair, _ in forward_pairs)

@@ -119,8 +119,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   (forward, walks), the layer's issue floor -1.8%. The split one-chunk forward keeps C's own address, where it
 #   ran slower (``_forward_bc_pair``). Session 30, H200, with WIDE_BLOCK_D = 128, against 32 and off: inference
 #   vim_tiny / vim_small at 224 px bs 256 -1.8 / -1.3%, training -0.4 / -0.5%; vim_tiny at 1248 px bs 8 inference
-#   -0.9%, training -2.0% (docs/kernels.md, v40). BC_PAIR_SPLIT (False / "first" / True) gives the pair back to the
-#   split one-chunk forward's first launch or to both, for the A/B (``_forward_bc_pair``).
+#   -0.9%, training -2.0% (docs/kernels.md, v40). BC_PAIR_SPLIT (False / "first" / True): which launches of the split
+#   one-chunk forward take the pair; "first" (since session 31) gives it to those without LOOKAHEAD, whose loads keep
+#   their distance to their use. Session 31, H200, vim_tiny inference at 224 px against False: bs 64 / 128 / 160
+#   -6.3 / -1.4 / -3.6%, training bs 128 -0.3%; True (both launches at bs 128) +3.4% (``_forward_bc_pair``).
 # - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
 #   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
@@ -143,7 +145,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
               WIDE_BLOCK_D=128, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
-              BC_QUADS=True, LANE_OFFSETS=True, BC_PAIR=True, BC_PAIR_SPLIT=False)
+              BC_QUADS=True, LANE_OFFSETS=True, BC_PAIR=True, BC_PAIR_SPLIT="first")
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
 CHUNK_OVERRIDE: Optional[int] = None
@@ -1550,13 +1552,13 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
 
 def _forward_bc_pair(wide: bool, nc: int, lookahead: bool) -> bool:
     """Whether a forward launch on paired B / C rows addresses C from B's row (``BC_PAIR``): the wide and the
-    chunked forwards do; the split one-chunk forward keeps C's own address, unless ``BC_PAIR_SPLIT`` says otherwise
-    (True: both launches; "first": the launch without ``LOOKAHEAD``, whose loads keep their distance to their use
-    with the pair; prepared in session 30, untimed). Session 30, H200, against C on its own:
-    the wide forward (32-channel programs; vim_tiny / vim_small / vim_base inference at 224 px bs 256) -1.1 / -0.8 /
-    -0.4%, the chunked one (vim_tiny inference at 1248 px bs 8) -0.9%, the split one-chunk forward (vim_tiny
-    inference at 224 px bs 128) +3.3%: there ptxas issues the C loads of the accumulating launch next to their use
-    (docs/kernels.md, v40)."""
+    chunked forwards do, and the split one-chunk forward's launches without ``LOOKAHEAD`` (``BC_PAIR_SPLIT =
+    "first"``; True: every launch, False: none). With the look-ahead and the pair, ptxas issues the accumulating
+    launch's C loads next to their use (docs/kernels.md, v40). Against C on its own address, H200: the wide forward
+    (32-channel programs; vim_tiny / vim_small / vim_base inference at 224 px bs 256) -1.1 / -0.8 / -0.4%, the
+    chunked one (vim_tiny inference at 1248 px bs 8) -0.9% (session 30); the split one's launches without the
+    look-ahead (vim_tiny inference at 224 px bs 64 / 128 / 160) -6.3 / -1.4 / -3.6%, and with the look-ahead too
+    (bs 128) +3.4% (session 31)."""
     split = CONFIG["BC_PAIR_SPLIT"]
     if split != "first":
         if split not in (False, True):   # 0 and 1 as well, as --variant / --set give them
