@@ -39,6 +39,8 @@ def test_forward_scan_compiles_for_sm90_and_reports_its_loop(tmp_path):
         assert 0 < r["registers"] <= 255 and r["local"] == 0 and r["stack"] == 0 and r["spill_ops"] == 0
         assert r["loop_instructions"] > 50 and r["mufu"] >= 16 and r["loads"] > 0
         assert r["loop_cycles_one_warp"] >= r["loop_instructions"]
+        assert 0 < r["load_use_min"] <= r["load_use_median"] < r["loop_instructions"]
+        assert len(r["load_use"]) == r["loads"] - r["spill_ops"]     # every global load of the loop is read in it
         # the grid (2 rows x 2 blocks of 16 channels, one chunk) in waves of resident one-warp programs on 132 SMs
         assert r["programs"] == 4 and r["per_sm"] == (28 if r["registers"] > 64 else 32)
         assert r["waves"] == round(4 / (r["per_sm"] * 132), 2)
@@ -66,6 +68,19 @@ def test_issue_estimate_follows_dependencies():
     assert tool.issue_estimate(chained) > tool.issue_estimate(independent)
     mufus = [("MUFU.EX2", ["R1"], ["R2"]), ("MUFU.EX2", ["R3"], ["R4"])]
     assert tool.issue_estimate(mufus) >= 2 * tool.MUFU_PIPE_CYCLES
+
+
+def test_load_use_distances_count_to_the_first_reader_across_iterations():
+    tool = load_tool("kernel_sass")
+    body = [("LDG.E.128", ["R4", "R5", "R6", "R7"], ["R2", "R3"]),   # read 2 on: its third register
+            ("FADD", ["R8"], ["R9"]),
+            ("FMUL", ["R10"], ["R6"]),
+            ("LDG.E", ["R12"], ["R2", "R3"]),                         # read at the loop's top: the next iteration
+            ("FFMA", ["R9"], ["R8", "R10"]),
+            ("STG.E", [], ["R2", "R3", "R9"])]
+    body.insert(0, ("IMAD", ["R11"], ["R12"]))
+    assert tool.load_use_distances(body) == [2, 3]
+    assert tool.load_use_distances([("FADD", ["R1"], ["R1"])]) == []
 
 
 def test_issue_floor_counts_every_warp_of_every_program():

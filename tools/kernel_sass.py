@@ -3,7 +3,8 @@
 waves of resident programs, and the main loop's SASS (instruction mix; MUFU, load, shuffle and atomic counts; a
 single-warp issue estimate) of every kernel that one bidirectional mixer forward and backward launches at a given
 shape; for the scans, the issue floor (``issue_floor_us``: the loop at one warp instruction a clock per scheduler,
-every warp of the grid) and its sum over the layer's launches.
+every warp of the grid) and its sum over the layer's launches; and how far ahead of its first use the loop issues
+each global load (``load_use_min`` / ``load_use_median``, in instructions; every load's in the JSON).
 
     python tools/kernel_sass.py                                    # a vim_tiny layer at bs 128, sm_90
     python tools/kernel_sass.py --batch 256 --dim 768 --json sass.json
@@ -230,6 +231,25 @@ def issue_estimate(body, iterations: int = 6) -> int:
     return starts[-1] - starts[-2]
 
 
+def load_use_distances(body) -> List[int]:
+    """For each global load (``LDG``) of a loop body, the instructions issued after it until the first one that reads
+    a register it writes, wrapping into the next iteration (a load for the next token). Short distances leave a warp
+    waiting on L1 / L2 latency unless other warps cover it: in session 30 the forward's accumulating launch ran
+    slower with 4% more instructions, its C loads 5-17 instructions ahead of their use rather than 14-34
+    (docs/kernels.md, v40)."""
+    out = []
+    n = len(body)
+    for i, (op, dst, _) in enumerate(body):
+        if not op.startswith("LDG") or not dst:
+            continue
+        written = set(dst)
+        for k in range(1, n + 1):
+            if written & set(body[(i + k) % n][2]):
+                out.append(k)
+                break
+    return out
+
+
 def waves(grid: List[int], usage: dict, num_warps: int, sms: int) -> dict:
     """How many programs of the launch an SM holds at once (by registers, warps, shared memory and sm_90's limits),
     and the grid in waves of that many on `sms` SMs: 1.1 means a second wave a tenth full, which takes about as
@@ -262,10 +282,14 @@ def summarize(sass: str) -> dict:
     def count(*prefixes):
         return sum(n for op, n in ops.items() if op.startswith(prefixes))
 
+    distances = sorted(load_use_distances(body))
     return dict(instructions=total, loop_instructions=len(body), mufu=count("MUFU"), loads=count("LDG", "LDL"),
                 stores=count("STG", "STL"), spill_ops=count("LDL", "STL"), shuffles=count("SHFL"),
                 atomics=count("ATOMG", "RED"),
-                shared_ops=count("LDS", "STS", "STSM", "BAR"), loop_cycles_one_warp=issue_estimate(body))
+                shared_ops=count("LDS", "STS", "STSM", "BAR"), loop_cycles_one_warp=issue_estimate(body),
+                load_use_min=distances[0] if distances else None,
+                load_use_median=distances[len(distances) // 2] if distances else None,
+                load_use=distances)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +394,7 @@ def main(argv=None) -> int:
     # spill_ops: the loop's LDL / STL, also counted in loads / stores
     cols = ["kernel", "registers", "stack", "local", "shared_bytes", "programs", "per_sm", "waves", "loop_instructions",
             "mufu", "loads", "stores", "spill_ops", "shuffles", "atomics", "shared_ops", "loop_cycles_one_warp",
-            "issue_floor_us"]
+            "load_use_min", "load_use_median", "issue_floor_us"]
     print(f"sm_{args.arch}, (batch, L, E, N) = ({args.batch}, {args.length}, {args.dim}, {args.dstate}); "
           f"loop = the kernel's largest loop, counts per iteration" + "".join(f"; {k.spec}" for k in knobs))
     print(" | ".join(cols))
