@@ -50,6 +50,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   within 0.6% of each other). Plans held at MIN_CHUNK (64-token chunks: small batches, grids below a wave) ran
 #   4-20% slower with it, 80-token chunks 1.3% faster (docs/kernels.md v28). The one-chunk forward keeps it at
 #   every batch: at 224 px without it, bs 48 ran 0.9% faster, bs 64 4.7% and bs 96 10.2% slower (session 21).
+#   One group ahead instead of two: in the split one-chunk forward (vim_tiny inference) +11.7% at bs 64, +3.8% at
+#   bs 128; in the wide one (bs 256) -0.3 / -0.4% (vim_tiny / vim_small; session 31, docs/kernels.md v40).
 # - LOOKAHEAD: which forward launches load the next group's u and delta a group early (see ``_fwd_kernel``): 0 none,
 #   1 all, "accumulate" (default) the launch that adds to a prior output (the mixer's second direction) when the
 #   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
@@ -116,8 +118,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 # - BC_PAIR: where each token's C states follow its B states in one float32 row (the mixer's rows, ``_bc_pair``), the
 #   scan kernels address C from B's row (``_bc_bases``): one address a token for both, C's loads at a fixed offset.
 #   sm_90, vim_tiny bs 256 (session 29): loops 266 / 320 / 572 / 616 / 584 / 614 -> 259 / 309 / 563 / 608 / 575 / 604
-#   (forward, walks), the layer's issue floor -1.8%. The split one-chunk forward keeps C's own address, where it
-#   ran slower (``_forward_bc_pair``). Session 30, H200, with WIDE_BLOCK_D = 128, against 32 and off: inference
+#   (forward, walks), the layer's issue floor -1.8%. The split one-chunk forward's launch with LOOKAHEAD keeps C's own
+#   address, where it ran slower (``_forward_bc_pair``). Session 30, H200, with WIDE_BLOCK_D = 128, against 32 and off: inference
 #   vim_tiny / vim_small at 224 px bs 256 -1.8 / -1.3%, training -0.4 / -0.5%; vim_tiny at 1248 px bs 8 inference
 #   -0.9%, training -2.0% (docs/kernels.md, v40). BC_PAIR_SPLIT (False / "first" / True): which launches of the split
 #   one-chunk forward take the pair; "first" (since session 31) gives it to those without LOOKAHEAD, whose loads keep
@@ -134,7 +136,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   half-precision u and an activated delta (the mixer), so only there; chunked (long L) plans keep the split layout
 #   (vim_small at 1248 px ran 5.4% slower wide). WIDE_BLOCK_D = 128 (since session 30) makes programs of 4 warps,
 #   whose warps share the B / C rows through L1: inference at 224 px bs 256 against 32 -1.1 / -1.0 / -0.6% (vim_tiny
-#   / vim_small / vim_base), training -0.3 / -0.2 / -0.1% (docs/kernels.md, v40). The walks' programs of several
+#   / vim_small / vim_base), training -0.3 / -0.2 / -0.1% (docs/kernels.md, v40). WIDE_MAXNREG = 72 (7 such programs an
+#   SM instead of 6, more spills): +8.6 / +7.3% (vim_tiny / vim_small inference at bs 256, session 31). The walks' programs of several
 #   warps (BLOCK_D_BWD = 32 w, NUM_WARPS_BWD = w, BC_PARTS = 8 w) ran slower: training +0.2% / +0.3% (2 warps),
 #   +0.8% / +0.8% (4 warps), vim_tiny / vim_small at 224 px bs 256.
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
