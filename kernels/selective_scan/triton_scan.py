@@ -52,6 +52,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   every batch: at 224 px without it, bs 48 ran 0.9% faster, bs 64 4.7% and bs 96 10.2% slower (session 21).
 #   One group ahead instead of two: in the split one-chunk forward (vim_tiny inference) +11.7% at bs 64, +3.8% at
 #   bs 128; in the wide one (bs 256) -0.3 / -0.4% (vim_tiny / vim_small; session 31, docs/kernels.md v40).
+#   PREFETCH_WIDE: the wide layout's own distance (None: PREFETCH); 1 is to be the default once the GPU tests have
+#   run it.
 # - LOOKAHEAD: which forward launches load the next group's u and delta a group early (see ``_fwd_kernel``): 0 none,
 #   1 all, "accumulate" (default) the launch that adds to a prior output (the mixer's second direction) when the
 #   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
@@ -147,7 +149,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               MAXNREG_FWD_WALK_WAVE=128, MAXNREG_WALK_WAVES=1,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
-              WIDE_BLOCK_D=128, WIDE_MAXNREG=80, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
+              WIDE_BLOCK_D=128, WIDE_MAXNREG=80, PREFETCH_WIDE=None, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
               BC_QUADS=True, LANE_OFFSETS=True, BC_PAIR=True, BC_PAIR_SPLIT="first")
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -1472,11 +1474,14 @@ def _common_args(u, delta, A, B, C, z):
     return [*u.stride(), *delta.stride(), *A.stride(), sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl, *zz.stride()]
 
 
-def _forward_prefetch(T: int, nc: int) -> int:
-    """The forward's prefetch distance in groups: ``PREFETCH`` for one chunk; a chunked forward (long L, two passes)
-    ``PREFETCH_CHUNKED``, and none for chunks shorter than ``PREFETCH_CHUNKED_MIN_T`` tokens (docs/kernels.md, v28).
-    ``_flags`` turns it off where the inline PTX does not run."""
+def _forward_prefetch(T: int, nc: int, wide: bool = False) -> int:
+    """The forward's prefetch distance in groups: ``PREFETCH`` for one chunk, ``PREFETCH_WIDE`` in the wide layout
+    (None: ``PREFETCH``); a chunked forward (long L, two passes) ``PREFETCH_CHUNKED``, and none for chunks shorter
+    than ``PREFETCH_CHUNKED_MIN_T`` tokens (docs/kernels.md, v28). ``_flags`` turns it off where the inline PTX does
+    not run."""
     if nc == 1:
+        if wide and CONFIG["PREFETCH_WIDE"] is not None:
+            return CONFIG["PREFETCH_WIDE"]
         return CONFIG["PREFETCH"]
     return CONFIG["PREFETCH_CHUNKED"] if T >= CONFIG["PREFETCH_CHUNKED_MIN_T"] else 0
 
@@ -1531,7 +1536,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
         block_d, n_d, split, num_warps = wide_d, cdiv(Dm, wide_d), 1, wide_d // 32
         wave_cap = CONFIG["WIDE_MAXNREG"]
     flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL"], num_warps, z, delta_bias,
-                   softplus, reverse, _forward_prefetch(T, nc))
+                   softplus, reverse, _forward_prefetch(T, nc, wide))
     flags["HAS_D"] = D is not None
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc) and not wave_cap
     flags["BC_PAIR"] = flags["BC_PAIR"] and _forward_bc_pair(wide, nc, flags["LOOKAHEAD"])
