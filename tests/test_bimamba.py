@@ -184,6 +184,59 @@ def test_pair_conv_is_bit_identical(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("chunk", [None, 6])
+@pytest.mark.parametrize("packed", [False, True])
+def test_kept_scan_inputs_give_the_same_bits(monkeypatch, chunk, packed):
+    """``RECOMPUTE = False``: the forward keeps each direction's conv output, delta and B / C rows for the backward,
+    which then launches neither the convs nor dt_proj again, and the output and every gradient are the same bits as
+    with them recomputed (one chunk and several; the op on x and z and on in_proj's packed output)."""
+    from vim.kernels.bimamba import triton_bimamba
+
+    if chunk:
+        monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+    fwd, bwd = make_params(24, 4, 3, conv_bias=False), make_params(24, 4, 3)
+    xz = torch.randn(2, 19, 48, device=DEV)
+    calls = []
+    for name in ("_convs", "_scan_rows"):
+        real = getattr(triton_bimamba, name)
+        monkeypatch.setattr(triton_bimamba, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
+                            _real(*a, **k))
+    got = []
+    for recompute in (True, False):
+        monkeypatch.setattr(triton_bimamba, "RECOMPUTE", recompute)
+        xz_ = xz.clone().requires_grad_()
+        ps = [p.clone().to(DEV).requires_grad_() if p is not None else None for p in (*fwd, *bwd)]
+        if packed:
+            y = bimamba_v2_packed_fn(xz_, DirectionParams(*ps[:7]), DirectionParams(*ps[7:]), backend="triton")
+        else:
+            x, z = xz_.split([24, 24], dim=-1)
+            y = bimamba_v2_fn(x, z, DirectionParams(*ps[:7]), DirectionParams(*ps[7:]), backend="triton")
+        calls.clear()
+        y.backward(torch.randn_like(y, generator=torch.Generator(DEV).manual_seed(1)))
+        assert calls == (["_convs", "_scan_rows", "_scan_rows"] if recompute else [])
+        got.append([y, xz_.grad] + [p.grad for p in ps if p is not None])
+    for a, b in zip(*got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_kept_scan_inputs_only_where_a_backward_follows(monkeypatch):
+    """The forward op returns the kept scan inputs (3 more tensors a direction, shaped as its fake says) only where
+    autograd records the call; inference keeps nothing more."""
+    from vim.kernels.bimamba import triton_bimamba
+
+    monkeypatch.setattr(triton_bimamba, "RECOMPUTE", False)
+    E, N, R = 8, 4, 2
+    fwd = DirectionParams(*[p.to(DEV) for p in make_params(E, N, R)])
+    bwd = DirectionParams(*[p.to(DEV) for p in make_params(E, N, R)])
+    x, z = torch.randn(2, 2, 9, E, device=DEV).to(torch.bfloat16)
+    for train_plan, count in ((False, 7), (True, 13)):
+        outs = torch.ops.vim_kernels.bimamba_v2_fwd(x, z, *fwd, *bwd, train_plan)
+        fakes = triton_bimamba._fwd_fake(x, z, *fwd, *bwd, train_plan)
+        assert len(outs) == len(fakes) == count
+        for o, f in zip(outs, fakes, strict=True):
+            assert o.shape == f.shape and o.dtype == f.dtype, (o.shape, f.shape, o.dtype, f.dtype)
+
+
 @pytest.mark.parametrize("align", [1, 8, 16])
 def test_fused_xproj_column_padding(monkeypatch, align):
     """x_proj's output rows padded to [dt | 0 | B | C | 0] (``XPROJ_ALIGN``; 1: unpadded) give the reference's
@@ -353,8 +406,13 @@ def test_packed_rejects_odd_widths():
         bimamba_v2_packed_fn(torch.randn(1, 3, 7, device=DEV), fwd, bwd, backend="triton")
 
 
-def test_compiles_without_graph_breaks():
-    """The op is a torch custom op with a fake and an autograd formula: fullgraph compile must trace it."""
+@pytest.mark.parametrize("recompute", [True, False])
+def test_compiles_without_graph_breaks(monkeypatch, recompute):
+    """The op is a torch custom op with a fake and an autograd formula: fullgraph compile must trace it, also where
+    the forward keeps the scan's inputs for the backward (``RECOMPUTE = False``)."""
+    from vim.kernels.bimamba import triton_bimamba
+
+    monkeypatch.setattr(triton_bimamba, "RECOMPUTE", recompute)
     E, N, R = 8, 4, 2
     fwd, bwd = make_params(E, N, R), make_params(E, N, R)
     for p in (*fwd, *bwd):

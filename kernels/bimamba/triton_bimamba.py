@@ -7,7 +7,7 @@ in-kernel. The first direction's scan writes its ungated
 output; the second adds its own, applies the silu(z) gate to the sum and halves it (``out = (y_f + y_b) / 2 *
 silu(z)``), so the gate is computed once and no separate average pass or flipped copy exists. Only x, z, the
 small x_proj outputs and per-chunk scan summaries are kept for backward; the conv outputs and delta are
-recomputed there, and both directions' conv backwards run as one pass over x (they share it).
+recomputed there (``RECOMPUTE``), and both directions' conv backwards run as one pass over x (they share it).
 
 The forward and backward are registered as torch custom ops (``vim_kernels::bimamba_v2_fwd`` / ``_bwd``)
 with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces a model
@@ -64,12 +64,22 @@ def _convs(x, fwd: DirectionParams, bwd: DirectionParams, taps):
 
 
 def _scan_rows(xdbl, wdt, bias, dt_cols, N, cdt):
-    """From x_proj's output: dt (B, L, dt_cols), delta (dt_proj + softplus, ``delta_dtype``) and B, C as (B, N, L)
-    views of one float32 (B, L, 2N) copy, the rows the scan kernels load whole (``triton_scan._bc_rows``); the copy
-    is made by delta's launch."""
-    dt = xdbl[..., :dt_cols]
-    delta, bc = dt_softplus(dt, wdt[:, :dt_cols], bias, delta_dtype(cdt), widen=xdbl[..., dt_cols:dt_cols + 2 * N])
-    return dt, delta, bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
+    """From x_proj's output: delta (dt_proj + softplus, ``delta_dtype``) and one float32 (B, L, 2N) copy of its B / C
+    columns, the rows the scan kernels load whole (``triton_scan._bc_rows``), made by delta's launch."""
+    return dt_softplus(xdbl[..., :dt_cols], wdt[:, :dt_cols], bias, delta_dtype(cdt),
+                       widen=xdbl[..., dt_cols:dt_cols + 2 * N])
+
+
+def _bc_views(bc, N):
+    """B and C as (B, N, L) views of the scan's float32 (B, L, 2N) rows."""
+    return bc[..., :N].transpose(1, 2), bc[..., N:].transpose(1, 2)
+
+
+# Whether the backward recomputes each direction's conv output and delta (with the B / C rows made beside it), True,
+# or the forward keeps them for it, False: per token, layer and direction E elements in the compute dtype and E in
+# delta's, plus 2N float32, more activation memory for training; one conv + SiLU pair launch and two dt_proj +
+# softplus launches less per layer in the backward.
+RECOMPUTE = True
 
 
 # torch.mm(..., out_dtype=) (the aten::mm.dtype overload, CUDA only) is newer than the oldest torch we support
@@ -106,7 +116,8 @@ def _forward_impl(x, z, flat, out=None, train_plan=False):
             (wx, wdt, A, _), dt_cols, _ = derived[i]
             xc, xcs[i] = xcs[i], None
             xdbl = F.linear(xc, wx)
-            dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)
+            delta, bc = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)
+            Bm, Cm = _bc_views(bc, N)
             # the first direction writes its ungated y; the second adds its own and gates the sum once:
             # out = (y_f + y_b) / 2 * silu(z), the average of the two gated outputs
             _, _, hloc, S = triton_scan.scan_forward(
@@ -116,8 +127,10 @@ def _forward_impl(x, z, flat, out=None, train_plan=False):
             # distinct empty tensors: custom-op outputs must not alias each other
             saved += [xdbl, hloc if hloc is not None else _absent(x),
                       S if S is not None else _absent(x)]
+            if train_plan and not RECOMPUTE:
+                saved += [xc, delta, bc]
             # freed before the second direction allocates its own (one (B, L, E) delta less at the peak)
-            del xc, dt, delta, Bm, Cm, hloc, S
+            del xc, delta, bc, Bm, Cm, hloc, S
     return out, saved
 
 
@@ -136,14 +149,24 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None, train_plan=False):
         # float32 buffer, the layout of their columns in x_proj's output gradient: both zeroed by one launch
         dbcs = triton_scan._zeros([(batch, L, 2 * p.A_log.shape[1]) for p in params], x.device)
         derived = [_weights(p, cdt) for p in params]
-        xcs = list(_convs(x, *params, [w.conv_taps for w, _, _ in derived]))
+        # per direction: x_proj's output, chunk states, delta sums, and where the forward kept them (``RECOMPUTE``
+        # off) the scan's inputs: conv output, delta, B / C rows
+        per_direction = len(saved) // 2
+        kept = per_direction == 6
+        xcs = [None, None] if kept else list(_convs(x, *params, [w.conv_taps for w, _, _ in derived]))
         for i, (p, reverse) in enumerate(zip(params, (False, True))):
-            xdbl, hloc, S = saved[3 * i], _none_if_absent(saved[3 * i + 1]), _none_if_absent(saved[3 * i + 2])
+            xdbl, hloc, S, *inputs = saved[per_direction * i:per_direction * (i + 1)]
+            hloc, S = _none_if_absent(hloc), _none_if_absent(S)
             N = p.A_log.shape[1]
             rank = p.dt_proj_weight.shape[1]
             (wx, wdt, A, _), dt_cols, width = derived[i]
-            xc, xcs[i] = xcs[i], None
-            dt, delta, Bm, Cm = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)   # the forward's, recomputed
+            if kept:
+                xc, delta, bc = inputs
+            else:   # the forward's, recomputed
+                xc, xcs[i] = xcs[i], None
+                delta, bc = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)
+            dt = xdbl[..., :dt_cols]
+            Bm, Cm = _bc_views(bc, N)
             dbc = dbcs[i]
             # ddelta: the gradient of dt_proj's output (before bias and softplus), in the compute dtype
             du, ddelta, dA_log, _, _, dD, dz, dbias = triton_scan.scan_backward(
@@ -242,6 +265,9 @@ def _fwd_fake(x, z, *rest):
                      x.new_empty((batch, nc, E), dtype=torch.float32)]
         else:
             outs += [_absent(x), _absent(x)]
+        if train_plan and not RECOMPUTE:
+            outs += [x.new_empty((batch, L, E)), x.new_empty((batch, L, E), dtype=delta_dtype(x.dtype)),
+                     x.new_empty((batch, L, 2 * N), dtype=torch.float32)]
     return outs
 
 
