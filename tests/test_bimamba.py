@@ -297,8 +297,8 @@ def test_bc_pair_in_the_forward_where_it_paid(monkeypatch, rule_verdicts, plan, 
     run_both(2, 13, 40, 16, 4, dtype=torch.bfloat16, autocast=True, tol=2e-2, gtol=3e-2)
     if plan == "split":   # the first direction's launch without look-ahead, the accumulating one with it
         assert [ahead for _, ahead in forward_pairs] == [False, True]
-        assert [pair for pair, _ in forward_pairs] == {False: [False, False], "first": [True, False], None: [True, False],
-                                                       True: [True, True]}[split]
+        assert [pair for pair, _ in forward_pairs] == {False: [False, False], "first": [True, False],
+                                                       None: [True, False], True: [True, True]}[split]
     else:
         assert forward_pairs and all(pair for pair, _ in forward_pairs)
     assert taken and all(taken)

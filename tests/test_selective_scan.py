@@ -960,7 +960,8 @@ def test_one_ulp_apart_helper():
     assert one_ulp_apart(x, x) and one_ulp_apart(x, (x.float() + ulp).bfloat16())
     assert not one_ulp_apart(x, (x.float() + 2 * ulp).bfloat16())
     half = x.half()
-    assert one_ulp_apart(half, (half.float() - ulp / 8).half()) and not one_ulp_apart(half, (half.float() - ulp / 4).half())
+    assert one_ulp_apart(half, (half.float() - ulp / 8).half())
+    assert not one_ulp_apart(half, (half.float() - ulp / 4).half())
 
 
 def assert_same_results(a, b, gtol=1e-5):

@@ -121,27 +121,27 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   scan kernels address C from B's row (``_bc_bases``): one address a token for both, C's loads at a fixed offset.
 #   sm_90, vim_tiny bs 256 (session 29): loops 266 / 320 / 572 / 616 / 584 / 614 -> 259 / 309 / 563 / 608 / 575 / 604
 #   (forward, walks), the layer's issue floor -1.8%. The split one-chunk forward's launch with LOOKAHEAD keeps C's own
-#   address, where it ran slower (``_forward_bc_pair``). Session 30, H200, with WIDE_BLOCK_D = 128, against 32 and off: inference
-#   vim_tiny / vim_small at 224 px bs 256 -1.8 / -1.3%, training -0.4 / -0.5%; vim_tiny at 1248 px bs 8 inference
-#   -0.9%, training -2.0% (docs/kernels.md, v40). BC_PAIR_SPLIT (False / "first" / True): which launches of the split
-#   one-chunk forward take the pair; "first" (since session 31) gives it to those without LOOKAHEAD, whose loads keep
-#   their distance to their use. Session 31, H200, vim_tiny inference at 224 px against False: bs 64 / 128 / 160
-#   -6.3 / -1.4 / -3.6%, training bs 128 -0.3%; True (both launches at bs 128) +3.4% (``_forward_bc_pair``).
-# - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never):
-#   one thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
+#   address, where it ran slower (``_forward_bc_pair``). Session 30, H200, with WIDE_BLOCK_D = 128, against 32 and off:
+#   inference vim_tiny / vim_small at 224 px bs 256 -1.8 / -1.3%, training -0.4 / -0.5%; vim_tiny at 1248 px bs 8
+#   inference -0.9%, training -2.0% (docs/kernels.md, v40). BC_PAIR_SPLIT (False / "first" / True): which launches of
+#   the split one-chunk forward take the pair; "first" (since session 31) gives it to those without LOOKAHEAD, whose
+#   loads keep their distance to their use. Session 31, H200, vim_tiny inference at 224 px against False: bs 64 / 128 /
+#   160 -6.3 / -1.4 / -3.6%, training bs 128 -0.3%; True (both launches at bs 128) +3.4% (``_forward_bc_pair``).
+# - WIDE_BLOCK_D / WIDE_MAXNREG: the one-chunk forward's wide layout (``_forward_wide``; WIDE_BLOCK_D None: never): one
+#   thread per channel holding all N states, WIDE_BLOCK_D channels per program (a warp per 32), registers capped at
 #   WIDE_MAXNREG (no lookahead), instead of BLOCK_D channels with SPLIT threads each. Per channel and token it issues
-#   16-19% fewer instructions, but a program walks its tokens longer, so it pays only where its grid runs in fewer
-#   waves of resident programs than the split one's. Session 22, H200, vim_tiny inference at 224 px against the
-#   split layout: bs 192-256 (one wave against two) -4.8 to -9.4%, bs 512 (two against four) -5.8%, bs 384 (two
-#   against three) -0.5%, bs 64 / 128 (one wave either way) +30% / +17%; vim_small bs 128 / 256 -6.3% / -5.6%,
-#   vim_base bs 256 -6.9% (docs/kernels.md, v30). Uncapped (86 / 102 registers) it was slower. Measured with
-#   half-precision u and an activated delta (the mixer), so only there; chunked (long L) plans keep the split layout
-#   (vim_small at 1248 px ran 5.4% slower wide). WIDE_BLOCK_D = 128 (since session 30) makes programs of 4 warps,
-#   whose warps share the B / C rows through L1: inference at 224 px bs 256 against 32 -1.1 / -1.0 / -0.6% (vim_tiny
-#   / vim_small / vim_base), training -0.3 / -0.2 / -0.1% (docs/kernels.md, v40). WIDE_MAXNREG = 72 (7 such programs an
-#   SM instead of 6, more spills): +8.6 / +7.3% (vim_tiny / vim_small inference at bs 256, session 31). The walks' programs of several
-#   warps (BLOCK_D_BWD = 32 w, NUM_WARPS_BWD = w, BC_PARTS = 8 w) ran slower: training +0.2% / +0.3% (2 warps),
-#   +0.8% / +0.8% (4 warps), vim_tiny / vim_small at 224 px bs 256.
+#   16-19% fewer instructions, but a program walks its tokens longer, so it pays only where its grid runs in fewer waves
+#   of resident programs than the split one's. Session 22, H200, vim_tiny inference at 224 px against the split layout:
+#   bs 192-256 (one wave against two) -4.8 to -9.4%, bs 512 (two against four) -5.8%, bs 384 (two against three) -0.5%,
+#   bs 64 / 128 (one wave either way) +30% / +17%; vim_small bs 128 / 256 -6.3% / -5.6%, vim_base bs 256 -6.9%
+#   (docs/kernels.md, v30). Uncapped (86 / 102 registers) it was slower. Measured with half-precision u and an activated
+#   delta (the mixer), so only there; chunked (long L) plans keep the split layout (vim_small at 1248 px ran 5.4% slower
+#   wide). WIDE_BLOCK_D = 128 (since session 30) makes programs of 4 warps, whose warps share the B / C rows through L1:
+#   inference at 224 px bs 256 against 32 -1.1 / -1.0 / -0.6% (vim_tiny / vim_small / vim_base), training -0.3 / -0.2 /
+#   -0.1% (docs/kernels.md, v40). WIDE_MAXNREG = 72 (7 such programs an SM instead of 6, more spills): +8.6 / +7.3%
+#   (vim_tiny / vim_small inference at bs 256, session 31). The walks' programs of several warps (BLOCK_D_BWD = 32 w,
+#   NUM_WARPS_BWD = w, BC_PARTS = 8 w) ran slower: training +0.2% / +0.3% (2 warps), +0.8% / +0.8% (4 warps), vim_tiny /
+#   vim_small at 224 px bs 256.
 CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD="accumulate", BLOCK_D_BWD=32,
               SPLIT_BWD=1, UNROLL_BWD=2, NUM_WARPS_BWD=1, MAXNREG_REV=168, MAXNREG_REV_WAVE=128, PREFETCH_BWD=1,
               BC_SCATTER=False, BC_PARTS=8, LOOKAHEAD_BWD=True, MAXNREG_FWD_WALK=168, MAXNREG_FWD_WAVE=64,
