@@ -184,8 +184,7 @@ def test_pair_conv_is_bit_identical(monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("chunk", [None, 6])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("chunk, packed", [(None, False), (6, True)])
 def test_kept_scan_inputs_give_the_same_bits(monkeypatch, chunk, packed):
     """``RECOMPUTE = False``: the forward keeps each direction's conv output, delta and B / C rows for the backward,
     which then launches neither the convs nor dt_proj again, and the output and every gradient are the same bits as
