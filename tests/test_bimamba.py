@@ -188,7 +188,8 @@ def test_pair_conv_is_bit_identical(monkeypatch):
 def test_kept_scan_inputs_give_the_same_bits(monkeypatch, chunk, packed):
     """``RECOMPUTE = False``: the forward keeps each direction's conv output, delta and B / C rows for the backward,
     which then launches neither the convs nor dt_proj again, and the output and every gradient are the same bits as
-    with them recomputed (one chunk and several; the op on x and z and on in_proj's packed output)."""
+    with them recomputed (one chunk and several; the op on x and z and on in_proj's packed output). On a GPU the
+    walks' atomics add dB / dC in no fixed order, so there the gradients agree to float32 rounding."""
     from vim.kernels.bimamba import triton_bimamba
 
     if chunk:
@@ -214,8 +215,9 @@ def test_kept_scan_inputs_give_the_same_bits(monkeypatch, chunk, packed):
         y.backward(torch.randn_like(y, generator=torch.Generator(DEV).manual_seed(1)))
         assert calls == (["_convs", "_scan_rows", "_scan_rows"] if recompute else [])
         got.append([y, xz_.grad] + [p.grad for p in ps if p is not None])
-    for a, b in zip(*got, strict=True):
-        assert torch.equal(a, b)
+    assert torch.equal(got[0][0], got[1][0])
+    for a, b in zip(got[0][1:], got[1][1:], strict=True):
+        assert torch.equal(a, b) if DEV == "cpu" else rel(a, b) < 1e-5
 
 
 def test_kept_scan_inputs_only_where_a_backward_follows(monkeypatch):

@@ -14,7 +14,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without install
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the tools import each other from their folder
+sys.path.insert(1, osp.dirname(osp.abspath(__file__)))  # tools/, for its shared modules (as kernel_sass.py)
 
 import timm  # noqa: E402
 import torch  # noqa: E402
