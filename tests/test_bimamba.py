@@ -166,7 +166,7 @@ def test_forward_lookahead_is_bit_identical(monkeypatch):
 
 def test_pair_conv_is_bit_identical(monkeypatch):
     """Both directions' conv + SiLU from one launch (``PAIR_CONV``) compute what two launches do: the mixer's
-    output and every gradient are the same bits either way."""
+    output and every gradient are the same bits either way (the gradients to float32 rounding on a GPU)."""
     from vim.kernels.bimamba import triton_bimamba
 
     fwd, bwd = make_params(24, 4, 3, conv_bias=False), make_params(24, 4, 3)
@@ -180,8 +180,9 @@ def test_pair_conv_is_bit_identical(monkeypatch):
         y = bimamba_v2_fn(x, z, DirectionParams(*ps[:7]), DirectionParams(*ps[7:]), backend="triton")
         y.backward(torch.randn_like(y, generator=torch.Generator(DEV).manual_seed(1)))
         got.append([y, xz_.grad] + [p.grad for p in ps if p is not None])
-    for a, b in zip(*got):
-        assert torch.equal(a, b)
+    assert torch.equal(got[0][0], got[1][0])
+    for a, b in zip(got[0][1:], got[1][1:], strict=True):   # a GPU's atomics add in no fixed order
+        assert torch.equal(a, b) if DEV == "cpu" else rel(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("chunk, packed", [(None, False), (6, True)])
