@@ -41,6 +41,14 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+def assert_same_mixer_results(a, b):
+    """Two runs' [output, gradients...]: the outputs bit for bit; the gradients too on the CPU, to float32 rounding on
+    a GPU, whose walks' atomics (dB, dC, dA, dD) add in no fixed order."""
+    assert torch.equal(a[0], b[0])
+    for x, y in zip(a[1:], b[1:], strict=True):
+        assert torch.equal(x, y) if DEV == "cpu" else rel(x, y) < 1e-5
+
+
 def forward_launches(monkeypatch, *keys):
     """Spies on the scan's forward launches (which still run): the list of each launch's ``keys`` arguments."""
     kernel, launches = triton_scan._fwd_kernel, []
@@ -180,9 +188,7 @@ def test_pair_conv_is_bit_identical(monkeypatch):
         y = bimamba_v2_fn(x, z, DirectionParams(*ps[:7]), DirectionParams(*ps[7:]), backend="triton")
         y.backward(torch.randn_like(y, generator=torch.Generator(DEV).manual_seed(1)))
         got.append([y, xz_.grad] + [p.grad for p in ps if p is not None])
-    assert torch.equal(got[0][0], got[1][0])
-    for a, b in zip(got[0][1:], got[1][1:], strict=True):   # a GPU's atomics add in no fixed order
-        assert torch.equal(a, b) if DEV == "cpu" else rel(a, b) < 1e-5
+    assert_same_mixer_results(*got)
 
 
 @pytest.mark.parametrize("chunk, packed", [(None, False), (6, True)])
@@ -216,9 +222,7 @@ def test_kept_scan_inputs_give_the_same_bits(monkeypatch, chunk, packed):
         y.backward(torch.randn_like(y, generator=torch.Generator(DEV).manual_seed(1)))
         assert calls == (["_convs", "_scan_rows", "_scan_rows"] if recompute else [])
         got.append([y, xz_.grad] + [p.grad for p in ps if p is not None])
-    assert torch.equal(got[0][0], got[1][0])
-    for a, b in zip(got[0][1:], got[1][1:], strict=True):
-        assert torch.equal(a, b) if DEV == "cpu" else rel(a, b) < 1e-5
+    assert_same_mixer_results(*got)
 
 
 def test_kept_scan_inputs_only_where_a_backward_follows(monkeypatch):
@@ -355,9 +359,7 @@ def test_packed_matches_halves(monkeypatch, backend, chunk, conv_bias):
         y.backward(dy)
         assert xz.grad.is_contiguous()
         got.append([y, xz.grad] + [p.grad for p in ps if p is not None])
-    assert torch.equal(got[0][0], got[1][0])
-    for a, b in zip(got[0][1:], got[1][1:]):
-        assert torch.equal(a, b) if DEV == "cpu" else rel(a, b) < 1e-5
+    assert_same_mixer_results(*got)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

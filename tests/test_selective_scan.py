@@ -524,12 +524,8 @@ def test_forward_wide_layout_where_it_saves_waves(monkeypatch, wide_d):
     assert not wide(256)
 
 
-@pytest.mark.parametrize("wide_d, d", [(32, 48), (128, 136)])
-def test_wide_layout_launch(monkeypatch, wide_d, d):
-    """Where the wide layout is taken, the forward launches WIDE_BLOCK_D-channel programs of a warp per 32 channels,
-    one thread per channel, at its register cap and without lookahead; it is only for one-chunk sequences,
-    half-precision u and a delta that needs no softplus in the kernel (what was measured), and channel blocks that
-    stay inside one group of B / C."""
+def record_forward_launches(monkeypatch):
+    """Replaces the forward kernel by a recorder (nothing runs): the list of each launch's (grid, keyword arguments)."""
     launches = []
 
     class Recorder:
@@ -537,6 +533,16 @@ def test_wide_layout_launch(monkeypatch, wide_d, d):
             return lambda *args, **kw: launches.append((grid, kw))
 
     monkeypatch.setattr(triton_scan, "_fwd_kernel", Recorder())
+    return launches
+
+
+@pytest.mark.parametrize("wide_d, d", [(32, 48), (128, 136)])
+def test_wide_layout_launch(monkeypatch, wide_d, d):
+    """Where the wide layout is taken, the forward launches WIDE_BLOCK_D-channel programs of a warp per 32 channels,
+    one thread per channel, at its register cap and without lookahead; it is only for one-chunk sequences,
+    half-precision u and a delta that needs no softplus in the kernel (what was measured), and channel blocks that
+    stay inside one group of B / C."""
+    launches = record_forward_launches(monkeypatch)
     monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: True)
     monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", wide_d)
 
@@ -563,13 +569,7 @@ def test_chunked_forward_state_pass_takes_the_wave_cap(monkeypatch, state_pass_c
     """Where the forward's wave cap applies to a chunked sequence, both of its launches take it (the state pass
     too: vim_tiny / vim_small at 1248 px bs 8 -4.8% / -4.3% on the GPU, session 19), unless WAVE_CAP_STATE_PASS
     is off; the launches' other arguments do not change."""
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((grid, kw))
-
-    monkeypatch.setattr(triton_scan, "_fwd_kernel", Recorder())
+    launches = record_forward_launches(monkeypatch)
     monkeypatch.setattr(triton_scan, "_forward_wave_cap", lambda programs, num_warps, device: 64)
     monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 8)
     monkeypatch.setitem(triton_scan.CONFIG, "WAVE_CAP_STATE_PASS", state_pass_cap)
@@ -589,13 +589,7 @@ def test_chunked_forward_prefetch_distance(monkeypatch, distance):
     chunks have at least PREFETCH_CHUNKED_MIN_T tokens (session 20, H200: inference at L = 1025-6085 -5.2 to -5.8%;
     with 64-token chunks 4-20% slower, so those do not); a one-chunk forward PREFETCH groups ahead; neither without
     the PTX (the interpreter)."""
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append(kw)
-
-    monkeypatch.setattr(triton_scan, "_fwd_kernel", Recorder())
+    launches = record_forward_launches(monkeypatch)
     monkeypatch.setitem(triton_scan.CONFIG, "PREFETCH_CHUNKED", distance)
     monkeypatch.setitem(triton_scan.CONFIG, "PREFETCH_CHUNKED_MIN_T", 80)
     b, d, L, n = 2, 16, 200, 4
@@ -607,7 +601,7 @@ def test_chunked_forward_prefetch_distance(monkeypatch, distance):
         monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
         monkeypatch.setattr(triton_scan, "_use_asm", lambda t: asm)
         triton_scan.scan_forward(u, delta, A, B, C, torch.randn(d), z, None, True, False)
-        return [kw["PREFETCH"] for kw in launches]
+        return [kw["PREFETCH"] for _, kw in launches]
 
     assert prefetch(80, True) == [distance, distance]   # state pass and main pass, 3 chunks of 80 tokens
     assert prefetch(64, True) == [0, 0]   # 4 chunks of 64: too short
@@ -625,13 +619,7 @@ def test_wide_forward_prefetch_distance(monkeypatch, wide_distance):
     assert triton_scan._forward_prefetch(197, 1, wide=False) == 2
     assert triton_scan._forward_prefetch(197, 1, wide=True) == (2 if wide_distance is None else wide_distance)
     assert triton_scan._forward_prefetch(80, 3, wide=True) == triton_scan.CONFIG["PREFETCH_CHUNKED"]
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append(kw)
-
-    monkeypatch.setattr(triton_scan, "_fwd_kernel", Recorder())
+    launches = record_forward_launches(monkeypatch)
     monkeypatch.setattr(triton_scan, "_use_asm", lambda t: True)
     monkeypatch.setitem(triton_scan.CONFIG, "WIDE_BLOCK_D", 32)
     b, d, L, n = 2, 32, 9, 16
@@ -641,7 +629,7 @@ def test_wide_forward_prefetch_distance(monkeypatch, wide_distance):
         launches.clear()
         monkeypatch.setattr(triton_scan, "_forward_wide", lambda *args: wide)
         triton_scan.scan_forward(u, delta, A, B, C, None, z, None, True, False, delta_activated=True)
-        assert [(kw["SPLIT"], kw["PREFETCH"]) for kw in launches] == \
+        assert [(kw["SPLIT"], kw["PREFETCH"]) for _, kw in launches] == \
             [(1, triton_scan._forward_prefetch(L, 1, True)) if wide else (2, 2)]
 
 
