@@ -82,6 +82,11 @@ def _bc_views(bc, N):
 RECOMPUTE = True
 
 
+def _keeps_scan_inputs(train_plan: bool) -> bool:
+    """Whether the forward op returns the scan's inputs for its backward (the op and its fake agree through this)."""
+    return train_plan and not RECOMPUTE
+
+
 # torch.mm(..., out_dtype=) (the aten::mm.dtype overload, CUDA only) is newer than the oldest torch we support
 MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
@@ -127,7 +132,7 @@ def _forward_impl(x, z, flat, out=None, train_plan=False):
             # distinct empty tensors: custom-op outputs must not alias each other
             saved += [xdbl, hloc if hloc is not None else _absent(x),
                       S if S is not None else _absent(x)]
-            if train_plan and not RECOMPUTE:
+            if _keeps_scan_inputs(train_plan):
                 saved += [xc, delta, bc]
             # freed before the second direction allocates its own (one (B, L, E) delta less at the peak)
             del xc, delta, bc, Bm, Cm, hloc, S
@@ -265,7 +270,7 @@ def _fwd_fake(x, z, *rest):
                      x.new_empty((batch, nc, E), dtype=torch.float32)]
         else:
             outs += [_absent(x), _absent(x)]
-        if train_plan and not RECOMPUTE:
+        if _keeps_scan_inputs(train_plan):
             outs += [x.new_empty((batch, L, E)), x.new_empty((batch, L, E), dtype=delta_dtype(x.dtype)),
                      x.new_empty((batch, L, 2 * N), dtype=torch.float32)]
     return outs
