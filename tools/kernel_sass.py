@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without install
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # tools/, for its shared modules
 
-from knobs import resolve_knob  # noqa: E402
+from knobs import add_set_option, resolve_knob  # noqa: E402
 
 LDG_LATENCY = 35
 LATENCY = {"LDG": LDG_LATENCY, "MUFU": 20, "SHFL": 25, "F2FP": 6, "I2F": 6, "F2I": 6, "LDC": 10, "LDS": 25,
@@ -320,9 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--kernels", nargs="*", help="only these kernel names")
     p.add_argument("--dump", help="write each kernel's SASS (.sass) and Triton GPU IR (.ttgir) into this folder")
     p.add_argument("--json", help="write the table as JSON")
-    p.add_argument("--set", action="append", default=[], metavar="SPEC",
-                   help="repeatable: a kernel knob set for the launches, dotted.module.ATTR=VALUE or "
-                        "dotted.module.DICT[KEY]=VALUE, as tools/benchmark.py --variant takes them")
+    add_set_option(p, "the launches")
     p.add_argument("--capture", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

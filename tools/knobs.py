@@ -3,6 +3,7 @@
 never silently measures the defaults. ``tools/benchmark.py --variant`` and ``tools/kernel_sass.py --set`` use them."""
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import re
@@ -78,3 +79,10 @@ def resolve_knob(spec: str, option: str = "--variant") -> Knob:
     if key not in owner:
         raise SystemExit(f"{option} {spec!r}: {key!r} is not a key of {m['path']} ({', '.join(map(str, owner))})")
     return Knob(spec, owner, key, value, item=True)
+
+
+def add_set_option(p: argparse.ArgumentParser, what: str) -> None:
+    """The repeatable ``--set SPEC`` option of a tool whose ``what`` takes knobs (resolve each with ``resolve_knob``)."""
+    p.add_argument("--set", action="append", default=[], metavar="SPEC",
+                   help=f"repeatable: a kernel knob set for {what}, dotted.module.ATTR=VALUE or "
+                        "dotted.module.DICT[KEY]=VALUE, as tools/benchmark.py --variant takes them")

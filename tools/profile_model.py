@@ -4,8 +4,7 @@ grouped by name, with their share of the step.
 
     python tools/profile_model.py vim_tiny --batch-size 256 --mode infer
     python tools/profile_model.py vim_tiny --batch-size 128 --mode train --top 30
-    python tools/profile_model.py vim_tiny --batch-size 64 \
-        --set "vim.kernels.selective_scan.triton_scan.CONFIG[BC_PAIR_SPLIT]=False"   # with a kernel knob set
+    python tools/profile_model.py vim_tiny --set "vim.kernels.selective_scan.triton_scan.CONFIG[BC_PAIR_SPLIT]=False"
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import vim  # noqa: E402,F401  (registers the vim_* models)
-from knobs import resolve_knob  # noqa: E402
+from knobs import add_set_option, resolve_knob  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,9 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--set", action="append", default=[], metavar="SPEC",
-                   help="repeatable: a kernel knob set for the profiled steps, dotted.module.ATTR=VALUE or "
-                        "dotted.module.DICT[KEY]=VALUE, as tools/benchmark.py --variant takes them")
+    add_set_option(p, "the profiled steps")
     args = p.parse_args(argv)
     knobs = [resolve_knob(spec, "--set") for spec in args.set]   # a misspelt knob is an error on any machine
     if not torch.cuda.is_available():
