@@ -46,3 +46,30 @@ def rule_verdicts(monkeypatch):
         monkeypatch.setattr(triton_scan, name, lambda *args: verdicts.append(rule(*args)) or verdicts[-1])
         return verdicts
     return watch
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture
+def emulated_ptx(monkeypatch):
+    """The kernels' GPU-only inline PTX paths, run on the CPU by the interpreter (``tests/ptx_emulation.py``):
+    returns the counts of the instructions emulated. Skips where the kernels run compiled (a GPU runs the PTX)."""
+    if not _interpreted():
+        pytest.skip("the interpreter emulates the inline PTX; compiled, the GPU runs it")
+    from triton.runtime import interpreter
+
+    # private hooks (triton 3.6 and 3.8 have both): a triton without them skips these tests, saying so
+    if not (hasattr(interpreter, "GridExecutor") and hasattr(interpreter.InterpreterBuilder, "create_inline_asm")):
+        pytest.skip("this triton's interpreter has no inline-asm hook to emulate the PTX through")
+    from ptx_emulation import emulate_ptx
+
+    return emulate_ptx(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def _ptx_everywhere(request):
+    """With VIM_TEST_EMULATE_PTX=1, every test that runs the interpreter runs the kernels' inline PTX emulated."""
+    if os.environ.get("VIM_TEST_EMULATE_PTX", "0") == "1" and _interpreted():
+        request.getfixturevalue("emulated_ptx")

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import ptx_emulation
 from vim.kernels import DirectionParams, bimamba_v2_fn, bimamba_v2_packed_fn, bimamba_v2_ref
 from vim.kernels.selective_scan import triton_scan
 
@@ -252,6 +253,18 @@ def test_fused_xproj_column_padding(monkeypatch, align):
     monkeypatch.setattr(triton_bimamba, "XPROJ_ALIGN", align)
     assert triton_bimamba._xproj_columns(3, 5) == {1: (3, 13), 8: (8, 24), 16: (16, 32)}[align]
     run_both(2, 7, 8, 5, 3)
+
+
+@pytest.mark.parametrize("E, N", [(40, 16), (8, 4)])
+def test_ptx_paths_match_reference(emulated_ptx, E, N):
+    """The GPU's inline-PTX paths (B / C rows by vector loads, dB / dC added as 16-byte vectors, ``rcp.approx``,
+    prefetches), emulated in the interpreter: the mixer matches the float64 reference, output and every gradient.
+    40 channels, 16 states: the model's walks (32-channel blocks, each adding its quads). 8 channels, 4 states: the
+    block where the GPU added each quad four times (one warp's 32 threads over 8 rows; the emulation adds it once
+    per copy too); those walks take the tile path (``triton_scan._bc_quads``)."""
+    run_both(2, 13, E, N, 4)
+    taken = {name for name, counted in ptx_emulation.NAMES.items() if emulated_ptx[counted]}
+    assert taken == ({"rcp", "prefetch", "ld", "red"} if E == 40 else {"rcp", "prefetch"})
 
 
 @gpu_only

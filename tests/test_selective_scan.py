@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+import ptx_emulation
 from vim.kernels.selective_scan import selective_scan_fn, selective_scan_ref
 from vim.kernels.selective_scan import triton_scan
 from vim.kernels.host_math import cdiv
@@ -801,7 +802,7 @@ def test_own_part_row_loads_only_where_they_apply():
     odd = torch.randn(2, 7, 2 * 16 + 1)[..., 1:].transpose(1, 2)   # rows 4 bytes off alignment
     assert not triton_scan._row_asm_ok(odd[:, :16], odd[:, 16:], 16, 2, asm=True)
     assert not triton_scan._row_asm_ok(Bm.bfloat16(), Cm.bfloat16(), 16, 2, asm=True)
-    assert not triton_scan._use_asm(Bm)
+    assert triton_scan._use_asm(Bm) == ptx_emulation.EVERYWHERE   # CPU tensors: PTX only where emulated
 
 
 @triton.jit
@@ -976,6 +977,15 @@ def test_gpu_own_part_row_loads_match_uniform_loads(split, reverse, monkeypatch)
     assert_same_results(own, triton_outputs(inputs, reverse))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_ptx_paths_match_reference(emulated_ptx, reverse):
+    """The one-direction op on its GPU-only inline-PTX paths, emulated in the interpreter, at the model's row layout
+    (B / C slices of x_proj's float32 output): output, last state and every gradient match the float64
+    reference; the vector row loads and the vector atomics were taken."""
+    run_both(make_inputs(2, 40, 13, 16, model_rows=True), reverse=reverse)
+    assert all(emulated_ptx[name] for name in ptx_emulation.NAMES.values())
+
+
 @gpu_only
 @pytest.mark.parametrize("knobs", [dict(BC_SCATTER=True), dict(BC_PARTS=4), dict(BC_PARTS=8),
                                    dict(BC_PARTS=8, BC_QUADS=True)])
@@ -995,20 +1005,25 @@ def test_gpu_channel_sums_scattered_match_butterflies(reverse, knobs, monkeypatc
 
 
 def test_quads_only_where_the_vector_atomic_fits(monkeypatch):
-    """BC_QUADS applies where a part's channels hold 4 states each, one thread a channel, and the buffer's states
-    are adjacent with 16-byte aligned rows (the token-major buffers of the op and the mixer); elsewhere the walks
-    keep the tile path."""
+    """BC_QUADS applies where a part's channels hold 4 states each, one thread a channel, the block's channels fill
+    its threads (each issues its row's atomic once), and the buffer's states are adjacent with 16-byte aligned rows
+    (the token-major buffers of the op and the mixer); elsewhere the walks keep the tile path."""
     monkeypatch.setitem(triton_scan.CONFIG, "BC_QUADS", True)
     token_major = torch.zeros(2, 1, 197, 16).transpose(2, 3)     # (B, G, N, L), states adjacent
-    assert triton_scan._bc_quads(32, 1, 16, 8, token_major)
-    assert not triton_scan._bc_quads(32, 2, 16, 8, token_major)      # states split over two threads
-    assert not triton_scan._bc_quads(32, 1, 16, 4, token_major)      # 8 channels a part: 2 states each
-    assert not triton_scan._bc_quads(32, 1, 8, 8, token_major)       # N = 8
-    assert not triton_scan._bc_quads(32, 1, 16, 8, torch.zeros(2, 1, 16, 197))         # states L apart
+    assert triton_scan._bc_quads(32, 1, 16, 8, token_major, 1)
+    assert not triton_scan._bc_quads(32, 2, 16, 8, token_major, 1)      # states split over two threads
+    assert not triton_scan._bc_quads(32, 1, 16, 4, token_major, 1)      # 8 channels a part: 2 states each
+    assert not triton_scan._bc_quads(32, 1, 8, 8, token_major, 1)       # N = 8
+    assert not triton_scan._bc_quads(32, 1, 16, 8, torch.zeros(2, 1, 16, 197), 1)         # states L apart
     odd = torch.zeros(2, 1, 197, 18)[..., 1:17].transpose(2, 3)   # rows 4 bytes off a 16-byte boundary
-    assert not triton_scan._bc_quads(32, 1, 16, 8, odd)
+    assert not triton_scan._bc_quads(32, 1, 16, 8, odd, 1)
+    # fewer channels than threads: each row would sit in several threads, each adding it
+    assert not triton_scan._bc_quads(32, 1, 16, 8, token_major, 2)
+    four_states = torch.zeros(2, 1, 11, 4).transpose(2, 3)
+    assert not triton_scan._bc_quads(8, 1, 4, 8, four_states, 1)         # an 8-channel block at N = 4
+    assert triton_scan._bc_quads(64, 1, 16, 16, token_major, 2)
     monkeypatch.setitem(triton_scan.CONFIG, "BC_QUADS", False)
-    assert not triton_scan._bc_quads(32, 1, 16, 8, token_major)
+    assert not triton_scan._bc_quads(32, 1, 16, 8, token_major, 1)
 
 
 @gpu_only

@@ -117,11 +117,12 @@ def dt_softplus(dt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out_
     BLOCK_M, BLOCK_E = CONFIG["BLOCK_M"], min(CONFIG["BLOCK_E"], max(16, next_pow2(E)))
     grid = (cdiv(M, BLOCK_M), cdiv(E, BLOCK_E))
     asm = triton_scan._use_asm(dt)
+    ieee = dt.dtype == torch.float32 or triton_scan._interpreted()   # (the kernel's IEEE says why)
     _dt_softplus_kernel[grid](d2, weight, bias, out, s2, wide if wide is not None else out, M, E, K, C,
                               *d2.stride(), *weight.stride(), E, 1, *s2.stride(),
                               BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, BLOCK_K=max(16, next_pow2(K)),
                               BLOCK_C=max(16, next_pow2(C)) if C else 0,
                               CLAMP=out_dtype == torch.float16,
-                              IEEE=dt.dtype == torch.float32 or not asm, ASM=asm, WIDEN_VEC=CONFIG["WIDEN_VEC"],
+                              IEEE=ieee, ASM=asm, WIDEN_VEC=CONFIG["WIDEN_VEC"],
                               num_warps=CONFIG["NUM_WARPS"])
     return out if widen is None else (out, wide)

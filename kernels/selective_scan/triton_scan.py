@@ -52,8 +52,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 #   every batch: at 224 px without it, bs 48 ran 0.9% faster, bs 64 4.7% and bs 96 10.2% slower (session 21).
 #   One group ahead instead of two: in the split one-chunk forward (vim_tiny inference) +11.7% at bs 64, +3.8% at
 #   bs 128; in the wide one (bs 256) -0.3 / -0.4% (vim_tiny / vim_small; session 31, docs/kernels.md v40).
-#   PREFETCH_WIDE: the wide layout's own distance (None: PREFETCH); 1 is to be the default once the GPU tests have
-#   run it.
+#   PREFETCH_WIDE: the wide layout's own distance (None: PREFETCH); 1 since session 32, when the GPU tests passed
+#   with it.
 # - LOOKAHEAD: which forward launches load the next group's u and delta a group early (see ``_fwd_kernel``): 0 none,
 #   1 all, "accumulate" (default) the launch that adds to a prior output (the mixer's second direction) when the
 #   sequence is one chunk, the only case where it measured faster (docs/kernels.md, v15).
@@ -149,7 +149,7 @@ CONFIG = dict(BLOCK_D=16, SPLIT=2, UNROLL=2, NUM_WARPS=1, PREFETCH=2, LOOKAHEAD=
               MAXNREG_FWD_WALK_WAVE=128, MAXNREG_WALK_WAVES=1,
               TARGET_PROGRAMS="wave", MIN_CHUNK=64, SINGLE_CHUNK_UNITS=1024,
               PREFETCH_CHUNKED=2, PREFETCH_CHUNKED_MIN_T=80,
-              WIDE_BLOCK_D=128, WIDE_MAXNREG=80, PREFETCH_WIDE=None, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
+              WIDE_BLOCK_D=128, WIDE_MAXNREG=80, PREFETCH_WIDE=1, TRAIN_WALK_WAVES=2, SHARED_PRODUCTS=True,
               BC_QUADS=True, LANE_OFFSETS=True, BC_PAIR=True, BC_PAIR_SPLIT="first")
 # Tests set these: a fixed chunk length (to exercise the chunk combine at tiny L) and NaN-filled
 # output buffers (to catch elements the kernels never write).
@@ -1268,11 +1268,16 @@ def _bc_parts(block_d: int, grad: torch.Tensor) -> int:
     return min(parts, block_d)
 
 
-def _bc_quads(block_d: int, split: int, N: int, parts: int, grad: torch.Tensor) -> bool:
+def _bc_quads(block_d: int, split: int, N: int, parts: int, grad: torch.Tensor, num_warps: int) -> bool:
     """Whether a walk adds its dB / dC per token as 4 adjacent states a row (``CONFIG["BC_QUADS"]``,
     ``_sum_channels_to_quads``): one thread a channel, 4 states per channel of a part (N = 4 * block_d / parts),
-    and a buffer whose states are adjacent and whose rows are 16-byte aligned, as the vector atomic needs."""
+    and a buffer whose states are adjacent and whose rows are 16-byte aligned, as the vector atomic needs. The
+    block's channels must also fill its threads: with fewer rows than threads Triton gives each row to several
+    threads, and each of them would issue the row's atomic in the inline PTX, which Triton does not mask as it
+    does its own atomics (session 32: an 8-channel block of one warp, N = 4, added dB / dC four times over)."""
     if not CONFIG["BC_QUADS"] or split != 1 or parts < 2 or N != 4 * (block_d // parts):
+        return False
+    if block_d < 32 * num_warps:
         return False
     s_b, s_g, s_n, s_l = grad.stride()
     return s_n == 1 and grad.data_ptr() % 16 == 0 and s_b % 4 == 0 and s_g % 4 == 0 and s_l % 4 == 0
@@ -1416,9 +1421,15 @@ def _bc_rows(M: torch.Tensor) -> torch.Tensor:
     return rows.transpose(-1, -2)
 
 
+def _interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _use_asm(t: torch.Tensor) -> bool:
-    """Inline PTX runs on the GPU only; the interpreter takes the plain Triton paths."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    """Inline PTX runs on the GPU only; the interpreter takes the plain Triton paths (the tests can emulate the PTX
+    there instead: ``tests/ptx_emulation.py``)."""
+    return t.is_cuda and not _interpreted()
 
 
 def _row_asm_ok(B: torch.Tensor, C: torch.Tensor, N: int, split: int, asm: bool) -> bool:
@@ -1715,7 +1726,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     dB = dB_acc if dB_acc is not None else fresh.pop(0).transpose(2, 3)
     dC = dC_acc if dC_acc is not None else fresh.pop(0).transpose(2, 3)
     parts_dC, parts_dB = (1, 1) if scatter else (_bc_parts(block_d, dC), _bc_parts(block_d, dB))
-    quads_dC, quads_dB = (not scatter and _bc_quads(block_d, split, N, parts, grad)
+    quads_dC, quads_dB = (not scatter and _bc_quads(block_d, split, N, parts, grad, flags["num_warps"])
                           for parts, grad in ((parts_dC, dC), (parts_dB, dB)))
     F = _empty((batch, L, Dm), f32, dev)
     tx = _empty((batch, nc, 2, split, Dm), f32, dev)   # per-row chunk scalars (``_row_offsets``)
