@@ -99,6 +99,7 @@ def _capture(batch: int, L: int, E: int, N: int, rank: int, backward: bool, sms:
     from vim.kernels.selective_scan import triton_scan
 
     triton_scan._use_asm = lambda t: True   # the CUDA flags: inline PTX and prefetch on
+    triton_scan._interpreted = lambda: False   # and what compiled launches take (the dt kernel's tensor-core dot)
     # the register caps chosen by wave count, as on a GPU with `sms` SMs (on CPU tensors they never apply)
     gpu = torch.device("cuda", 0)
     triton_scan.sm_count = lambda device: sms
