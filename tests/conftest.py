@@ -49,7 +49,9 @@ def rule_verdicts(monkeypatch):
 
 
 def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from vim.kernels.selective_scan import triton_scan
+
+    return triton_scan._interpreted()
 
 
 @pytest.fixture
