@@ -2,6 +2,11 @@ import os
 
 import pytest
 
+# pytest -n (xdist) runs a worker a core; intra-op threads on top of that would only contend for the same cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 # Triton kernels run on the CPU through the interpreter when no GPU is present; the variable
 # must be set before triton is first imported.
 if "TRITON_INTERPRET" not in os.environ:
