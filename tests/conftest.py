@@ -78,5 +78,8 @@ def emulated_ptx(monkeypatch):
 @pytest.fixture(autouse=True)
 def _ptx_everywhere(request):
     """With VIM_TEST_EMULATE_PTX=1, every test that runs the interpreter runs the kernels' inline PTX emulated."""
-    if os.environ.get("VIM_TEST_EMULATE_PTX", "0") == "1" and _interpreted():
-        request.getfixturevalue("emulated_ptx")
+    if _interpreted():
+        from ptx_emulation import EVERYWHERE
+
+        if EVERYWHERE:
+            request.getfixturevalue("emulated_ptx")

@@ -1,7 +1,6 @@
 """tools/benchmark.py on the CPU: a tiny end-to-end run (JSON, table, PNGs, no mmengine import) and
 the batch-size search backing off from out-of-memory, and ``--variant`` A/B runs."""
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -12,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from tool_loading import load_tool
+from vim.kernels.selective_scan import triton_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # the kernel benchmark's rows on CPU tensors run the Triton kernels through the interpreter, which the tests set
 # only where no GPU is present (conftest.py); on a GPU machine the kernels are compiled for CUDA tensors alone
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+interpreted = pytest.mark.skipif(not triton_scan._interpreted(),
                                  reason="Triton kernels take CPU tensors in the interpreter only")
 
 # Runs the tool as a script with mmengine made unimportable: the GPU machine has no mmengine, so
@@ -164,7 +164,6 @@ def test_variant_specs_parse(knobs):
         (knobs, "FLAG", False, False), (knobs.CONFIG, "LOOKAHEAD", 0, True), (knobs.CONFIG, "BLOCK", 32, True),
         (knobs.NS, "depth", (1, 2), False), (knobs, "FLAG", "hello world", False)]
     base, real = bench.parse_variants(["base:", "r:vim.kernels.selective_scan.triton_scan.CONFIG[LOOKAHEAD]=None"])
-    from vim.kernels.selective_scan import triton_scan
     assert base.knobs == [] and real.knobs[0].owner is triton_scan.CONFIG and real.knobs[0].value is None
 
 
