@@ -124,6 +124,27 @@ def test_bad_shapes_still_raise_before_the_op():
         selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias[:2], backend="triton")
 
 
+def test_triton_backend_on_cpu_tensors_is_a_clear_error(monkeypatch):
+    """Where Triton compiles for the GPU (not the interpreter), CPU tensors given to any backend='triton' entry point
+    are refused before a launch, which would otherwise fail inside Triton's driver with a pointer error."""
+    from vim.kernels import DirectionParams, bimamba_v2_fn, rms_norm_fn
+
+    monkeypatch.setattr(triton_scan, "_interpreted", lambda: False)
+    u, delta, A, Bm, Cm, D, z, bias = make_inputs(1, 4, 6, 2, seed=5, device="cpu")
+    with pytest.raises(ValueError, match="needs CUDA tensors, got cpu ones"):
+        selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias, backend="triton")
+    with pytest.raises(ValueError, match="backend='reference'"):
+        rms_norm_fn(torch.randn(3, 8), torch.ones(8), backend="triton")
+    E, N, R = 4, 2, 1
+    direction = DirectionParams(conv_weight=torch.randn(E, 4), conv_bias=None, x_proj_weight=torch.randn(R + 2 * N, E),
+                                dt_proj_weight=torch.randn(E, R), dt_proj_bias=torch.randn(E), A_log=torch.randn(E, N),
+                                D=torch.ones(E))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        bimamba_v2_fn(torch.randn(1, 5, E), torch.randn(1, 5, E), direction, direction, backend="triton")
+    # the automatic choice is unaffected: the reference on the CPU
+    selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias)
+
+
 def test_op_plans_chunks_for_the_backward_where_autograd_records(training_plan_differs, monkeypatch):
     """Under autograd the forward op chunks as suits its backward (``train_plan``) and hands the flag to the backward
     op; without gradients it keeps the forward's own plan. Fakes and kernels agree on the chunk count either way,

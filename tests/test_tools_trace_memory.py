@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -10,10 +12,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tool():
+    """The tool as a module. It sets TRITON_INTERPRET for the kernels it imports; any kernel module imported after it
+    in this process must not see that (on a GPU machine they are compiled), so the variable is put back, and the
+    kernel modules it imports are imported first, under this process's own setting."""
+    import vim  # noqa: F401
+    from vim.kernels.bimamba import triton_bimamba  # noqa: F401
+    from vim.kernels.norm import interface  # noqa: F401
+
+    before = os.environ.get("TRITON_INTERPRET")
     spec = importlib.util.spec_from_file_location("trace_memory", os.path.join(ROOT, "tools", "trace_memory.py"))
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
     return mod
+
+
+@pytest.fixture
+def interpreted(tool):
+    """trace() needs the kernels interpreted: in a process that compiled them for the GPU it refuses (tested below)."""
+    if not tool.triton_scan._interpreted():
+        pytest.skip("this process compiled the Triton kernels for the GPU; the tool runs them in the interpreter")
 
 
 # vim_tiny's widths (the small rows keep their share of E), 2 tokens. Activations are told from weights by their first
@@ -21,7 +44,7 @@ def tool():
 SMALL = dict(batch=3, img_size=16, depth=2)
 
 
-def test_inference_peak_is_under_seven_mixer_tensors(tool):
+def test_inference_peak_is_under_seven_mixer_tensors(tool, interpreted):
     """Session 17 took the peak from 10.6 (B, L, E) bf16 tensors to 6.8: the stream, the norm's output, in_proj's
     output (2), both conv outputs and one delta (6.5), and a few small rows. Any tensor that starts to live
     through a mixer again shows here."""
@@ -32,7 +55,7 @@ def test_inference_peak_is_under_seven_mixer_tensors(tool):
     assert sum(item["units"] for item in r["at_peak"]) == pytest.approx(r["peak_units"])
 
 
-def test_sees_inside_the_mixer_ops(tool, monkeypatch):
+def test_sees_inside_the_mixer_ops(tool, interpreted, monkeypatch):
     """With the output in a fresh tensor instead of over x's half (as when a gradient is needed), the trace
     counts one (B, L, E) tensor more: it sees the tensors inside the custom op."""
     monkeypatch.setattr(tool.triton_bimamba, "_needs_grad", lambda *tensors: True)
@@ -40,9 +63,20 @@ def test_sees_inside_the_mixer_ops(tool, monkeypatch):
     assert 7.5 <= r["blocks_peak_units"] < 8.0, r["peak_units_by_part"]
 
 
-def test_cli_writes_json(tool, tmp_path, capsys):
+def test_cli_writes_json(tmp_path):
+    """As a script it sets TRITON_INTERPRET before triton's import, so it runs on a GPU machine too."""
     out = tmp_path / "mem.json"
-    tool.main(["vim_tiny", "--batch", "1", "--img-size", "16", "--depth", "1", "--json", str(out)])
-    assert "peak of live activations" in capsys.readouterr().out
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "trace_memory.py"), "vim_tiny", "--batch", "1",
+                           "--img-size", "16", "--depth", "1", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "peak of live activations" in proc.stdout
     r = json.loads(out.read_text())
     assert r["batch"] == 1 and r["peak_units"] > 0 and r["at_peak"]
+
+
+def test_compiled_kernels_are_a_clear_error(tool, monkeypatch):
+    monkeypatch.setattr(tool.triton_scan, "_interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="run `python tools/trace_memory.py` as a script"):
+        tool.trace("vim_tiny", **SMALL)

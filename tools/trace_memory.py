@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import vim  # noqa: E402,F401  (registers the vim_* models)
 from vim.kernels.bimamba import triton_bimamba  # noqa: E402
 from vim.kernels.norm import interface as norm_interface  # noqa: E402
+from vim.kernels.selective_scan import triton_scan  # noqa: E402
 
 
 class LiveActivations(TorchDispatchMode):
@@ -110,6 +111,10 @@ def trace(model_name: str = "vim_tiny", batch: int = 2, img_size: int = 64, **mo
     """The peak of live activation bytes through one inference forward, in bytes and in (B, L, E) bf16 units,
     and the tensors alive there (largest first); also the peak while the blocks ran (the stem's can be larger for a tiny
     model, whose image is large against its tokens) and per part of the model."""
+    if not triton_scan._interpreted():
+        raise RuntimeError("trace_memory runs the Triton kernels in the interpreter, on CPU tensors, but this process "
+                           "imported triton before TRITON_INTERPRET=1 was set (its kernels are compiled for the GPU): "
+                           "run `python tools/trace_memory.py` as a script, or set the variable before importing triton")
     model = timm.create_model(model_name, img_size=img_size, scan_backend="triton", **model_kwargs).eval()
     x = torch.randn(batch, 3, img_size, img_size)
     with torch.inference_mode():

@@ -20,6 +20,13 @@ def resolve_backend(backend: Optional[str], device: torch.device,
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS} or None (auto)")
     if backend == "triton" and triton_error is not None:
         raise RuntimeError(f"backend='triton' needs triton ({triton_error}); use backend='reference'")
+    if backend == "triton" and device.type != "cuda":
+        from .triton_scan import _interpreted   # only here: the reference path must not need triton
+
+        if not _interpreted():
+            raise ValueError(f"backend='triton' needs CUDA tensors, got {device.type} ones: move the inputs to the GPU, "
+                             "or use backend='reference' (Triton's CPU interpreter: TRITON_INTERPRET=1 set before "
+                             "triton is imported)")
     return backend
 
 

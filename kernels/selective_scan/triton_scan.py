@@ -21,13 +21,13 @@ ddelta, Y sums) cover every gradient; the walks meet through one float32 (B, L, 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import interpreter_compat
 from ..host_math import cdiv, next_pow2, programs_per_sm, sm_count
 
 # exp(x) = exp2(x * LOG2E): the kernels keep A * LOG2E only; sums of A * x are rescaled by LN2
@@ -1401,8 +1401,9 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
     for name, v in (("D", D), ("delta_bias", delta_bias)):
         if v is not None and v.shape != (Dm,):
             raise ValueError(f"{name} must be ({Dm},), got {tuple(v.shape)}")
-    if u.device.type != "cuda" and "TRITON_INTERPRET" not in os.environ:
-        raise ValueError("the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1); use backend='reference'")
+    if u.device.type != "cuda" and not _interpreted():
+        raise ValueError("the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); "
+                         "use backend='reference'")
 
 
 def channel_major(A: torch.Tensor) -> torch.Tensor:
@@ -1422,8 +1423,14 @@ def _bc_rows(M: torch.Tensor) -> torch.Tensor:
 
 
 def _interpreted() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs these kernels in its interpreter (``TRITON_INTERPRET=1``, the CPU tests). Asked of a
+    kernel, not of the environment: Triton chooses when a kernel is defined, so setting the variable after this
+    module's import (a tool imported into a running process) changes nothing here."""
+    return not isinstance(_zero_kernel, triton.runtime.JITFunction)
+
+
+if _interpreted():
+    interpreter_compat.install()
 
 
 def _use_asm(t: torch.Tensor) -> bool:
