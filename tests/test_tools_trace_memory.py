@@ -12,23 +12,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tool():
-    """The tool as a module. It sets TRITON_INTERPRET for the kernels it imports; any kernel module imported after it
-    in this process must not see that (on a GPU machine they are compiled), so the variable is put back, and the
-    kernel modules it imports are imported first, under this process's own setting."""
+    """The tool as a module. Its kernels are imported first, so that they are compiled or interpreted as this process
+    says (conftest.py), not as the tool would set it, and the tool then leaves TRITON_INTERPRET alone."""
     import vim  # noqa: F401
     from vim.kernels.bimamba import triton_bimamba  # noqa: F401
-    from vim.kernels.norm import interface  # noqa: F401
 
     before = os.environ.get("TRITON_INTERPRET")
     spec = importlib.util.spec_from_file_location("trace_memory", os.path.join(ROOT, "tools", "trace_memory.py"))
     mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
+    spec.loader.exec_module(mod)
+    assert os.environ.get("TRITON_INTERPRET") == before
     return mod
 
 

@@ -24,7 +24,11 @@ import sys
 import weakref
 from typing import Dict, List
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported: the kernels run on CPU tensors
+# before triton is imported: the kernels run on CPU tensors. Where triton is already imported (the tool loaded as a
+# module) its kernels are defined, so the variable would only split them from later ones: the process's own setting
+# stands, and trace() says what to do if it compiled them.
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without install
 

@@ -1401,9 +1401,6 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
     for name, v in (("D", D), ("delta_bias", delta_bias)):
         if v is not None and v.shape != (Dm,):
             raise ValueError(f"{name} must be ({Dm},), got {tuple(v.shape)}")
-    if u.device.type != "cuda" and not _interpreted():
-        raise ValueError("the Triton scan needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); "
-                         "use backend='reference'")
 
 
 def channel_major(A: torch.Tensor) -> torch.Tensor:
