@@ -244,6 +244,27 @@ def test_kept_scan_inputs_only_where_a_backward_follows(monkeypatch):
             assert o.shape == f.shape and o.dtype == f.dtype, (o.shape, f.shape, o.dtype, f.dtype)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+def test_saved_outputs_take_no_gradient(monkeypatch, recompute):
+    """Only the mixer's output is differentiable: what the forward op returns for its backward (x_proj outputs,
+    chunk summaries, kept scan inputs) gets no zero gradient filled by autograd, and the backward takes the
+    output's gradient alone."""
+    from vim.kernels.bimamba import triton_bimamba
+
+    monkeypatch.setattr(triton_bimamba, "RECOMPUTE", recompute)
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", 4)   # chunk summaries present
+    E, N, R = 8, 4, 2
+    fwd = DirectionParams(*[p.to(DEV).requires_grad_() for p in make_params(E, N, R)])
+    bwd = DirectionParams(*[p.to(DEV).requires_grad_() for p in make_params(E, N, R)])
+    x = torch.randn(2, 9, E, device=DEV, requires_grad=True)
+    z = torch.randn(2, 9, E, device=DEV, requires_grad=True)
+    outs = torch.ops.vim_kernels.bimamba_v2_fwd(x, z, *fwd, *bwd, True)
+    assert len(outs) == (7 if recompute else 13)
+    assert outs[0].requires_grad and not any(o.requires_grad for o in outs[1:])
+    outs[0].sum().backward()
+    assert x.grad is not None and z.grad is not None and all(p.grad is not None for p in (*fwd, *bwd))
+
+
 @pytest.mark.parametrize("align", [1, 8, 16])
 def test_fused_xproj_column_padding(monkeypatch, align):
     """x_proj's output rows padded to [dt | 0 | B | C | 0] (``XPROJ_ALIGN``; 1: unpadded) give the reference's
@@ -505,6 +526,29 @@ def test_dt_softplus_edges():
         dt_softplus(dt, w[:, :3], torch.zeros(16, device=DEV), torch.float16)
     with pytest.raises(ValueError, match="dt's dtype"):
         dt_softplus(dt, w.float(), torch.zeros(16, device=DEV), torch.float16)
+
+
+def test_narrow_rows_into_strided_columns():
+    """The backward's float32 dB / dC rows cast into x_proj's output gradient columns: the mixer's strided column
+    slice (every element written, nothing beside it), one token, a layout whose rows are not one stride apart
+    (torch's copy), and a clear error on mismatched shapes."""
+    from vim.kernels.bimamba.delta import narrow_rows
+
+    for batch, L in ((2, 7), (3, 1), (1, 5)):
+        src = torch.randn(batch, L, 32, device=DEV)
+        full = torch.full((batch, L, 48), float("nan"), device=DEV, dtype=torch.bfloat16)
+        narrow_rows(src, full[..., 16:])
+        if triton_scan._interpreted():   # the interpreter's cast truncates; a GPU's rounds to nearest
+            assert torch.allclose(full[..., 16:].float(), src, rtol=2.0 ** -7, atol=0)
+        else:
+            assert torch.equal(full[..., 16:], src.to(torch.bfloat16))
+        assert full[..., :16].isnan().all()
+    src = torch.randn(3, 4, 5, device=DEV)
+    dst = torch.empty(4, 3, 5, device=DEV, dtype=torch.float16).transpose(0, 1)
+    narrow_rows(src, dst)
+    assert torch.equal(dst, src.half())
+    with pytest.raises(ValueError, match="narrow_rows"):
+        narrow_rows(src, dst[:, :2])
 
 
 @pytest.mark.parametrize("out_dtype_overload", [True, False])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..selective_scan import triton_scan
 from ..selective_scan.triton_scan import _absent, _needs_grad, _none_if_absent
 from .conv import ConvGrad, conv_silu, conv_silu_backward_pair, conv_silu_pair
-from .delta import delta_dtype, dt_softplus
+from .delta import delta_dtype, dt_softplus, narrow_rows
 from .naive import DirectionParams
 from .weights import derive_weights
 
@@ -182,11 +182,15 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None, train_plan=False):
                 train_plan=train_plan)
             dz_total = dz
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
-            dWdt = _grad_mm(ddelta.reshape(-1, ddelta.shape[-1]).t(), dt.reshape(-1, dt_cols)[:, :rank])
+            # over all dt_cols columns (the padding ones are zero and sliced off): at vim_tiny's rank 12 the slice
+            # was 24 bytes a row, which cuBLAS ran with an Ampere align-2 kernel, 20 us a call on an H200
+            dWdt = _grad_mm(ddelta.reshape(-1, ddelta.shape[-1]).t(), dt.reshape(-1, dt_cols))
+            if dt_cols != rank:
+                dWdt = dWdt[:, :rank].contiguous()
             # x_proj's output gradient: dt_proj's input gradient from the full-width weight (zero outside the dt
             # columns), then dB / dC into their columns
             dxdbl = ddelta @ wdt
-            dxdbl[..., dt_cols:dt_cols + 2 * N].copy_(dbc)
+            narrow_rows(dbc, dxdbl[..., dt_cols:dt_cols + 2 * N])
             dWx = _grad_mm(dxdbl.reshape(-1, width).t(), xc.reshape(-1, xc.shape[-1]))
             if width != rank + 2 * N:
                 dWx = torch.cat([dWx[:rank], dWx[dt_cols:dt_cols + 2 * N]])
@@ -290,6 +294,10 @@ def _setup_context(ctx, inputs, output):
     ctx.train_plan = train_plan
     ctx.save_for_backward(x, *([] if ctx.packed else [z]), *flat, *output[1:])
     ctx.has_bias = (flat[1] is not None, flat[8] is not None)
+    # what the backward reads back (x_proj outputs, chunk summaries, kept scan inputs) takes no gradient; without
+    # these, autograd would fill a zero gradient for each of them (two (B, L, width) fills a layer) that nothing reads
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(ctx, grads):
