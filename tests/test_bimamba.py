@@ -611,3 +611,21 @@ def test_derived_weights_match_torch(dtype, E, N, R):
         derive_weights(wx, wdt, A_log, conv[1:], dt_cols, width, dtype)
     with pytest.raises(ValueError, match="narrower than"):
         derive_weights(wx, wdt, A_log, conv, dt_cols, dt_cols + 2 * N - 1, dtype)
+
+
+def test_derived_weights_of_both_directions_from_one_launch():
+    """``derive_weights_pair``: each direction's ``derive_weights``, bit for bit, from one launch; directions of
+    different shapes get a launch each."""
+    from vim.kernels.bimamba.triton_bimamba import _xproj_columns
+    from vim.kernels.bimamba.weights import derive_weights, derive_weights_pair
+
+    def params(E, N, R):
+        return (torch.randn(R + 2 * N, E, device=DEV), torch.randn(E, R + 1, device=DEV)[:, 1:],
+                torch.randn(E, N, device=DEV), torch.randn(E, 1, 4, device=DEV))
+
+    for first, second in ((params(70, 16, 12), params(70, 16, 12)), (params(24, 4, 2), params(24, 4, 10))):
+        layout = _xproj_columns(10, 4) if first[2].shape[1] == 4 else _xproj_columns(12, 16)
+        pair = derive_weights_pair(first, second, *layout, torch.bfloat16)
+        for got, p in zip(pair, (first, second)):
+            want = derive_weights(*p, *layout, torch.bfloat16)
+            assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(got, want))

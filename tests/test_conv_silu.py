@@ -125,6 +125,41 @@ def test_forward_pair_matches_two_launches(batch, L, E, widths, biases, dtype):
         assert rel(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.parametrize("lookahead, seg, programs, min_tokens", [
+    (1, 8, 1, 16),          # one program a sequence, segments not dividing L + 3
+    (2, 4, 10 ** 6, 1),     # a program a token: every stretch is all halo
+    (3, 8, 10 ** 6, 4),
+    (4, 16, 10 ** 6, 5),    # a stretch shorter than a segment
+])
+@pytest.mark.parametrize("batch, L, E, widths, biases, dtype", [
+    (2, 37, 40, (4, 4), (True, True), torch.float32),     # a ragged channel block
+    (1, 1, 24, (4, 2), (False, True), torch.float32),     # one token
+    (2, 23, 128, (3, 4), (True, False), torch.bfloat16),  # channels filling their blocks (no channel masks)
+])
+def test_forward_walk_matches_tiles(lookahead, seg, programs, min_tokens, batch, L, E, widths, biases, dtype,
+                                    monkeypatch):
+    """The pair's walk (``PAIR_WALK``) gives the tiles' bits for any lookahead, segment and split of the sequence over
+    programs: each stretch's 3-token halos at both ends, its last partial segment and the window carried across
+    segments. x with strided channels takes the tiles."""
+    x = strided(batch, L, E, dtype)
+    dirs = [direction(batch, L, E, w, b, dtype, 1) for w, b in zip(widths, biases)]
+    args = (dirs[0].weight, dirs[0].bias, dirs[1].weight, dirs[1].bias)
+    monkeypatch.setattr(conv, "PAIR_WALK", False)
+    want = conv.conv_silu_pair(x, *args)
+    monkeypatch.setattr(conv, "PAIR_WALK", True)
+    for name, value in (("WALK_LOOKAHEAD", lookahead), ("WALK_SEG", seg), ("WALK_TARGET_PROGRAMS", programs),
+                        ("WALK_MIN_TOKENS", min_tokens), ("WALK_BLOCK_E", 32)):
+        monkeypatch.setattr(conv, name, value)
+    got = conv.conv_silu_pair(x, *args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    if L > 1 and lookahead == 1:
+        every_other = torch.randn(batch, L, 2 * E, device=DEV).to(dtype)[..., ::2]
+        monkeypatch.setattr(conv, "PAIR_WALK", False)
+        want = conv.conv_silu_pair(every_other, *args)
+        monkeypatch.setattr(conv, "PAIR_WALK", True)
+        assert all(torch.equal(a, b) for a, b in zip(conv.conv_silu_pair(every_other, *args), want))
+
+
 def test_backward_into_a_half_of_a_wider_buffer():
     """``out``: dx written into a (B, L, E) view with the row stride of a (B, L, 2E) gradient, the rest untouched."""
     x = strided(2, 23, 40, torch.float32)

@@ -66,13 +66,14 @@ def test_cuda_fused_add_norm_chain_equals_blocks_one_by_one():
     """The model adds each block's branch inside the next norm (one Triton kernel); under bf16 autocast its
     logits equal those of the blocks called one by one (separate norm and add) bit for bit, and its
     gradients within a few bf16 roundings (the scan's atomics sum dB / dC in no fixed order, and under autocast
-    a float32 difference can flip the rounding of a bf16 gradient downstream: cls_token 3.1e-5 seen)."""
+    a float32 difference can flip the rounding of a bf16 gradient downstream: cls_token 3.1e-5 seen; on an H200 in
+    session 36 the same model run twice differed by 1.17e-3 in block 0's x_proj weight gradient, one run of three)."""
     torch.manual_seed(0)
     model = timm.create_model("vim_tiny", depth=4, num_classes=10).cuda().train()
     x = torch.randn(4, 3, 224, 224, device="cuda")
 
     def one_by_one(inp):
-        h = model._pos_embed(model.patch_embed(inp)).float()
+        h = model._embed(inp)
         for blk in model.blocks:
             h = blk(h)
         return model.forward_head(model.norm(h))
@@ -87,7 +88,7 @@ def test_cuda_fused_add_norm_chain_equals_blocks_one_by_one():
     (chained, g_chained), (blocks, g_blocks) = results
     assert torch.equal(chained, blocks)
     for k, g in g_blocks.items():
-        assert rel_err(g_chained[k], g) < 1e-3, k
+        assert rel_err(g_chained[k], g) < 5e-3, k
 
 
 def test_cuda_bf16_training_step_is_finite():

@@ -140,7 +140,7 @@ def test_replaced_stream_is_freed_before_the_mixer_runs(monkeypatch):
             lambda mod, args, i=i: dead_at_mixer.append(all(r() is None for r in replaced[i])))
     with torch.no_grad():
         out = model.forward_features(x)
-        h = model._pos_embed(model.patch_embed(x)).float()
+        h = model._embed(x)
         for blk in model.blocks:
             h = blk(h)
         ref = model.norm(h)
@@ -157,7 +157,7 @@ def test_blocks_chain_their_adds_into_the_next_norm(monkeypatch):
     x = torch.randn(2, 3, 32, 32)
 
     def per_block():
-        h = model._pos_embed(model.patch_embed(x)).float()
+        h = model._embed(x)
         feats = []
         for blk in model.blocks:
             h = blk(h)

@@ -4,10 +4,12 @@ Causal: ``out[l] = silu(b + sum_k w[k] x[l + k - (W-1)])``; anti-causal (``rever
 direction): ``out[l] = silu(b + sum_k w[k] x[l + (W-1-k)])``, zero padding in both. x is read in place
 with any strides (the model passes a half of in_proj's output), so no contiguous copy exists.
 
-Forward: tiles of [tokens, channels], each tap a shifted load of the tile that hits L1 after the first;
-``conv_silu_pair`` gives both directions from one launch, so x is read from memory once for the two. The taps come
-tap-major, (W, E) float32 (the mixer derives them with its other weights), and are loaded as broadcast tiles in the
-x tile's own layout, which no vector load gets (docs/kernels.md, v32).
+Forward: ``conv_silu_pair`` (the mixer's) gives both directions from one launch as an ascending walk per program over
+a 4-token window of x held in registers, the backward's structure run forwards: each token of x is loaded once and
+both outputs are written once (docs/kernels.md, v44). ``conv_silu`` (one direction) and the pair where x's channels
+are strided run as tiles of [tokens, channels], each tap a shifted load of the tile that hits L1 after the first. The
+taps come tap-major, (W, E) float32 (the mixer derives them with its other weights); the tiles load them as broadcast
+tiles in the x tile's own layout, which no vector load gets (docs/kernels.md, v32).
 
 Backward: one ascending walk over the tokens per program, for one or both directions of the same x
 (``conv_silu_backward_pair``). The pre-activation is recomputed from a 4-token window of x held in
@@ -50,6 +52,15 @@ BWD_LOOKAHEAD = 2
 # (16 elements per thread) tie, first at every shape; more warps or tokens per program ran 1.2-3x slower.
 FWD_BLOCK_L, FWD_BLOCK_E, FWD_NUM_WARPS = 32, 128, 4
 PAIR_BLOCK_L, PAIR_BLOCK_E, PAIR_NUM_WARPS = 16, 64, 2
+# The pair as one walk over a window of x per program (``_conv_silu_pair_walk_kernel``) instead of tiles; it needs x's
+# channels at unit stride and kernels up to TAPS wide (else the tiles). A program: WALK_BLOCK_E channels of one batch
+# row, at least WALK_MIN_TOKENS tokens, sequences split over programs only to reach about WALK_TARGET_PROGRAMS. Chosen
+# in vim_tiny's inference step on an H200 (session 36, docs/kernels.md v44): 2 warps with 4 rows ahead 0.914 ms for the
+# 24 launches, 1 warp (4 channels a thread, 80 registers) 0.976, 8 rows ahead (no longer offered) 0.916, the tiles
+# 1.183.
+PAIR_WALK = True
+WALK_BLOCK_E, WALK_NUM_WARPS, WALK_SEG, WALK_LOOKAHEAD = 128, 2, 8, 4
+WALK_TARGET_PROGRAMS, WALK_MIN_TOKENS = 4096, 16
 TAPS = 4   # the backward walks a 4-token window; narrower kernels are padded with leading zero taps
 _TAPS = tl.constexpr(TAPS)   # the same, for the kernels
 # Tiles of the partials' reduction (_conv_grad_sum_kernel): 32 channels per program, so that E=384 makes 120
@@ -137,6 +148,122 @@ def _conv_silu_pair_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr
     _conv_silu_tile(x_ptr, wb_ptr, bb_ptr, ob_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
                     WB, BLOCK_L, BLOCK_E, HAS_BIAS_B, True, ASM, EVEN_E)
 
+
+
+@triton.jit
+def _major_tap(w_ptr, k: tl.constexpr, offs_e, mask_e, E, W: tl.constexpr, EVEN_E: tl.constexpr):
+    """Tap k of a W-tap kernel right-aligned in 4 (``_tap4``), from the forward's tap-major (W, E) float32 taps."""
+    if k < _TAPS - W:
+        w = tl.zeros([offs_e.shape[0]], dtype=tl.float32)
+    elif EVEN_E:
+        w = tl.load(w_ptr + (k - (_TAPS - W)) * E + offs_e)
+    else:
+        w = tl.load(w_ptr + (k - (_TAPS - W)) * E + offs_e, mask=mask_e, other=0.0)
+    return w
+
+
+@triton.jit
+def _window_row(base, pos, offs_e, mask_e, L, s_l, EVEN_E: tl.constexpr):
+    """x at one token as float32, 0 outside [0, L); unit channel stride (the walk's loads are then vectors)."""
+    if EVEN_E:
+        m = (pos >= 0) & (pos < L)
+    else:
+        m = mask_e & (pos >= 0) & (pos < L)
+    return tl.load(base + pos * s_l + offs_e, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _window_preact(b, w0, w1, w2, w3, x0, x1, x2, x3, W: tl.constexpr):
+    """b + w0 x0 + w1 x1 + w2 x2 + w3 x3 in the tiles' order, the padding taps of a kernel narrower than 4 left out
+    (so a non-finite x they would meet gives what the tiles give)."""
+    a = b
+    if W >= 4:
+        a += w0 * x0
+    if W >= 3:
+        a += w1 * x1
+    if W >= 2:
+        a += w2 * x2
+    return a + w3 * x3
+
+
+@triton.jit
+def _conv_silu_pair_walk_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr, L, E, TOKENS, sx_b, sx_l,
+                                so_b, so_l, WF: tl.constexpr, WB: tl.constexpr, SEG: tl.constexpr,
+                                BLOCK_E: tl.constexpr, HAS_BIAS_F: tl.constexpr, HAS_BIAS_B: tl.constexpr,
+                                ASM: tl.constexpr, EVEN_E: tl.constexpr, LOOKAHEAD: tl.constexpr):
+    """Both directions' conv + SiLU as one ascending walk over a window of x, the backward's structure
+    (``_conv_silu_bwd_kernel``) run forwards: at position p the window holds x[p-3..p], from which the causal output
+    at p and the anti-causal one at p - 3 are finished. Each token of x is loaded once (plus a 3-token halo at each
+    end of the program's stretch), where the tiles re-read every row once per tap and direction from L1.
+
+    One program: channel block pid_e of batch row pid_b, outputs [pid_s * TOKENS, +TOKENS), walked SEG positions at a
+    time. LOOKAHEAD (1-4): the row of position p + LOOKAHEAD is loaded at step p, ahead of step p's stores, which
+    ptxas keeps every later load behind. The sums are taken in the tiles' order, so the results are the same bits."""
+    pid_e = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    x_base = x_ptr + pid_b * sx_b
+    of_base = of_ptr + pid_b * so_b + offs_e
+    ob_base = ob_ptr + pid_b * so_b + offs_e
+    zero = tl.zeros([BLOCK_E], dtype=tl.float32)
+    wf0 = _major_tap(wf_ptr, 0, offs_e, mask_e, E, WF, EVEN_E)
+    wf1 = _major_tap(wf_ptr, 1, offs_e, mask_e, E, WF, EVEN_E)
+    wf2 = _major_tap(wf_ptr, 2, offs_e, mask_e, E, WF, EVEN_E)
+    wf3 = _major_tap(wf_ptr, 3, offs_e, mask_e, E, WF, EVEN_E)
+    wb0 = _major_tap(wb_ptr, 0, offs_e, mask_e, E, WB, EVEN_E)
+    wb1 = _major_tap(wb_ptr, 1, offs_e, mask_e, E, WB, EVEN_E)
+    wb2 = _major_tap(wb_ptr, 2, offs_e, mask_e, E, WB, EVEN_E)
+    wb3 = _major_tap(wb_ptr, 3, offs_e, mask_e, E, WB, EVEN_E)
+    bf = zero
+    bb = zero
+    if HAS_BIAS_F:
+        bf = tl.load(bf_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    if HAS_BIAS_B:
+        bb = tl.load(bb_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    start = pid_s * TOKENS
+    end = tl.minimum(start + TOKENS, L)
+    xm3 = _window_row(x_base, start - 3, offs_e, mask_e, L, sx_l, EVEN_E)
+    xm2 = _window_row(x_base, start - 2, offs_e, mask_e, L, sx_l, EVEN_E)
+    xm1 = _window_row(x_base, start - 1, offs_e, mask_e, L, sx_l, EVEN_E)
+    # the rows of the next LOOKAHEAD positions, nearest first (those past LOOKAHEAD stay zero, unused)
+    r1 = _window_row(x_base, start, offs_e, mask_e, L, sx_l, EVEN_E)
+    r2 = _window_row(x_base, start + 1, offs_e, mask_e, L, sx_l, EVEN_E) if LOOKAHEAD >= 2 else zero
+    r3 = _window_row(x_base, start + 2, offs_e, mask_e, L, sx_l, EVEN_E) if LOOKAHEAD >= 3 else zero
+    r4 = _window_row(x_base, start + 3, offs_e, mask_e, L, sx_l, EVEN_E) if LOOKAHEAD >= 4 else zero
+    for s0 in range(start, end + 3, SEG):
+        for i in tl.static_range(SEG):
+            p = s0 + i
+            x0 = r1
+            ahead = _window_row(x_base, p + LOOKAHEAD, offs_e, mask_e, L, sx_l, EVEN_E)
+            r1, r2, r3 = r2, r3, r4
+            if LOOKAHEAD == 1:
+                r1 = ahead
+            elif LOOKAHEAD == 2:
+                r2 = ahead
+            elif LOOKAHEAD == 3:
+                r3 = ahead
+            else:
+                r4 = ahead
+            # causal at p: b + w0 x[p-3] + w1 x[p-2] + w2 x[p-1] + w3 x[p]
+            a = _window_preact(bf, wf0, wf1, wf2, wf3, xm3, xm2, xm1, x0, WF)
+            y = a * triton_scan._sigmoid(a, ASM)
+            if EVEN_E:
+                m = p < end
+            else:
+                m = mask_e & (p < end)
+            tl.store(of_base + p * so_l, y.to(of_ptr.dtype.element_ty), mask=m)
+            # anti-causal at q = p - 3: b + w0 x[q+3] + w1 x[q+2] + w2 x[q+1] + w3 x[q]
+            a = _window_preact(bb, wb0, wb1, wb2, wb3, x0, xm1, xm2, xm3, WB)
+            y = a * triton_scan._sigmoid(a, ASM)
+            q = p - 3
+            if EVEN_E:
+                m = (q >= start) & (q < end)
+            else:
+                m = mask_e & (q >= start) & (q < end)
+            tl.store(ob_base + q * so_l, y.to(ob_ptr.dtype.element_ty), mask=m)
+            xm3, xm2, xm1 = xm2, xm1, x0
 
 @triton.jit
 def _row(base, pos, offs_e, mask_e, L, s_l, s_e):
@@ -375,16 +502,29 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias, reverse: bool,
 
 def conv_silu_pair(x: torch.Tensor, weight_f: torch.Tensor, bias_f, weight_b: torch.Tensor, bias_b,
                    taps: Optional[Sequence[torch.Tensor]] = None):
-    """``(conv_silu(x, weight_f, bias_f, False), conv_silu(x, weight_b, bias_b, True))`` in one launch: each
-    program loads its tile of x once for both directions (the token offsets 0..3 and -3..0 of the two
-    directions' taps share the offset-0 tile, the rest come from L1), so x is read from memory once instead of
-    twice. The same arithmetic as ``conv_silu``, so the same bits. ``taps``: both weights already as (W, E)
-    float32 (``_tap_major``)."""
+    """``(conv_silu(x, weight_f, bias_f, False), conv_silu(x, weight_b, bias_b, True))`` in one launch that reads x
+    from memory once for both directions: a walk over a window of x (``PAIR_WALK``, x's channels at unit stride), else
+    tiles whose shifted loads after the first hit L1. The same arithmetic as ``conv_silu``, so the same bits.
+    ``taps``: both weights already as (W, E) float32 (``_tap_major``)."""
     batch, L, E = x.shape
     wf = _tap_major(weight_f, E, taps[0] if taps is not None else None)
     wb = _tap_major(weight_b, E, taps[1] if taps is not None else None)
     out_f = triton_scan._empty((batch, L, E), x.dtype, x.device)
     out_b = triton_scan._empty((batch, L, E), x.dtype, x.device)
+    if PAIR_WALK and x.stride(-1) == 1 and wf.shape[0] <= TAPS and wb.shape[0] <= TAPS:
+        if batch * L * E:
+            block_e = min(WALK_BLOCK_E, next_pow2(E))
+            n_e = cdiv(E, block_e)
+            n_split = max(1, min(cdiv(L, WALK_MIN_TOKENS), cdiv(WALK_TARGET_PROGRAMS, n_e * batch)))
+            # a stretch walks tokens + 3 positions in whole segments: sized to fill its last one
+            tokens = cdiv(cdiv(L, n_split) + 3, WALK_SEG) * WALK_SEG - 3
+            _conv_silu_pair_walk_kernel[(n_e, batch, cdiv(L, tokens))](
+                x, wf, bias_f if bias_f is not None else wf, wb, bias_b if bias_b is not None else wb, out_f, out_b,
+                L, E, tokens, x.stride(0), x.stride(1), out_f.stride(0), out_f.stride(1), WF=wf.shape[0],
+                WB=wb.shape[0], SEG=WALK_SEG, BLOCK_E=block_e, HAS_BIAS_F=bias_f is not None,
+                HAS_BIAS_B=bias_b is not None, ASM=triton_scan._use_asm(x), EVEN_E=E % block_e == 0,
+                LOOKAHEAD=WALK_LOOKAHEAD, num_warps=WALK_NUM_WARPS)
+        return out_f, out_b
     BLOCK_L, BLOCK_E = PAIR_BLOCK_L, min(PAIR_BLOCK_E, next_pow2(E))
     grid = (cdiv(L, BLOCK_L), cdiv(E, BLOCK_E), batch)
     _conv_silu_pair_kernel[grid](x, wf, bias_f if bias_f is not None else wf, wb, bias_b if bias_b is not None else wb,

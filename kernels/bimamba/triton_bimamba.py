@@ -23,7 +23,7 @@ from ..selective_scan.triton_scan import _absent, _needs_grad, _none_if_absent
 from .conv import ConvGrad, conv_silu, conv_silu_backward_pair, conv_silu_pair
 from .delta import delta_dtype, dt_softplus, narrow_rows
 from .naive import DirectionParams
-from .weights import derive_weights
+from .weights import derive_weights, derive_weights_pair
 
 
 # Columns of the x_proj output rows, laid out [dt | 0 | B | C | 0] with dt, B and each row starting on a multiple of
@@ -41,13 +41,18 @@ def _xproj_columns(rank: int, N: int):
     return dt_cols, up(dt_cols + 2 * N)
 
 
-def _weights(p: DirectionParams, cdt):
-    """(``DerivedWeights``, dt_cols, width): x_proj (width, E) and dt_proj (E, width) weights in the padded layout and
-    the compute dtype, A = -exp(A_log) (E, N) in float32 and channel-contiguous as the scan kernels read it, the
-    conv's taps (W, E) in float32 as the conv forward reads them, from one launch (weights.py); and the layout."""
-    dt_cols, width = _xproj_columns(p.dt_proj_weight.shape[1], p.A_log.shape[1])
-    derived = derive_weights(p.x_proj_weight, p.dt_proj_weight, p.A_log, p.conv_weight, dt_cols, width, cdt)
-    return derived, dt_cols, width
+def _weights(params, cdt):
+    """Per direction of ``params`` (DirectionParams, both directions), (``DerivedWeights``, dt_cols, width): x_proj
+    (width, E) and dt_proj (E, width) weights in the padded layout and the compute dtype, A = -exp(A_log) (E, N) in
+    float32 and channel-contiguous as the scan kernels read it, the conv's taps (W, E) in float32 as the conv forward
+    reads them, both directions' from one launch (weights.py); and the layout."""
+    layouts = [_xproj_columns(p.dt_proj_weight.shape[1], p.A_log.shape[1]) for p in params]
+    weights = [(p.x_proj_weight, p.dt_proj_weight, p.A_log, p.conv_weight) for p in params]
+    if layouts[0] == layouts[1]:
+        derived = derive_weights_pair(*weights, *layouts[0], cdt)
+    else:
+        derived = [derive_weights(*w, *layout, cdt) for w, layout in zip(weights, layouts)]
+    return [(d, *layout) for d, layout in zip(derived, layouts)]
 
 
 # Both directions' conv + SiLU from one launch that reads x once (conv.conv_silu_pair); off: one launch each.
@@ -114,7 +119,7 @@ def _forward_impl(x, z, flat, out=None, train_plan=False):
         out = triton_scan._empty((batch, L, E), cdt, x.device)
     saved = []
     with torch.autocast(device_type=x.device.type, enabled=False):
-        derived = [_weights(p, cdt) for p in (fwd, bwd)]
+        derived = _weights((fwd, bwd), cdt)
         xcs = list(_convs(x, fwd, bwd, [w.conv_taps for w, _, _ in derived]))
         for i, (p, reverse) in enumerate(((fwd, False), (bwd, True))):
             N = p.A_log.shape[1]
@@ -153,7 +158,7 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None, train_plan=False):
         # each direction's dB and dC are summed by the walks' atomic adds into one zeroed token-major (B, L, 2N)
         # float32 buffer, the layout of their columns in x_proj's output gradient: both zeroed by one launch
         dbcs = triton_scan._zeros([(batch, L, 2 * p.A_log.shape[1]) for p in params], x.device)
-        derived = [_weights(p, cdt) for p in params]
+        derived = _weights(params, cdt)
         # per direction: x_proj's output, chunk states, delta sums, and where the forward kept them (``RECOMPUTE``
         # off) the scan's inputs: conv output, delta, B / C rows
         per_direction = len(saved) // 2

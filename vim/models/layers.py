@@ -42,14 +42,28 @@ class PatchEmbed(nn.Module):
                          for s, p, st in zip(img_size, self.patch_size, self.stride))
         return tuple((s - p) // st + 1 for s, p, st in zip(img_size, self.patch_size, self.stride))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, H', W', D)."""
+    def forward(self, x: torch.Tensor, defer_bias: bool = False):
+        """(B, C, H, W) -> (B, H', W', D).
+
+        ``defer_bias=True`` returns ``(grid, bias)`` instead: on the patch-row GEMM route (CUDA, patch == stride) the
+        grid without the conv's bias and the bias, for the token embedding to add in float32 with the class token and
+        position embedding in one pass (``vim.kernels.embed_tokens_fn``); elsewhere the biased grid and None. A
+        keyword of the call, not a method, so that FX still sees this module as one leaf."""
         x = _check_and_pad_input(x, self.in_chans, self.patch_size, self.stride, self.dynamic_img_pad)
-        if x.is_cuda and self.patch_size == self.stride:
+        if _patch_gemm(x, self.patch_size, self.stride):
             # cuDNN's heuristics pick a generic implicit-GEMM conv for this 3-channel stem (0.84 ms of a 18.5 ms
             # vim_tiny inference step at bs 256 on an H200); patches as rows of one GEMM cost one copy of the image
+            if defer_bias:
+                return patchify_linear(x, self.proj.weight, None), self.proj.bias
             return patchify_linear(x, self.proj.weight, self.proj.bias)
-        return self.proj(x).permute(0, 2, 3, 1)
+        grid = self.proj(x).permute(0, 2, 3, 1)
+        return (grid, None) if defer_bias else grid
+
+
+def _patch_gemm(x: torch.Tensor, patch: Tuple[int, int], stride: Tuple[int, int]) -> bool:
+    """Whether PatchEmbed runs as one GEMM over patch rows (and can defer its bias): on CUDA, stride == patch. A
+    function of its own so that tests can take that route on the CPU."""
+    return x.is_cuda and patch == stride
 
 
 def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint
 
+from ..kernels.embed import embed_tokens_fn
 from .checkpoint import checkpoint_filter_fn, load_official_checkpoint
 from .layers import PatchEmbed, RMSNorm, insert_cls_token, lecun_normal_init_, resample_pos_embed, split_cls_token
 from .mixer import VimBlock, residual_add
@@ -150,10 +151,16 @@ class VisionMamba(nn.Module):
                                          has_cls=self.cls_token is not None)
             self.pos_embed = nn.Parameter(new)
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H', W', D) patch grid -> (B, tokens, D) with the class token in the middle."""
-        x = embed_tokens(x, self.cls_token, self.pos_embed, self.patch_embed.grid_size, self.dynamic_img_size)
+    def _pos_embed(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, H', W', D) patch grid -> (B, tokens, D) with the class token in the middle. ``bias``: the patch
+        embedding's bias where it was left out of the grid (``PatchEmbed(x, defer_bias=True)``)."""
+        x = embed_tokens(x, self.cls_token, self.pos_embed, self.patch_embed.grid_size, self.dynamic_img_size, bias)
         return self.pos_drop(x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> the float32 tokens (B, tokens, D) the first block takes."""
+        grid, bias = self.patch_embed(x, defer_bias=True)
+        return self._pos_embed(grid, bias).float()   # x.float() is x itself in float32
 
     def _run_blocks(self, x: torch.Tensor, blocks, pending: Optional[torch.Tensor] = None):
         """Chains ``VimBlock.forward_pending``: returns the residual stream and the last block's branch,
@@ -179,8 +186,8 @@ class VisionMamba(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normed tokens (B, tokens, D), the class token at the middle."""
-        # no name holds the first stream, so the first block frees it (x.float() is x itself in float32)
-        x, pending = self._run_blocks(self._pos_embed(self.patch_embed(x)).float(), self.blocks)
+        # no name holds the first stream, so the first block frees it
+        x, pending = self._run_blocks(self._embed(x), self.blocks)
         return self._final_norm(x, pending)[1]
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
@@ -218,7 +225,7 @@ class VisionMamba(nn.Module):
             raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
-        x = self._pos_embed(self.patch_embed(x)).float()
+        x = self._embed(x)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
         pending = None
@@ -262,8 +269,10 @@ class VisionMamba(nn.Module):
 
 @register_notrace_function
 def embed_tokens(x: torch.Tensor, cls_token: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor],
-                 grid_size: Tuple[int, int], dynamic_img_size: bool) -> torch.Tensor:
-    """Flatten the patch grid, insert the middle class token, add the (resampled) position embedding."""
+                 grid_size: Tuple[int, int], dynamic_img_size: bool,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flatten the patch grid, insert the middle class token, add the (resampled) position embedding; with
+    ``bias`` (the patch embedding's, left out of the grid) also add that, all in one pass, the result float32."""
     B, H, W, D = x.shape
     if pos_embed is not None and (H, W) != tuple(grid_size):
         if not dynamic_img_size:
@@ -272,6 +281,10 @@ def embed_tokens(x: torch.Tensor, cls_token: Optional[torch.Tensor], pos_embed: 
                 "grid; build it with dynamic_img_size=True, or with img_size matching the input")
         pos_embed = resample_pos_embed(pos_embed, (H, W), grid_size, has_cls=cls_token is not None)
     x = x.reshape(B, H * W, D)
+    if bias is not None:
+        # PatchEmbed's CUDA GEMM left its bias out: one Triton pass adds it, the class token and the position
+        # embedding in float32 (not cat then add), and its backward reads the tokens' gradient once for all four
+        return embed_tokens_fn(x, bias, cls_token, pos_embed)
     if cls_token is not None:
         x = insert_cls_token(x, cls_token)
     return x if pos_embed is None else x + pos_embed
