@@ -151,18 +151,6 @@ def _conv_silu_pair_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr
 
 
 @triton.jit
-def _major_tap(w_ptr, k: tl.constexpr, offs_e, mask_e, E, W: tl.constexpr, EVEN_E: tl.constexpr):
-    """Tap k of a W-tap kernel right-aligned in 4 (``_tap4``), from the forward's tap-major (W, E) float32 taps."""
-    if k < _TAPS - W:
-        w = tl.zeros([offs_e.shape[0]], dtype=tl.float32)
-    elif EVEN_E:
-        w = tl.load(w_ptr + (k - (_TAPS - W)) * E + offs_e)
-    else:
-        w = tl.load(w_ptr + (k - (_TAPS - W)) * E + offs_e, mask=mask_e, other=0.0)
-    return w
-
-
-@triton.jit
 def _window_row(base, pos, offs_e, mask_e, L, s_l, EVEN_E: tl.constexpr):
     """x at one token as float32, 0 outside [0, L); unit channel stride (the walk's loads are then vectors)."""
     if EVEN_E:
@@ -208,20 +196,9 @@ def _conv_silu_pair_walk_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, o
     of_base = of_ptr + pid_b * so_b + offs_e
     ob_base = ob_ptr + pid_b * so_b + offs_e
     zero = tl.zeros([BLOCK_E], dtype=tl.float32)
-    wf0 = _major_tap(wf_ptr, 0, offs_e, mask_e, E, WF, EVEN_E)
-    wf1 = _major_tap(wf_ptr, 1, offs_e, mask_e, E, WF, EVEN_E)
-    wf2 = _major_tap(wf_ptr, 2, offs_e, mask_e, E, WF, EVEN_E)
-    wf3 = _major_tap(wf_ptr, 3, offs_e, mask_e, E, WF, EVEN_E)
-    wb0 = _major_tap(wb_ptr, 0, offs_e, mask_e, E, WB, EVEN_E)
-    wb1 = _major_tap(wb_ptr, 1, offs_e, mask_e, E, WB, EVEN_E)
-    wb2 = _major_tap(wb_ptr, 2, offs_e, mask_e, E, WB, EVEN_E)
-    wb3 = _major_tap(wb_ptr, 3, offs_e, mask_e, E, WB, EVEN_E)
-    bf = zero
-    bb = zero
-    if HAS_BIAS_F:
-        bf = tl.load(bf_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-    if HAS_BIAS_B:
-        bb = tl.load(bb_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    # the forward's taps are tap-major, (W, E)
+    wf0, wf1, wf2, wf3, bf = _taps(wf_ptr, bf_ptr, offs_e, mask_e, WF, HAS_BIAS_F, 1, E)
+    wb0, wb1, wb2, wb3, bb = _taps(wb_ptr, bb_ptr, offs_e, mask_e, WB, HAS_BIAS_B, 1, E)
     start = pid_s * TOKENS
     end = tl.minimum(start + TOKENS, L)
     xm3 = _window_row(x_base, start - 3, offs_e, mask_e, L, sx_l, EVEN_E)
@@ -306,23 +283,24 @@ def _silu_backward(a, g, ASM: tl.constexpr):
 
 
 @triton.jit
-def _tap4(w_ptr, k: tl.constexpr, offs_e, mask_e, W: tl.constexpr):
+def _tap4(w_ptr, k: tl.constexpr, offs_e, mask_e, W: tl.constexpr, s_e, s_k):
     """Tap k of a W-tap kernel right-aligned in 4, float32 per channel: the leading 4 - W taps are zero, which
     changes nothing in either direction (tap k of 4 reads the token that tap k - (4 - W) of W reads)."""
     if k < _TAPS - W:
         w = tl.zeros([offs_e.shape[0]], dtype=tl.float32)
     else:
-        w = tl.load(w_ptr + offs_e * W + (k - (_TAPS - W)), mask=mask_e, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_e * s_e + (k - (_TAPS - W)) * s_k, mask=mask_e, other=0.0).to(tl.float32)
     return w
 
 
 @triton.jit
-def _taps(w_ptr, b_ptr, offs_e, mask_e, W: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The 4 (padded) weights and the bias of a direction, float32 per channel; w_ptr: (E, W) contiguous."""
-    w0 = _tap4(w_ptr, 0, offs_e, mask_e, W)
-    w1 = _tap4(w_ptr, 1, offs_e, mask_e, W)
-    w2 = _tap4(w_ptr, 2, offs_e, mask_e, W)
-    w3 = _tap4(w_ptr, 3, offs_e, mask_e, W)
+def _taps(w_ptr, b_ptr, offs_e, mask_e, W: tl.constexpr, HAS_BIAS: tl.constexpr, s_e, s_k):
+    """The 4 (padded) weights and the bias of a direction, float32 per channel; w_ptr's strides (channel, tap):
+    (W, 1) for the (E, W) weight the backward takes, (1, E) for the forward's tap-major (W, E) taps."""
+    w0 = _tap4(w_ptr, 0, offs_e, mask_e, W, s_e, s_k)
+    w1 = _tap4(w_ptr, 1, offs_e, mask_e, W, s_e, s_k)
+    w2 = _tap4(w_ptr, 2, offs_e, mask_e, W, s_e, s_k)
+    w3 = _tap4(w_ptr, 3, offs_e, mask_e, W, s_e, s_k)
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     else:
@@ -358,9 +336,9 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
     x_base = x_ptr + pid_b * sx_b
     zero = tl.zeros([BLOCK_E], dtype=tl.float32)
     if HAS_F:
-        wf0, wf1, wf2, wf3, bf = _taps(wf_ptr, bf_ptr, offs_e, mask_e, WF, HAS_BIAS_F)
+        wf0, wf1, wf2, wf3, bf = _taps(wf_ptr, bf_ptr, offs_e, mask_e, WF, HAS_BIAS_F, WF, 1)
     if HAS_B:
-        wb0, wb1, wb2, wb3, bb = _taps(wb_ptr, bb_ptr, offs_e, mask_e, WB, HAS_BIAS_B)
+        wb0, wb1, wb2, wb3, bb = _taps(wb_ptr, bb_ptr, offs_e, mask_e, WB, HAS_BIAS_B, WB, 1)
     # weight / bias gradient sums, f then b
     sf0, sf1, sf2, sf3, sfb = zero, zero, zero, zero, zero
     sb0, sb1, sb2, sb3, sbb = zero, zero, zero, zero, zero
