@@ -26,7 +26,18 @@ def programs_per_sm(regs: int, num_warps: int, shared_bytes: int = 0) -> int:
 
 
 def sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device (torch caches the device's properties)."""
+    """Streaming multiprocessors of a CUDA device (an index, a name or a torch.device; no index: the current one).
+    Looked up once per device: ``torch.cuda.get_device_properties`` costs ~5 us a call on the H200's host, and the
+    launchers' plans ask for it several times a launch."""
     import torch
 
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    device = device if isinstance(device, torch.device) else torch.device("cuda", device) \
+        if isinstance(device, int) else torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SMS.get(index)
+    if count is None:
+        count = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+_SMS = {}

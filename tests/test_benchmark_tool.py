@@ -279,3 +279,18 @@ def test_repeated_cuda_graph_cases_report_the_same_peak():
         assert case.status == "ok", case.message
         peaks.append(case.peak_gib)
     assert max(peaks) - min(peaks) < 1 / 1024, peaks   # within 1 MiB
+
+
+def test_compile_takes_a_mode_and_marks_cuda_graph_steps():
+    """``--compile`` alone is torch.compile's default mode; ``--compile reduce-overhead`` (CUDA-graph trees) has each
+    step marked as a new one, which lets a training step replay into the previous step's graph outputs."""
+    bench = load_tool("benchmark")
+    assert bench.parse_args(["--compile"]).compile == "default"
+    assert bench.parse_args(["--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert bench.parse_args([]).compile is None
+    model = torch.nn.Linear(4, 2)
+    model.pretrained_cfg = {"input_size": (3, 8, 8)}
+    marks = {mode: bench.Step(model, "infer", 1, 8, 2, torch.device("cpu"), torch.float32, compile=mode).mark_steps
+             for mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+    assert marks == {None: False, "default": False, "reduce-overhead": True, "max-autotune": True,
+                     "max-autotune-no-cudagraphs": False}

@@ -296,3 +296,53 @@ def test_amp_flag_switches_any_optim_wrapper(monkeypatch):
     assert cfg.optim_wrapper.dtype == "float16"
     cli.apply_amp(cfg, "off")
     assert cfg.optim_wrapper.type == "GuardedOptimWrapper" and "dtype" not in cfg.optim_wrapper
+
+
+def test_compile_flag_sets_the_classifier_compile_cfg(train_tool, tmp_path):
+    from mmengine.config import Config
+
+    from vim.engine import cli
+    cfg, _ = train_tool.build_cfg(train_tool.parse_args(["--work-dir", str(tmp_path), "--compile"]))
+    assert cfg.model.compile_cfg == dict(mode="reduce-overhead")
+    cfg, _ = train_tool.build_cfg(train_tool.parse_args(["--work-dir", str(tmp_path), "--compile", "default"]))
+    assert cfg.model.compile_cfg == {}
+    with pytest.raises(ValueError, match="a config goes before --compile"):
+        train_tool.build_cfg(train_tool.parse_args(["--compile", "configs/vim/vim_tiny_in1k.py"]))
+    with pytest.raises(ValueError, match="applies to VimImageClassifier"):
+        cli.apply_compile(Config(dict(model=dict(type="VimSegmentor"))), "reduce-overhead")
+
+
+def test_compiled_classifier_matches_eager_and_keeps_its_keys():
+    """``compile_cfg`` (dynamo's eager backend here: the tracing without code generation) gives the eager model's
+    loss and gradients, leaves the state dict's keys alone, and a deep copy (mmengine's EMA model) compiles its own
+    model instead of running the original's weights."""
+    import copy
+
+    import vim.engine  # noqa: F401  (registers the classifier)
+    from vim.engine.classifier import VimImageClassifier
+    torch.manual_seed(0)
+    kw = dict(num_classes=3, img_size=16, patch_size=8, stride=8, embed_dim=16, depth=1, d_state=4,
+              global_pool="avg", drop_path_rate=0.0)
+    compiled = VimImageClassifier("vim_tiny", model_kwargs=kw, label_smoothing=0.1,
+                                  compile_cfg=dict(backend="eager"))
+    eager = VimImageClassifier("vim_tiny", model_kwargs=kw, label_smoothing=0.1)
+    eager.load_state_dict(compiled.state_dict())
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    losses = [m(x, y, mode="loss")["loss"] for m in (compiled, eager)]
+    assert torch.equal(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    for a, b in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    assert compiled._compiled is not None and list(compiled.state_dict()) == list(eager.state_dict())
+    twin = copy.deepcopy(compiled)
+    assert twin._compiled is None
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.01)
+        expect = copy.deepcopy(eager)
+        for p in expect.parameters():
+            p.add_(0.01)
+        torch.testing.assert_close(twin(x, mode="tensor"), expect(x, mode="tensor"), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(compiled(x, mode="tensor"), eager(x, mode="tensor"), rtol=1e-6, atol=1e-6)
+    assert twin._compiled is not None and twin._compiled is not compiled._compiled

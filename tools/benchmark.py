@@ -76,7 +76,9 @@ def parse_args(argv=None):
                    help="search stops doubling once a step takes this long (default GPU 400, CPU 2000)")
     p.add_argument("--dtype", default="auto", choices=["auto", *inf.DTYPES],
                    help="autocast dtype; auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model (batch search runs eager)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile each model, in MODE (default, reduce-overhead: CUDA graphs, max-autotune, "
+                        "max-autotune-no-cudagraphs); the batch search runs eager")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each step in a CUDA graph and time its replays (GPU only; batch search runs eager): "
                         "the step without Python and kernel-launch cost on the host")
@@ -220,10 +222,12 @@ class Step:
     same input buffers, which ``refresh()`` redraws in place."""
 
     def __init__(self, model: nn.Module, mode: str, batch: int, resolution: int, num_classes: int,
-                 device: torch.device, dtype: torch.dtype, compile: bool = False, cuda_graph: bool = False):
+                 device: torch.device, dtype: torch.dtype, compile: Optional[str] = None, cuda_graph: bool = False):
         self.mode, self.device, self.dtype = mode, device, dtype
         self.model = model.train(mode == "train")
-        self.fn = torch.compile(model) if compile else model
+        self.fn = torch.compile(model, mode=None if compile == "default" else compile) if compile else model
+        # CUDA-graph trees replay into the previous step's outputs: each step is marked as a new one
+        self.mark_steps = bool(compile) and compile in ("reduce-overhead", "max-autotune")
         in_chans = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", None) \
             or model.pretrained_cfg.get("input_size", (3,))[0]
         self.x = torch.empty(batch, in_chans, resolution, resolution, device=device)
@@ -241,6 +245,8 @@ class Step:
         self.y.random_(0, self.num_classes)
 
     def _run(self) -> None:
+        if self.mark_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         with inf.autocast(self.device, self.dtype, cache_enabled=not self.cuda_graph):
             if self.mode == "infer":
                 with torch.inference_mode():
@@ -398,7 +404,7 @@ def measure(case: Case, kwargs, args, device, dtype) -> Case:
             case.status, case.message = "error", f"{type(e).__name__}: {e}"
     finally:
         model = step = None  # noqa: F841
-        free_memory(device, compiled=args.compile)
+        free_memory(device, compiled=bool(args.compile))
     return case
 
 
@@ -571,7 +577,7 @@ def plot(cases: Sequence[Case], out_dir: Path, env: Dict[str, Any]) -> List[Path
             ax.set_ylabel(ylabel)
             ax.set_title(f"{mode}: {ylabel}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
-        fig.suptitle(f"{env['device']} | {env['dtype']}{' | compile' if env.get('compile') else ''}"
+        fig.suptitle(f"{env['device']} | {env['dtype']}{' | compile ' + str(env['compile']) if env.get('compile') else ''}"
                      f"{' | CUDA graph' if env.get('cuda_graph') else ''}", fontsize=9)
         fig.tight_layout()
         path = out_dir / fname
@@ -633,7 +639,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device, dtype, args)
     print(f"# {env['device']} | torch {env['torch']} | timm {env['timm']} | triton {env['triton']} | "
-          f"{env['dtype']}{' | compile' if args.compile else ''}{' | CUDA graph' if args.cuda_graph else ''}",
+          f"{env['dtype']}{' | compile ' + args.compile if args.compile else ''}{' | CUDA graph' if args.cuda_graph else ''}",
           flush=True)
     cases: List[Case] = []
 

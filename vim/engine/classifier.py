@@ -30,11 +30,17 @@ class VimImageClassifier(BaseModel):
         mixup: ``timm.data.Mixup`` arguments (mixup_alpha, cutmix_alpha, prob, switch_prob, mode,
             label_smoothing); None = no mixup.
         label_smoothing: used without mixup (with mixup, the smoothing goes into the soft targets).
+        compile_cfg: ``torch.compile`` arguments for the timm model (``tools/train.py --compile``), e.g.
+            ``dict(mode='reduce-overhead')``; None: eager. The eager model is bound by the host below large batches
+            (vim_tiny's training step at batch 128 on an H200: 184 ms eager, 29 ms compiled with CUDA graphs;
+            docs/benchmarks.md, session 37). The timm model's weights and checkpoint keys are unchanged; a copy of
+            this module (mmengine's EMA model) compiles its own.
     """
 
     def __init__(self, model_name: str, model_kwargs: Optional[Dict] = None, init_checkpoint: Optional[str] = None,
                  init_use_ema: bool = False, mixup: Optional[Dict] = None, label_smoothing: float = 0.0,
-                 data_preprocessor: Optional[Dict] = None, init_cfg: Optional[Dict] = None):
+                 compile_cfg: Optional[Dict] = None, data_preprocessor: Optional[Dict] = None,
+                 init_cfg: Optional[Dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         import vim  # noqa: F401  (registers the vim_* timm models)
 
@@ -42,6 +48,10 @@ class VimImageClassifier(BaseModel):
         self.num_classes = self.model.num_classes
         if init_checkpoint:
             self.load_checkpoint_file(init_checkpoint, use_ema=init_use_ema, ignore_classifier_mismatch=True)
+        self.compile_cfg = dict(compile_cfg) if compile_cfg is not None else None
+        # the compiled model, built on first use; a plain attribute (not a submodule), so state dicts keep the
+        # timm model's keys (no ``_orig_mod.``); copies drop it (``__getstate__``)
+        self._compiled = None
         self.mixup = None
         if mixup:
             mixup = dict(mixup)
@@ -84,6 +94,24 @@ class VimImageClassifier(BaseModel):
         self.model.load_state_dict(sd, strict=False)
         print_log(f"loaded weights from {path}", logger="current")
 
+    def backbone(self) -> nn.Module:
+        """The timm model as this module runs it: compiled with ``compile_cfg`` (built on first use), else eager."""
+        if self.compile_cfg is None:
+            return self.model
+        if self._compiled is None:   # set past nn.Module's __setattr__, which would register it as a submodule
+            object.__setattr__(self, "_compiled", torch.compile(self.model, **self.compile_cfg))
+        # a new step for CUDA-graph trees (mode='reduce-overhead'): the previous step's graph outputs may be
+        # overwritten, which is what lets them replay into the same memory; a no-op without CUDA graphs
+        torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled
+
+    def __getstate__(self):
+        """Copies (mmengine's EMA model is a deep copy) and pickles leave the compiled model behind: it runs the
+        original's weights. A copy compiles its own on first use."""
+        state = self.__dict__.copy()
+        state["_compiled"] = None
+        return state
+
     def forward(self, inputs: torch.Tensor, data_samples: Optional[torch.Tensor] = None,
                 mode: str = "tensor") -> Union[Dict[str, torch.Tensor], List[Dict], torch.Tensor]:
         if mode == "loss":
@@ -94,9 +122,9 @@ class VimImageClassifier(BaseModel):
                 if inputs.shape[0] % 2:
                     raise ValueError("mixup needs an even batch size; set drop_last=True in train_dataloader")
                 inputs, targets = self.mixup(inputs, targets)
-            logits = self.model(inputs)
+            logits = self.backbone()(inputs)
             return dict(loss=self.train_loss(logits.float(), targets))
-        logits = self.model(inputs)
+        logits = self.backbone()(inputs)
         if mode == "tensor":
             return logits
         if mode == "predict":

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from mmengine.config import Config, DictAction
 
-__all__ = ["ConfigKeyError", "load_config", "apply_amp", "apply_launcher", "close_distributed",
+__all__ = ["ConfigKeyError", "load_config", "apply_amp", "apply_compile", "apply_launcher", "close_distributed",
            "run_then_close_distributed", "format_metrics", "DictAction", "set_cpu_threads", "REPO_ROOT", "DEMO_CONFIG"]
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -87,6 +87,23 @@ def apply_amp(cfg: Config, amp: str) -> str:
         ow["type"] = _TO_AMP[t]
         ow["dtype"] = "bfloat16" if amp == "bf16" else "float16"
     return amp
+
+
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def apply_compile(cfg: Config, mode: str) -> None:
+    """Have the classifier run its timm model through ``torch.compile`` in ``mode`` (``VimImageClassifier``'s
+    ``compile_cfg``). reduce-overhead replays CUDA graphs, which takes the host out of the step: the eager model waits
+    for the host below large batches (docs/benchmarks.md, session 37)."""
+    if mode not in COMPILE_MODES:
+        hint = " (a config goes before --compile: CONFIG --compile [MODE])" if mode.endswith(".py") else ""
+        raise ValueError(f"--compile {mode}: expected one of {', '.join(COMPILE_MODES)}{hint}")
+    model = cfg.get("model") or {}
+    if model.get("type") != "VimImageClassifier":
+        raise ValueError(f"--compile applies to VimImageClassifier configs; this config's model is "
+                         f"{model.get('type')!r} (set torch.compile options in its own config instead)")
+    model["compile_cfg"] = {} if mode == "default" else dict(mode=mode)
 
 
 def apply_launcher(cfg: Config, launcher: str) -> None:
