@@ -6,6 +6,7 @@ import importlib.util
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -302,10 +303,13 @@ def test_compile_flag_sets_the_classifier_compile_cfg(train_tool, tmp_path):
     from mmengine.config import Config
 
     from vim.engine import cli
-    cfg, _ = train_tool.build_cfg(train_tool.parse_args(["--work-dir", str(tmp_path), "--compile"]))
-    assert cfg.model.compile_cfg == dict(mode="reduce-overhead")
-    cfg, _ = train_tool.build_cfg(train_tool.parse_args(["--work-dir", str(tmp_path), "--compile", "default"]))
-    assert cfg.model.compile_cfg == {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg, _ = train_tool.build_cfg(train_tool.parse_args(["--work-dir", str(tmp_path), "--compile"]))
+        assert cfg.model.compile_cfg == dict(mode="reduce-overhead")
+        cfg, _ = train_tool.build_cfg(train_tool.parse_args(["--work-dir", str(tmp_path), "--compile", "default"]))
+        assert cfg.model.compile_cfg == {}
+    assert any("without a GPU" in str(w.message) for w in caught) != torch.cuda.is_available()
     with pytest.raises(ValueError, match="a config goes before --compile"):
         train_tool.build_cfg(train_tool.parse_args(["--compile", "configs/vim/vim_tiny_in1k.py"]))
     with pytest.raises(ValueError, match="applies to VimImageClassifier"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import os.path as osp
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -104,6 +105,10 @@ def apply_compile(cfg: Config, mode: str) -> None:
         raise ValueError(f"--compile applies to VimImageClassifier configs; this config's model is "
                          f"{model.get('type')!r} (set torch.compile options in its own config instead)")
     model["compile_cfg"] = {} if mode == "default" else dict(mode=mode)
+    if not torch.cuda.is_available():
+        warnings.warn("--compile without a GPU: the CPU's reference scan walks the tokens in a Python loop, which "
+                      "torch.compile traces token by token (slow to compile, and there is no host overhead to save)",
+                      stacklevel=2)
 
 
 def apply_launcher(cfg: Config, launcher: str) -> None:
