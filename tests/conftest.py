@@ -16,6 +16,15 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+@pytest.fixture(autouse=True)
+def checked_cached_launches(monkeypatch):
+    """On the GPU, every cached Triton launch (kernels.launch) first asks Triton which kernel it would have launched
+    and fails where that is not the one the cache holds."""
+    from vim.kernels import launch
+
+    monkeypatch.setattr(launch, "CHECK", True)
+
+
 @pytest.fixture
 def poisoned_kernel_outputs():
     """Every buffer a kernel allocates (through triton_scan._empty: scan, bimamba, conv, norm) starts as NaN,
@@ -48,6 +57,7 @@ def rule_verdicts(monkeypatch):
 
     def watch(name):
         verdicts, rule = [], getattr(triton_scan, name)
+        monkeypatch.setattr(triton_scan, "PLAN_CACHE", False)   # every launch asks the rule, none reuses a plan
         monkeypatch.setattr(triton_scan, name, lambda *args: verdicts.append(rule(*args)) or verdicts[-1])
         return verdicts
     return watch

@@ -112,7 +112,8 @@ def test_only_needed_gradients_are_computed():
                 assert rel(t.grad, r.grad) < 1e-6
     dout = torch.randn(3, 8, 20, device=DEV)
     dx, dsum = torch.ops.vim_kernels.embed_tokens_bwd(dout, True, torch.bfloat16, False, True)
-    assert dx.numel() == 0 and torch.allclose(dsum, dout.sum(0))
+    # summed in another order than torch's: near-zero sums differ past allclose's absolute 1e-8
+    assert dx.numel() == 0 and rel(dsum, dout.sum(0)) < 1e-6
     dx, dsum = torch.ops.vim_kernels.embed_tokens_bwd(dout, True, torch.float32, True, False)
     assert dsum.numel() == 0 and torch.equal(dx, torch.cat([dout[:, :3], dout[:, 4:]], 1))
 

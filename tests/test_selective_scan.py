@@ -219,6 +219,56 @@ def test_lane_offsets_only_where_int32_holds_them():
     assert not triton_scan._lane_offsets_fit((small, 1, 2), (long_rows, 1, 2))
 
 
+def _scan_outputs(inputs, reverse, pair_rows=False):
+    """Output, last state and every gradient of one Triton forward + backward on fresh leaves of ``inputs``."""
+    leaves, leaf_grads = fresh_leaves(inputs, pair_rows)
+    y, last = selective_scan_fn(*leaves, delta_softplus=True, return_last_state=True, reverse=reverse,
+                                backend="triton")
+    y.backward(torch.ones_like(y))
+    return [y.detach(), last, *[g for g in leaf_grads() if g is not None]]
+
+
+@pytest.mark.parametrize("chunk, reverse", [(None, False), (8, True)])
+def test_launch_plans_are_reused_with_the_same_results(chunk, reverse, monkeypatch):
+    """scan_forward / scan_backward plan a call signature once (``PLAN_CACHE``): calls that reuse the plans, on other
+    tensors of the same layout, return what calls planned afresh do; another layout, knob or planning function makes
+    new plans."""
+    monkeypatch.setattr(triton_scan, "CHUNK_OVERRIDE", chunk)
+    triton_scan.clear_plans()
+    first, second = (make_inputs(1, 8, 11, 4, seed=s, model_rows=True) for s in (1, 2))
+    _scan_outputs(first, reverse, pair_rows=True)
+    cached = _scan_outputs(second, reverse, pair_rows=True)
+    assert sorted(k[0] for k in triton_scan._PLANS) == ["backward", "forward"]   # the second call reused both
+    monkeypatch.setattr(triton_scan, "PLAN_CACHE", False)
+    fresh = _scan_outputs(second, reverse, pair_rows=True)
+    monkeypatch.setattr(triton_scan, "PLAN_CACHE", True)
+    # the output and last state bit for bit; on a GPU the walks' atomic sums (dA, dB, dC, dD, d bias) may round in
+    # another order from run to run
+    assert torch.equal(fresh[0], cached[0]) and torch.equal(fresh[1], cached[1])
+    assert all(rel(a, b) < 1e-6 for a, b in zip(fresh[2:], cached[2:]))
+
+    def forward(inputs):
+        with torch.no_grad():
+            selective_scan_fn(*inputs, delta_softplus=True, reverse=reverse, backend="triton")
+        return len(triton_scan._PLANS)
+    assert forward(first) == 3   # no backward follows: planned for a forward alone
+    assert forward(make_inputs(1, 8, 11, 4, seed=1)) == 4   # B and C rows of their own: not paired
+    monkeypatch.setitem(triton_scan.CONFIG, "BLOCK_D", 8)
+    assert forward(first) == 5
+    monkeypatch.setattr(triton_scan, "_lookahead", lambda *args: False)
+    assert forward(first) == 6
+    assert forward(first) == 6
+
+
+def test_plan_cache_starts_over_when_full(monkeypatch):
+    triton_scan.clear_plans()
+    monkeypatch.setattr(triton_scan, "MAX_PLANS", 3)
+    for L in (3, 4, 5):
+        _scan_outputs(make_inputs(1, 4, L, 2), False)
+    # three plans fill it: the fourth (L = 4's backward) starts it over, and L = 5's two follow
+    assert len(triton_scan._PLANS) == 3 and all(key[5][0][-1] == 5 for key in list(triton_scan._PLANS)[1:])
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_walks_over_several_warps(reverse, monkeypatch):
     """Walk programs of 4 warps (``NUM_WARPS_BWD``; 128 channels, 32 parts so that the quads still hold), whose

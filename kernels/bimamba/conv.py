@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2
+from ..launch import cached_launch
 from ..selective_scan import triton_scan
 
 # Backward launch: a program owns BWD_BLOCK_E channels of one batch row and walks its stretch of tokens
@@ -127,6 +128,7 @@ def _conv_silu_tile(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, 
              out.to(out_ptr.dtype.element_ty), mask=m)
 
 
+@cached_launch
 @triton.jit
 def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b, so_l, so_e,
                       W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -135,6 +137,7 @@ def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, E, sx_b, sx_l, sx_e, so_b
                     W, BLOCK_L, BLOCK_E, HAS_BIAS, REVERSE, ASM, EVEN_E)
 
 
+@cached_launch
 @triton.jit
 def _conv_silu_pair_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr, L, E, sx_b, sx_l, sx_e,
                            so_b, so_l, so_e, WF: tl.constexpr, WB: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -174,6 +177,7 @@ def _window_preact(b, w0, w1, w2, w3, x0, x1, x2, x3, W: tl.constexpr):
     return a + w3 * x3
 
 
+@cached_launch
 @triton.jit
 def _conv_silu_pair_walk_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, of_ptr, ob_ptr, L, E, TOKENS, sx_b, sx_l,
                                 so_b, so_l, WF: tl.constexpr, WB: tl.constexpr, SEG: tl.constexpr,
@@ -308,6 +312,7 @@ def _taps(w_ptr, b_ptr, offs_e, mask_e, W: tl.constexpr, HAS_BIAS: tl.constexpr,
     return w0, w1, w2, w3, b
 
 
+@cached_launch
 @triton.jit
 def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb_ptr, gb_ptrs, gb_strides,
                           dx_ptr, part_ptr, L, E, TOKENS, sx_b, sx_l, sx_e, sdx_b, sdx_l,
@@ -414,6 +419,7 @@ def _conv_silu_bwd_kernel(x_ptr, wf_ptr, bf_ptr, gf_ptrs, gf_strides, wb_ptr, bb
         tl.store(part + 9 * E, sbb, mask=mask_e)
 
 
+@cached_launch
 @triton.jit
 def _conv_grad_sum_kernel(part_ptr, P, E, dwf_ptr, dbf_ptr, dwb_ptr, dbb_ptr, WF: tl.constexpr, WB: tl.constexpr,
                           HAS_F: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_F: tl.constexpr,

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2
+from ..launch import cached_launch
 from ..selective_scan import triton_scan
 from ..selective_scan.triton_scan import LOG2E
 
@@ -45,6 +46,7 @@ def _softplus_fast(x):
     return tl.maximum(x, 0.0) + e * q
 
 
+@cached_launch
 @triton.jit
 def _dt_softplus_kernel(dt_ptr, w_ptr, b_ptr, out_ptr, src_ptr, wide_ptr, M, E, K, C,
                         s_dm, s_dk, s_we, s_wk, s_om, s_oe, s_sm, s_sc,
@@ -82,6 +84,7 @@ def _dt_softplus_kernel(dt_ptr, w_ptr, b_ptr, out_ptr, src_ptr, wide_ptr, M, E, 
              mask=mask_m[:, None] & mask_e[None, :])
 
 
+@cached_launch
 @triton.jit
 def _narrow_kernel(src_ptr, dst_ptr, M, C, s_dm, s_dc, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

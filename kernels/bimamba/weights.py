@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2
+from ..launch import cached_launch
 from ..selective_scan import triton_scan
 
 BLOCK_E = 64
@@ -63,6 +64,7 @@ def _derive_one(wx_ptr, wdt_ptr, alog_ptr, conv_ptr, wx_out, wdt_out, a_out, tap
     tl.store(taps_out + k[None, :] * E + offs_e[:, None], w.to(tl.float32), mask=m)
 
 
+@cached_launch
 @triton.jit
 def _derive_kernel(wx0, wdt0, alog0, conv0, wxo0, wdto0, ao0, tapso0, sx0_r, sx0_e, sdt0_e, sdt0_r, sa0_e, sa0_n,
                    sc0_e, sc0_k, wx1, wdt1, alog1, conv1, wxo1, wdto1, ao1, tapso1, sx1_r, sx1_e, sdt1_e, sdt1_r,

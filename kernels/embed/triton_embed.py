@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2, sm_count
+from ..launch import cached_launch
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
 
 # Vim's widths (192, 384, 768) are multiples of 64: no masked columns at the model's shapes
@@ -35,6 +36,7 @@ BWD_BLOCK_T = 8
 BWD_PROGRAMS_PER_SM = 4
 
 
+@cached_launch
 @triton.jit
 def _embed_fwd_kernel(x_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr, T, D, n_t_blocks, sx_b, sx_m, sx_d,
                       HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -66,6 +68,7 @@ def _embed_fwd_kernel(x_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr, T, D, n_t_bloc
     tl.store(out_ptr + (b * T + t[:, None]) * D + d[None, :], v, mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _embed_bwd_kernel(dout_ptr, dx_ptr, dsum_ptr, B, T, D, per_split, so_b, so_t, so_d, HAS_CLS: tl.constexpr,
                       WRITE_DX: tl.constexpr, SUM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,

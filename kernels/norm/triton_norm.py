@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2, sm_count
+from ..launch import cached_launch
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
 
 # Widest row held in registers at once (64 KB of float32); Vim's widths are at most 1024.
@@ -36,6 +37,7 @@ MAX_BLOCK_N = 16384
 TILE = 4096
 
 
+@cached_launch
 @triton.jit
 def _rms_norm_fwd_kernel(x_ptr, branch_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, M, N, stride_x, stride_branch, eps,
                          HAS_BRANCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -57,6 +59,7 @@ def _rms_norm_fwd_kernel(x_ptr, branch_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, M, 
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
+@cached_launch
 @triton.jit
 def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dbranch_ptr, dw_ptr, M, N,
                          stride_dy, stride_x, stride_dsum, HAS_DSUM: tl.constexpr, HAS_BRANCH: tl.constexpr,

@@ -13,12 +13,14 @@ import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2
+from ..launch import cached_launch
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
 
 # patches of a row per program (a 224 px image has 14; wider images take several programs per row)
 BLOCK_WP = 16
 
 
+@cached_launch
 @triton.jit
 def _patch_rows_kernel(x_ptr, out_ptr, Hp, Wp, sx_b, sx_c, sx_h, sx_w, C: tl.constexpr, PH: tl.constexpr,
                        PW: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_WP: tl.constexpr):

@@ -21,7 +21,7 @@ ddelta, Y sums) cover every gradient; the walks meet through one float32 (B, L, 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .. import interpreter_compat
 from ..host_math import cdiv, next_pow2, programs_per_sm, sm_count
+from ..launch import cached_launch
 
 # exp(x) = exp2(x * LOG2E): the kernels keep A * LOG2E only; sums of A * x are rescaled by LN2
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -166,6 +167,7 @@ def _empty(shape, dtype, device):
 ZERO_BLOCK = 1024
 
 
+@cached_launch
 @triton.jit
 def _zero_kernel(ptrs, starts, sizes, BLOCK: tl.constexpr):
     """Program p zeroes block p - starts[k] of tensor k, for the k with starts[k] <= p < starts[k + 1]."""
@@ -772,6 +774,7 @@ def _store_tile(o_ptrs, y, p0, p_start, p_end, L, cols, so_l, mask_o, REVERSE: t
     tl.store(o_ptrs[:, None] + _token(pp, L, REVERSE)[None, :] * so_l, y, mask=mask_o[:, None] & in_chunk[None, :])
 
 
+@cached_launch
 @triton.jit
 def _fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hloc_ptr, S_ptr, last_ptr,
@@ -897,6 +900,7 @@ def _fwd_kernel(
 # channel (D, F, the softplus slope applies to the sum) enter on the part-0 row only, before one
 # _sum_parts per output. Their atomic adds are sem="relaxed": plain sums nothing here reads back, and Triton's
 # default (acq_rel) fences every add and invalidates the SM's L1 after it (~21% of a walk; docs/kernels.md, v16).
+@cached_launch
 @triton.jit
 def _bwd_adjoint_state_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, gout_ptr,
@@ -952,6 +956,7 @@ def _bwd_adjoint_state_kernel(
     tl.store(gout_ptr + st, gnext, mask=mask2)
 
 
+@cached_launch
 @triton.jit
 def _bwd_forward_walk_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, hloc_ptr, S_ptr,
@@ -1088,6 +1093,7 @@ def _bwd_forward_walk_kernel(
     tl.store(tx_ptr + rs + SPLIT * Dm, dcum, mask=mask_d)
 
 
+@cached_launch
 @triton.jit
 def _bwd_reverse_walk_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, F_ptr,
@@ -1423,7 +1429,7 @@ def _interpreted() -> bool:
     """Whether Triton runs these kernels in its interpreter (``TRITON_INTERPRET=1``, the CPU tests). Asked of a
     kernel, not of the environment: Triton chooses when a kernel is defined, so setting the variable after this
     module's import (a tool imported into a running process) changes nothing here."""
-    return not isinstance(_zero_kernel, triton.runtime.JITFunction)
+    return not isinstance(_zero_kernel.jit_fn, triton.runtime.JITFunction)
 
 
 if _interpreted():
@@ -1510,34 +1516,81 @@ def _lookahead(knob, accumulate: bool, nc: int) -> bool:
     raise ValueError(f'CONFIG["LOOKAHEAD"] must be 0, 1 or "accumulate", got {knob!r}')
 
 
-def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *, out=None,
-                 out_scale=1.0, accumulate=False, want_last=False, delta_activated=False, train_plan=False):
-    """Launch the forward. Returns (out, last_state or None, hloc, S). ``out`` may be given
-    (any strides, e.g. a token-major view). Per token and channel out = out_scale * (y + prior) * silu(z),
-    y = C h + D u; with ``accumulate``, prior is what ``out`` holds on entry (else 0). The bidirectional
-    mixer writes one direction's ungated y and gates the two directions' sum once, in the second launch.
-    ``delta_activated``: delta is softplus(raw + delta_bias) already (see ``scan_backward``), used as given.
-    ``train_plan``: a backward will follow (``scan_backward`` with the same flag): chunk as suits the backward."""
+# Launch plans by call signature: what scan_forward and scan_backward work out on the host from their inputs'
+# shapes, strides, dtypes, 16-byte alignment, flags, device and the knobs (grids, chunking, compile-time switches,
+# register caps, integer arguments), worked out once per signature. A vim_tiny scan call cost the host 134-251 us, of which its one
+# launch ~51 us, and the eager model waits for its host below batch ~256 (docs/benchmarks.md, sessions 37-38). A plan
+# depends on nothing else: the key holds every input it reads, ``_settings()`` the module's knobs and its planning
+# functions (which tests replace). PLAN_CACHE = False plans every call.
+PLAN_CACHE = True
+MAX_PLANS = 256
+_PLANS: dict = {}
+
+
+def clear_plans() -> None:
+    """Forget the cached launch plans (changed knobs and replaced planning functions need not call it)."""
+    _PLANS.clear()
+
+
+# The module's functions a plan is made with, by name: replacing one (tests monkeypatch them, tools/kernel_sass.py
+# rebinds the rules to another GPU) makes new plans.
+_PLANNERS = ("_plan", "_block_d", "_walk_chunk_target", "_planning_sms", "_chunk_target", "programs_per_sm",
+             "sm_count", "_forward_wave_cap", "_lower_cap_pays", "_waves", "_resident_programs", "_forward_wide",
+             "_walk_maxnreg", "_forward_walk_maxnreg", "_reverse_walk_maxnreg", "_flags", "_use_asm", "_interpreted",
+             "_row_asm_ok", "_bc_pair", "_bc_strides", "_softplus_mode", "_forward_prefetch", "_lookahead",
+             "_forward_bc_pair", "_common_args", "_bc_parts", "_bc_quads", "_lane_offsets_fit", "_forward_plan",
+             "_backward_layout", "_backward_plan")
+
+
+def _settings() -> tuple:
+    """The module-level knobs and planning functions a plan depends on."""
+    return tuple(CONFIG.items()), CHUNK_OVERRIDE, _FWD_REGS, *map(globals().get, _PLANNERS)
+
+
+def _tensor_key(t):
+    """What a plan may read of a tensor (None stays None)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
+
+
+def _rows_paired(B, C, A) -> bool:
+    """What a plan reads of B's and C's addresses beyond their alignment: whether C's states follow B's in one row
+    (``_bc_pair``)."""
+    return C.data_ptr() == B.data_ptr() + 4 * A.shape[1]
+
+
+def _cached_plan(key: tuple, make):
+    """The plan of ``key``, made by ``make()`` the first time."""
+    plan = _PLANS.get(key) if PLAN_CACHE else None
+    return plan if plan is not None else _remember(key, make())
+
+
+def _remember(key: tuple, plan):
+    """``plan``, kept for ``key`` (with ``PLAN_CACHE``; past ``MAX_PLANS`` plans the cache starts over)."""
+    if PLAN_CACHE:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+class _ForwardPlan(NamedTuple):
+    grid: tuple
+    nc: int
+    N: int
+    use_bias: bool       # whether the kernel gets delta_bias (not when delta comes activated)
+    scalars: tuple       # the integer and float arguments after the pointers
+    state_meta: dict     # the chunk-state pass's keywords (nc > 1)
+    main_meta: dict      # the main pass's keywords
+
+
+def _forward_plan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out, out_scale, accumulate, want_last,
+                  delta_activated, train_plan) -> _ForwardPlan:
     batch, Dm, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
-    A = channel_major(A)
     block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, device=u.device, train=train_plan)
     dev = u.device
-    if out is None:
-        out = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
     BLOCK_N = next_pow2(N)
-    hloc = S = None
-    if nc > 1:
-        hloc = _empty((batch, nc, N, Dm), torch.float32, dev)
-        S = _empty((batch, nc, Dm), torch.float32, dev)
-    last = None
-    if want_last:   # an empty sequence has no chunk to store it: the initial state, zero
-        last = torch.zeros((batch, Dm, N), dtype=torch.float32, device=dev) if nc == 0 else \
-            _empty((batch, Dm, N), torch.float32, dev)
-    dummy = u
-    B, C = _bc_rows(B), _bc_rows(C)
-    common = _common_args(u, delta, A, B, C, z)
     split, num_warps = min(CONFIG["SPLIT"], BLOCK_N), CONFIG["NUM_WARPS"]
     softplus = _softplus_mode(delta_softplus, delta_activated)
     if softplus == 2:   # nothing left to apply to delta
@@ -1555,21 +1608,51 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *
     flags["HAS_D"] = D is not None
     flags["LOOKAHEAD"] = _lookahead(CONFIG["LOOKAHEAD"], accumulate, nc) and not wave_cap
     flags["BC_PAIR"] = flags["BC_PAIR"] and _forward_bc_pair(wide, nc, flags["LOOKAHEAD"])
-    grid = (n_d, nc, batch)
-    zz = z if z is not None else u
+    # a fresh output is (B, L, D) storage viewed as (B, D, L)
+    out_strides = out.stride() if out is not None else (L * Dm, 1, Dm)
+    scalars = (Dm, L, N, T, nc, cpg, out_scale, *_common_args(u, delta, A, B, C, z), *out_strides)
+    state_meta = dict(STATE_PASS=True, ACCUM=False, STORE_LAST=False, **flags,
+                      **({"maxnreg": wave_cap} if wave_cap and CONFIG["WAVE_CAP_STATE_PASS"] else {}))
+    main_meta = dict(STATE_PASS=False, ACCUM=bool(accumulate), STORE_LAST=want_last, **flags,
+                     **({"maxnreg": wave_cap} if wave_cap else {}))
+    return _ForwardPlan((n_d, nc, batch), nc, N, delta_bias is not None, scalars, state_meta, main_meta)
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, *, out=None,
+                 out_scale=1.0, accumulate=False, want_last=False, delta_activated=False, train_plan=False):
+    """Launch the forward. Returns (out, last_state or None, hloc, S). ``out`` may be given
+    (any strides, e.g. a token-major view). Per token and channel out = out_scale * (y + prior) * silu(z),
+    y = C h + D u; with ``accumulate``, prior is what ``out`` holds on entry (else 0). The bidirectional
+    mixer writes one direction's ungated y and gates the two directions' sum once, in the second launch.
+    ``delta_activated``: delta is softplus(raw + delta_bias) already (see ``scan_backward``), used as given.
+    ``train_plan``: a backward will follow (``scan_backward`` with the same flag): chunk as suits the backward."""
+    A = channel_major(A)
+    B, C = _bc_rows(B), _bc_rows(C)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out, out_scale, accumulate, want_last,
+            delta_activated, train_plan)
+    key = ("forward", u.device, _settings(), _rows_paired(B, C, A), *map(_tensor_key, args[:8]),
+           _tensor_key(out), *args[8:10], *args[11:])
+    plan = _cached_plan(key, lambda: _forward_plan(*args))
+    batch, Dm, L = u.shape
+    dev = u.device
+    if out is None:
+        out = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
+    nc, N = plan.nc, plan.N
+    hloc = S = None
     if nc > 1:
-        _fwd_kernel[grid](u, delta, A, B, C, D if D is not None else dummy, zz,
-                          delta_bias if delta_bias is not None else dummy, out, hloc, S, dummy,
-                          Dm, L, N, T, nc, cpg, out_scale, *common, *out.stride(),
-                          STATE_PASS=True, ACCUM=False, STORE_LAST=False, **flags,
-                          **({"maxnreg": wave_cap} if wave_cap and CONFIG["WAVE_CAP_STATE_PASS"] else {}))
-    _fwd_kernel[grid](u, delta, A, B, C, D if D is not None else dummy, zz,
-                      delta_bias if delta_bias is not None else dummy, out,
-                      hloc if hloc is not None else dummy, S if S is not None else dummy,
-                      last if last is not None else dummy,
-                      Dm, L, N, T, nc, cpg, out_scale, *common, *out.stride(),
-                      STATE_PASS=False, ACCUM=bool(accumulate), STORE_LAST=want_last, **flags,
-                      **({"maxnreg": wave_cap} if wave_cap else {}))
+        hloc = _empty((batch, nc, N, Dm), torch.float32, dev)
+        S = _empty((batch, nc, Dm), torch.float32, dev)
+    last = None
+    if want_last:   # an empty sequence has no chunk to store it: the initial state, zero
+        last = torch.zeros((batch, Dm, N), dtype=torch.float32, device=dev) if nc == 0 else \
+            _empty((batch, Dm, N), torch.float32, dev)
+    dummy = u
+    inputs = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else u,
+              delta_bias if plan.use_bias else dummy, out)
+    if nc > 1:
+        _fwd_kernel[plan.grid](*inputs, hloc, S, dummy, *plan.scalars, **plan.state_meta)
+    _fwd_kernel[plan.grid](*inputs, hloc if hloc is not None else dummy, S if S is not None else dummy,
+                           last if last is not None else dummy, *plan.scalars, **plan.main_meta)
     return out, last, hloc, S
 
 
@@ -1666,6 +1749,63 @@ def _check_acc(acc, shape, name):
         raise ValueError(f"{name} must be float32 {shape}, got {acc.dtype} {tuple(acc.shape)}")
 
 
+class _BackwardPlan(NamedTuple):
+    layout: tuple        # _plan's block_d, n_d, T, nc, cpg
+    grid: tuple
+    adjoint: tuple       # per kernel: (the integer and float arguments after the pointers, its keywords)
+    forward_walk: tuple
+    reverse_walk: tuple
+
+
+def _backward_layout(u, A, B, hloc, S, dB_acc, dC_acc, delta_softplus, delta_activated, train_plan) -> tuple:
+    """The backward's blocks and chunks (``_plan``), checked against the forward's chunk summaries and the given
+    accumulators (and the softplus flags checked first)."""
+    _softplus_mode(delta_softplus, delta_activated)
+    batch, Dm, L = u.shape
+    N = A.shape[1]
+    G = 1 if B.dim() == 3 else B.shape[1]
+    layout = _plan(batch, Dm, L, G, backward=True, device=u.device, train=train_plan)
+    nc = layout[3]
+    got = 1 if hloc is None else hloc.shape[1]
+    if got != max(nc, 1) or (nc > 1 and (S is None or S.shape[1] != nc)):   # an empty sequence: no chunk
+        raise ValueError(f"the forward's chunk summaries hold {got} chunks where this backward plans {nc}: give "
+                         "scan_backward the train_plan its scan_forward had (and that forward's hloc and S)")
+    _check_acc(dB_acc, (batch, G, N, L), "dB_acc")
+    _check_acc(dC_acc, (batch, G, N, L), "dC_acc")
+    return layout
+
+
+def _backward_plan(layout, split, dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                   delta_activated, dout_scale, grad_A_log, dz, dz_accumulate, dzz, dB, dC, F, du,
+                   ddelta) -> _BackwardPlan:
+    """The launches, given the buffers they write (whose layouts the plan's key determines)."""
+    batch, Dm, L = u.shape
+    N = A.shape[1]
+    block_d, n_d, T, nc, cpg = layout
+    dev = u.device
+    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], z, delta_bias,
+                   _softplus_mode(delta_softplus, delta_activated), reverse, CONFIG["PREFETCH_BWD"])
+    flags["DY_SCALE"] = float(dout_scale)
+    scatter = CONFIG["BC_SCATTER"] and next_pow2(N) // split <= block_d
+    scalars = (Dm, L, N, T, nc, cpg, *_common_args(u, delta, A, B, C, z), *dout.stride())
+    parts_dC, parts_dB = (1, 1) if scatter else (_bc_parts(block_d, dC), _bc_parts(block_d, dB))
+    quads_dC, quads_dB = (not scatter and _bc_quads(block_d, split, N, parts, grad, flags["num_warps"])
+                          for parts, grad in ((parts_dC, dC), (parts_dB, dB)))
+    zz = z if z is not None else u
+    lanes = bool(CONFIG["LANE_OFFSETS"]) and _lane_offsets_fit(
+        (u, 1, 2), (delta, 1, 2), (zz, 1, 2), (dout, 1, 2), (dzz, 1, 2), (F, 2, 1), (dB, 2, 3), (dC, 2, 3))
+    programs = n_d * nc * batch
+    walks = dict(HAS_D=D is not None, SHARED=bool(CONFIG["SHARED_PRODUCTS"]), LANE_OFFSETS=lanes,
+                 LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags)
+    forward_walk = ((*scalars, *dzz.stride(), *dC.stride()),
+                    dict(DZ_ACCUM=dz is not None and bool(dz_accumulate), SCATTER=scatter, BC_PARTS=parts_dC,
+                         QUADS=quads_dC, **walks, **_forward_walk_maxnreg(programs, flags["num_warps"], dev)))
+    reverse_walk = ((*scalars, *du.stride(), *ddelta.stride(), *dB.stride()),
+                    dict(SCATTER=scatter, BC_PARTS=parts_dB, DA_LOG=bool(grad_A_log), QUADS=quads_dB, **walks,
+                         **_reverse_walk_maxnreg(programs, flags["num_warps"], dev)))
+    return _BackwardPlan(layout, (n_d, nc, batch), (scalars, flags), forward_walk, reverse_walk)
+
+
 def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
                   dz_out=None, dz_accumulate=False, delta_activated=False, ddelta_dtype=None, dout_scale=1.0,
                   dB_acc=None, dC_acc=None, grad_A_log=False, train_plan=False):
@@ -1690,71 +1830,56 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rev
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
     A = channel_major(A)
-    block_d, n_d, T, nc, cpg = _plan(batch, Dm, L, G, backward=True, device=u.device, train=train_plan)
-    dev = u.device
-    BLOCK_N = next_pow2(N)
-    f32 = torch.float32
-    dummy = u
     B_in, C_in = B, C
     B, C = _bc_rows(B), _bc_rows(C)
-    split = min(CONFIG["SPLIT_BWD"], BLOCK_N)
-    flags = _flags(u, B, C, N, block_d, split, CONFIG["UNROLL_BWD"], CONFIG["NUM_WARPS_BWD"], z, delta_bias,
-                   _softplus_mode(delta_softplus, delta_activated), reverse, CONFIG["PREFETCH_BWD"])
-    flags["DY_SCALE"] = float(dout_scale)
-    got = 1 if hloc is None else hloc.shape[1]
-    if got != max(nc, 1) or (nc > 1 and (S is None or S.shape[1] != nc)):   # an empty sequence: no chunk
-        raise ValueError(f"the forward's chunk summaries hold {got} chunks where this backward plans {nc}: give "
-                         "scan_backward the train_plan its scan_forward had (and that forward's hloc and S)")
-    scatter = CONFIG["BC_SCATTER"] and BLOCK_N // split <= block_d
-    grid = (n_d, nc, batch)
-    common = _common_args(u, delta, A, B, C, z)
+    dev = u.device
+    f32 = torch.float32
+    dummy = u
+    key = ("backward", dev, _settings(), _rows_paired(B, C, A),
+           *map(_tensor_key, (dout, u, delta, A, B, C, D, z, delta_bias, hloc, S, dz_out, dB_acc, dC_acc)),
+           bool(delta_softplus), bool(reverse), bool(dz_accumulate), bool(delta_activated), ddelta_dtype,
+           float(dout_scale), bool(grad_A_log), bool(train_plan))
+    plan = _PLANS.get(key) if PLAN_CACHE else None
+    layout = plan.layout if plan is not None else _backward_layout(u, A, B, hloc, S, dB_acc, dC_acc, delta_softplus,
+                                                                           delta_activated, train_plan)
+    nc = layout[3]
+    split = min(CONFIG["SPLIT_BWD"], next_pow2(N))
     zz = z if z is not None else u
     bias = delta_bias if delta_bias is not None else dummy
     Dp = D if D is not None else dummy
-    if nc > 1:
-        gout = _empty((batch, nc, N, Dm), f32, dev)
-        _bwd_adjoint_state_kernel[grid](u, delta, A, B, C, zz, bias, dout, gout,
-                                        Dm, L, N, T, nc, cpg, *common, *dout.stride(), **flags)
-    else:
-        gout = hloc = S = dummy
     # token-major gradients: the layout the inputs come in from the model
     dz = None
     if z is not None:
         dz = dz_out if dz_out is not None else _empty((batch, L, Dm), z.dtype, dev).transpose(1, 2)
-    _check_acc(dB_acc, (batch, G, N, L), "dB_acc")
-    _check_acc(dC_acc, (batch, G, N, L), "dC_acc")
     # the atomic sums' buffers, zeroed by one launch: dD, dA, dbias and the dB / dC the caller did not give, those
     # token-major (viewed as (B, G, N, L)) as the mixer's are, the layout where partial sums pay (``_bc_parts``)
     own = [(batch, G, L, N)] * ((dB_acc is None) + (dC_acc is None))
     dD, dA, dbias, *fresh = _zeros([(Dm,), (Dm, N), (Dm,), *own], dev)
     dB = dB_acc if dB_acc is not None else fresh.pop(0).transpose(2, 3)
     dC = dC_acc if dC_acc is not None else fresh.pop(0).transpose(2, 3)
-    parts_dC, parts_dB = (1, 1) if scatter else (_bc_parts(block_d, dC), _bc_parts(block_d, dB))
-    quads_dC, quads_dB = (not scatter and _bc_quads(block_d, split, N, parts, grad, flags["num_warps"])
-                          for parts, grad in ((parts_dC, dC), (parts_dB, dB)))
     F = _empty((batch, L, Dm), f32, dev)
     tx = _empty((batch, nc, 2, split, Dm), f32, dev)   # per-row chunk scalars (``_row_offsets``)
     qx = _empty((batch, nc, N, Dm), f32, dev)
     dzz = dz if dz is not None else F
-    # (du and ddelta, made below, are (B, L, D) like F)
-    lanes = bool(CONFIG["LANE_OFFSETS"]) and _lane_offsets_fit(
-        (u, 1, 2), (delta, 1, 2), (zz, 1, 2), (dout, 1, 2), (dzz, 1, 2), (F, 2, 1), (dB, 2, 3), (dC, 2, 3))
-    _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S,
-                                   dzz, dC, dD, F, tx, qx, Dm, L, N, T, nc, cpg,
-                                   *common, *dout.stride(), *dzz.stride(), *dC.stride(), HAS_D=D is not None,
-                                   DZ_ACCUM=dz is not None and dz_accumulate, SCATTER=scatter, BC_PARTS=parts_dC,
-                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]), QUADS=quads_dC, LANE_OFFSETS=lanes,
-                                   LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
-                                   **_forward_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
     du = _empty((batch, L, Dm), u.dtype, dev).transpose(1, 2)
     ddelta = _empty((batch, L, Dm), ddelta_dtype or delta.dtype, dev).transpose(1, 2)
+    if plan is None:   # made once the buffers it reads the layouts of exist
+        plan = _remember(key, _backward_plan(layout, split, dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                             reverse, delta_activated, dout_scale, grad_A_log, dz, dz_accumulate, dzz,
+                                             dB, dC, F, du, ddelta))
+    grid = plan.grid
+    if nc > 1:
+        gout = _empty((batch, nc, N, Dm), f32, dev)
+        scalars, meta = plan.adjoint
+        _bwd_adjoint_state_kernel[grid](u, delta, A, B, C, zz, bias, dout, gout, *scalars, **meta)
+    else:
+        gout = hloc = S = dummy
+    scalars, meta = plan.forward_walk
+    _bwd_forward_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, hloc, S, dzz, dC, dD, F, tx, qx, *scalars,
+                                   **meta)
+    scalars, meta = plan.reverse_walk
     _bwd_reverse_walk_kernel[grid](u, delta, A, B, C, Dp, zz, bias, dout, F, hloc, S, gout, tx, qx,
-                                   du, ddelta, dB, dA, dbias, Dm, L, N, T, nc, cpg,
-                                   *common, *dout.stride(), *du.stride(), *ddelta.stride(), *dB.stride(),
-                                   HAS_D=D is not None, SCATTER=scatter, BC_PARTS=parts_dB, DA_LOG=bool(grad_A_log),
-                                   SHARED=bool(CONFIG["SHARED_PRODUCTS"]), QUADS=quads_dB, LANE_OFFSETS=lanes,
-                                   LOOKAHEAD=bool(CONFIG["LOOKAHEAD_BWD"]), **flags,
-                                   **_reverse_walk_maxnreg(n_d * nc * batch, flags["num_warps"], dev))
+                                   du, ddelta, dB, dA, dbias, *scalars, **meta)
     dB = _bc_grad_out(dB, B_in, own=dB_acc is None)
     dC = _bc_grad_out(dC, C_in, own=dC_acc is None)
     return (du, ddelta, dA.to(A.dtype), dB, dC, dD.to(D.dtype) if D is not None else None, dz,
