@@ -139,6 +139,7 @@ def compile_launch(rec: dict, arch: int):
         return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
     fn = getattr(importlib.import_module(rec["module"]), rec["name"])
+    fn = getattr(fn, "jit_fn", fn)   # the JIT function under kernels.launch's cached launcher
     # as the launcher packs them (triton.runtime.jit.JITFunction._pack_args)
     names = [a[0] for a in rec["args"]]
     sigvals = [tuples(a[1]) for a in rec["args"]]
