@@ -534,6 +534,12 @@ def format_ab(rows: Sequence[Dict[str, Any]], rounds: int) -> str:
     return "\n".join(lines)
 
 
+def step_tags(env: Dict[str, Any]) -> str:
+    """How the steps ran, for the printed header and the plots' titles: " | compile MODE", " | CUDA graph"."""
+    return (f"{' | compile ' + str(env['compile']) if env.get('compile') else ''}"
+            f"{' | CUDA graph' if env.get('cuda_graph') else ''}")
+
+
 def plot(cases: Sequence[Case], out_dir: Path, env: Dict[str, Any]) -> List[Path]:
     """throughput.png and memory.png: against resolution, one panel per mode, a colour per model
     pair (solid: ours, dashed: baseline)."""
@@ -577,8 +583,7 @@ def plot(cases: Sequence[Case], out_dir: Path, env: Dict[str, Any]) -> List[Path
             ax.set_ylabel(ylabel)
             ax.set_title(f"{mode}: {ylabel}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
-        fig.suptitle(f"{env['device']} | {env['dtype']}{' | compile ' + str(env['compile']) if env.get('compile') else ''}"
-                     f"{' | CUDA graph' if env.get('cuda_graph') else ''}", fontsize=9)
+        fig.suptitle(f"{env['device']} | {env['dtype']}{step_tags(env)}", fontsize=9)
         fig.tight_layout()
         path = out_dir / fname
         fig.savefig(path, dpi=120)
@@ -639,8 +644,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device, dtype, args)
     print(f"# {env['device']} | torch {env['torch']} | timm {env['timm']} | triton {env['triton']} | "
-          f"{env['dtype']}{' | compile ' + args.compile if args.compile else ''}{' | CUDA graph' if args.cuda_graph else ''}",
-          flush=True)
+          f"{env['dtype']}{step_tags(env)}", flush=True)
     cases: List[Case] = []
 
     def save():
