@@ -104,8 +104,10 @@ class CachedLaunch:
 
     def _launch(self, grid, *args, **kwargs):
         try:
-            key = (torch._C._cuda_getDevice(), tuple(a if type(a) in _PLAIN else _signature_of(a) for a in args),
-                   tuple(kwargs.items()))
+            # the common cases inline: a list comprehension of them costs ~20% less than one call per argument
+            key = (torch._C._cuda_getDevice(),
+                   tuple([a if type(a) in _PLAIN else (a.dtype, a.data_ptr() % 16 == 0) if type(a) in _TENSORS
+                          else _signature_of(a) for a in args]), tuple(kwargs.items()))
             entry = self.kernels.get(key)
         except TypeError:   # an argument type without a signature, or an unhashable keyword value
             return self.jit_fn[grid](*args, **kwargs)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..eager import EagerOp
+from ..inductor_fallbacks import register_fake
 from ..selective_scan import triton_scan
 from ..selective_scan.triton_scan import _absent, _needs_grad, _none_if_absent
 from .conv import ConvGrad, conv_silu, conv_silu_backward_pair, conv_silu_pair
@@ -259,12 +261,12 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("bimamba_v2_fwd_into_x_", _fwd_into_x_op, _key)
 
 
-@torch.library.register_fake("vim_kernels::bimamba_v2_fwd_into_x_")
+@register_fake("vim_kernels::bimamba_v2_fwd_into_x_")
 def _fwd_into_x_fake(xz, *flat):
     return None
 
 
-@torch.library.register_fake("vim_kernels::bimamba_v2_fwd")
+@register_fake("vim_kernels::bimamba_v2_fwd")
 def _fwd_fake(x, z, *rest):
     *flat, train_plan = rest
     x, _ = _halves(x, z)
@@ -285,7 +287,7 @@ def _fwd_fake(x, z, *rest):
     return outs
 
 
-@torch.library.register_fake("vim_kernels::bimamba_v2_bwd")
+@register_fake("vim_kernels::bimamba_v2_bwd")
 def _bwd_fake(dout, x, z, *rest):
     *flat, saved, _ = rest
     return [torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -309,7 +311,7 @@ def _autograd_backward(ctx, grads):
     x, *rest = ctx.saved_tensors
     z = None if ctx.packed else rest.pop(0)
     flat, saved = list(rest[:14]), list(rest[14:])
-    res = torch.ops.vim_kernels.bimamba_v2_bwd(grads[0].contiguous(), x, z, *flat, saved, ctx.train_plan)
+    res = _bwd(grads[0].contiguous(), x, z, *flat, saved, ctx.train_plan)
     dx, dz, *pg = res
     for i in (1, 8):
         if not ctx.has_bias[i // 8]:
@@ -317,7 +319,9 @@ def _autograd_backward(ctx, grads):
     return (dx, None if ctx.packed else dz, *pg, None)
 
 
-torch.library.register_autograd("vim_kernels::bimamba_v2_fwd", _autograd_backward, setup_context=_setup_context)
+_fwd = EagerOp(torch.ops.vim_kernels.bimamba_v2_fwd, _fwd_op, _autograd_backward, _setup_context)
+_bwd = EagerOp(torch.ops.vim_kernels.bimamba_v2_bwd, _bwd_op)
+_fwd_into_x = EagerOp(torch.ops.vim_kernels.bimamba_v2_fwd_into_x_, _fwd_into_x_op)
 
 
 def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams, overwrite_x: bool = False) -> torch.Tensor:
@@ -325,11 +329,11 @@ def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams, overwrit
     ``interface.bimamba_v2_packed_fn``, for both backends). ``overwrite_x`` (packed only): where no gradient is
     needed, the output is written over x's half and returned as a view of it."""
     if z is None and overwrite_x and not _needs_grad(x, *fwd, *bwd):
-        torch.ops.vim_kernels.bimamba_v2_fwd_into_x_(x, *fwd, *bwd)
+        _fwd_into_x(x, *fwd, *bwd)
         return x[..., :x.shape[-1] // 2]
     if z is not None:
         if x.dim() != 3 or z.shape != x.shape:
             raise ValueError(f"x and z must both be (B, L, E); got {tuple(x.shape)} and {tuple(z.shape)}")
         if z.dtype != x.dtype:
             raise ValueError(f"x and z must share a dtype; got {x.dtype} and {z.dtype}")
-    return torch.ops.vim_kernels.bimamba_v2_fwd(x, z, *fwd, *bwd, _needs_grad(x, z, *fwd, *bwd))[0]
+    return _fwd(x, z, *fwd, *bwd, _needs_grad(x, z, *fwd, *bwd))[0]

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2, sm_count
+from ..eager import EagerOp
+from ..inductor_fallbacks import register_fake
 from ..launch import cached_launch
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
 
@@ -172,13 +174,13 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("embed_tokens_bwd", _backward, _key)
 
 
-@torch.library.register_fake("vim_kernels::embed_tokens_fwd")
+@register_fake("vim_kernels::embed_tokens_fwd")
 def _forward_fake(patches, bias, cls_token, pos_embed):
     B, _, D = patches.shape
     return patches.new_empty((B, _tokens(patches, cls_token is not None), D), dtype=torch.float32)
 
 
-@torch.library.register_fake("vim_kernels::embed_tokens_bwd")
+@register_fake("vim_kernels::embed_tokens_bwd")
 def _backward_fake(dout, has_cls, patches_dtype, patches_grad, sums):
     B, T, D = dout.shape
     dx = dout.new_empty((B, T - int(has_cls), D) if patches_grad else (0,), dtype=patches_dtype)
@@ -193,8 +195,7 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, dout):
     need_x, need_bias, need_cls, need_pos = ctx.needs_input_grad[:4]
-    dx, dsum = torch.ops.vim_kernels.embed_tokens_bwd(dout, ctx.has_cls, ctx.dtypes[0], need_x,
-                                                      need_bias or need_cls or need_pos)
+    dx, dsum = _embed_tokens_bwd(dout, ctx.has_cls, ctx.dtypes[0], need_x, need_bias or need_cls or need_pos)
     T, D = dout.shape[1:]
     mid = (T - 1) // 2
     d_bias = d_cls = d_pos = None
@@ -208,9 +209,10 @@ def _autograd_backward(ctx, dout):
     return dx if need_x else None, d_bias, d_cls, d_pos
 
 
-torch.library.register_autograd("vim_kernels::embed_tokens_fwd", _autograd_backward, setup_context=_setup_context)
+_embed_tokens_fwd = EagerOp(torch.ops.vim_kernels.embed_tokens_fwd, _forward, _autograd_backward, _setup_context)
+_embed_tokens_bwd = EagerOp(torch.ops.vim_kernels.embed_tokens_bwd, _backward)
 
 
 def embed_tokens_triton(patches: torch.Tensor, bias: Optional[torch.Tensor], cls_token: Optional[torch.Tensor],
                         pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.ops.vim_kernels.embed_tokens_fwd(patches, bias, cls_token, pos_embed)
+    return _embed_tokens_fwd(patches, bias, cls_token, pos_embed)

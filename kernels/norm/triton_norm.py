@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2, sm_count
+from ..eager import EagerOp
+from ..inductor_fallbacks import register_fake
 from ..launch import cached_launch
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
 
@@ -180,23 +182,23 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("add_rms_norm_bwd", _add_backward, _key)
 
 
-@torch.library.register_fake("vim_kernels::rms_norm_fwd")
+@register_fake("vim_kernels::rms_norm_fwd")
 def _forward_fake(x, weight, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.register_fake("vim_kernels::rms_norm_bwd")
+@register_fake("vim_kernels::rms_norm_bwd")
 def _backward_fake(dy, x, weight, rstd):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-@torch.library.register_fake("vim_kernels::add_rms_norm_fwd")
+@register_fake("vim_kernels::add_rms_norm_fwd")
 def _add_forward_fake(x, branch, weight, eps, out_dtype):
     return (x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=out_dtype),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
-@torch.library.register_fake("vim_kernels::add_rms_norm_bwd")
+@register_fake("vim_kernels::add_rms_norm_bwd")
 def _add_backward_fake(dy, dsum, s, weight, rstd, branch_dtype):
     return s.new_empty(s.shape), s.new_empty(s.shape, dtype=branch_dtype), weight.new_empty(weight.shape)
 
@@ -208,7 +210,7 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = torch.ops.vim_kernels.rms_norm_bwd(dy, x, weight, rstd)
+    dx, dw = _rms_norm_bwd(dy, x, weight, rstd)
     return dx, dw, None, None
 
 
@@ -220,13 +222,15 @@ def _add_setup_context(ctx, inputs, output):
 
 def _add_autograd_backward(ctx, dsum, dy, _drstd):
     s, weight, rstd = ctx.saved_tensors
-    dx, dbranch, dw = torch.ops.vim_kernels.add_rms_norm_bwd(dy, dsum, s, weight, rstd, ctx.branch_dtype)
+    dx, dbranch, dw = _add_rms_norm_bwd(dy, dsum, s, weight, rstd, ctx.branch_dtype)
     return dx, dbranch, dw, None, None
 
 
-torch.library.register_autograd("vim_kernels::rms_norm_fwd", _autograd_backward, setup_context=_setup_context)
-torch.library.register_autograd("vim_kernels::add_rms_norm_fwd", _add_autograd_backward,
-                                setup_context=_add_setup_context)
+_rms_norm_fwd = EagerOp(torch.ops.vim_kernels.rms_norm_fwd, _forward, _autograd_backward, _setup_context)
+_rms_norm_bwd = EagerOp(torch.ops.vim_kernels.rms_norm_bwd, _backward)
+_add_rms_norm_fwd = EagerOp(torch.ops.vim_kernels.add_rms_norm_fwd, _add_forward, _add_autograd_backward,
+                            _add_setup_context)
+_add_rms_norm_bwd = EagerOp(torch.ops.vim_kernels.add_rms_norm_bwd, _add_backward)
 
 
 def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -236,7 +240,7 @@ def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     _check_weight(x, weight)
-    return torch.ops.vim_kernels.rms_norm_fwd(x, weight, eps, out_dtype)[0]
+    return _rms_norm_fwd(x, weight, eps, out_dtype)[0]
 
 
 def add_rms_norm_triton(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -245,5 +249,5 @@ def add_rms_norm_triton(x: torch.Tensor, branch: torch.Tensor, weight: torch.Ten
     _check_weight(x, weight)
     if branch.shape != x.shape:
         raise ValueError(f"branch must match x's shape {tuple(x.shape)}; got {tuple(branch.shape)}")
-    s, y, _ = torch.ops.vim_kernels.add_rms_norm_fwd(x, branch, weight, eps, out_dtype)
+    s, y, _ = _add_rms_norm_fwd(x, branch, weight, eps, out_dtype)
     return s, y

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 
 from ..host_math import cdiv, next_pow2
+from ..eager import EagerOp
+from ..inductor_fallbacks import register_fake
 from ..launch import cached_launch
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
 
@@ -56,11 +58,14 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("patch_rows", _patch_rows, _key)
 
 
-@torch.library.register_fake("vim_kernels::patch_rows")
+@register_fake("vim_kernels::patch_rows")
 def _patch_rows_fake(x, ph, pw, dtype):
     B, C, H, W = x.shape
     return x.new_empty((B, H // ph, W // pw, C, ph, pw), dtype=dtype)
 
 
+_patch_rows_op = EagerOp(torch.ops.vim_kernels.patch_rows, _patch_rows)
+
+
 def patch_rows_triton(x: torch.Tensor, ph: int, pw: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.ops.vim_kernels.patch_rows(x, ph, pw, dtype)
+    return _patch_rows_op(x, ph, pw, dtype)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..eager import EagerOp
+from ..inductor_fallbacks import register_fake
 from . import triton_scan
 from .triton_scan import _absent, _needs_grad, _none_if_absent
 
@@ -72,7 +74,7 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("selective_scan_bwd", _bwd_op, _key)
 
 
-@torch.library.register_fake("vim_kernels::selective_scan_fwd")
+@register_fake("vim_kernels::selective_scan_fwd")
 def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, return_last_state, train_plan):
     batch, Dm, L = u.shape
     N = A.shape[1]
@@ -87,7 +89,7 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, retu
     return out, last, hloc, S
 
 
-@torch.library.register_fake("vim_kernels::selective_scan_bwd")
+@register_fake("vim_kernels::selective_scan_bwd")
 def _bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S, train_plan):
     batch, Dm, L = u.shape
 
@@ -116,16 +118,16 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, dout, _dlast, _dhloc, _dS):
     u, delta, A, B, C, D, z, delta_bias, hloc, S = ctx.saved_tensors
     delta_softplus, reverse, train_plan = ctx.flags
-    grads = torch.ops.vim_kernels.selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias,
-                                                     delta_softplus, reverse, hloc, S, train_plan)
+    grads = _selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hloc, S,
+                                train_plan)
     du, ddelta, dA, dB, dC, dD, dz, dbias = grads
     return (du, ddelta, dA, dB, dC,
             dD if D is not None else None, dz if z is not None else None, dbias if delta_bias is not None else None,
             None, None, None, None)
 
 
-torch.library.register_autograd("vim_kernels::selective_scan_fwd", _autograd_backward,
-                                setup_context=_setup_context)
+_selective_scan_fwd = EagerOp(torch.ops.vim_kernels.selective_scan_fwd, _fwd_op, _autograd_backward, _setup_context)
+_selective_scan_bwd = EagerOp(torch.ops.vim_kernels.selective_scan_bwd, _bwd_op)
 
 
 def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -133,7 +135,7 @@ def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """The custom op behind ``selective_scan_fn(backend='triton')``: out, or (out, last_state).
     Arguments as ``selective_scan_ref``; the caller checks them (``triton_scan._check_inputs``). Where autograd
     records the call, its chunks are planned for the backward (``train_plan``)."""
-    out, last, _, _ = torch.ops.vim_kernels.selective_scan_fwd(
+    out, last, _, _ = _selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), bool(return_last_state),
         _needs_grad(u, delta, A, B, C, D, z, delta_bias))
     return (out, last) if return_last_state else out
