@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..host_math import cdiv, next_pow2, sm_count
 from ..eager import EagerOp
+from ..host_math import cdiv, next_pow2, sm_count
 from ..inductor_fallbacks import register_fake
 from ..launch import cached_launch
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS

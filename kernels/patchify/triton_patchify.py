@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..host_math import cdiv, next_pow2
 from ..eager import EagerOp
+from ..host_math import cdiv, next_pow2
 from ..inductor_fallbacks import register_fake
 from ..launch import cached_launch
 from ..selective_scan.triton_scan import _empty   # NaN-filled when tests set triton_scan.POISON_OUTPUTS
