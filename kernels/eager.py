@@ -3,8 +3,8 @@
 The kernels are torch custom ops so that ``torch.compile`` sees one opaque node per call. Called eagerly, a custom op
 with an autograd formula passes the dispatcher twice (its autograd kernel, then the CPU or CUDA kernel) and torch's
 Python autograd wrapper in between, which walks the arguments as pytrees and fills in defaults: ~170 us a call with
-the mixer's 17 arguments on the 2-core dev machine, against ~50 us for an ``autograd.Function`` running the same implementation,
-and ~18 against ~3 us without autograd. A vim_tiny training step makes ~100 such calls and its eager step waits for
+the mixer's 17 arguments on the 2-core dev machine, against ~50 us for an ``autograd.Function`` running the same
+implementation, and ~18 against ~3 us without autograd. A vim_tiny training step makes ~100 such calls and its eager step waits for
 the host (docs/benchmarks.md, "Session 37").
 
 ``EagerOp`` wraps one op. Where nothing could tell the difference it calls the implementation itself, through an
@@ -50,7 +50,8 @@ def _direct() -> bool:
     if torch.compiler.is_compiling() or not ENABLED:
         return False
     return not (torch._C._get_tracing_state() is not None or torch._C._len_torch_dispatch_stack()
-                or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None)
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 def _function(name: str, impl: Callable, setup_context: Callable, backward: Callable, list_output: bool):
