@@ -4,8 +4,8 @@ The kernels are torch custom ops so that ``torch.compile`` sees one opaque node 
 with an autograd formula passes the dispatcher twice (its autograd kernel, then the CPU or CUDA kernel) and torch's
 Python autograd wrapper in between, which walks the arguments as pytrees and fills in defaults: ~170 us a call with
 the mixer's 17 arguments on the 2-core dev machine, against ~50 us for an ``autograd.Function`` running the same
-implementation, and ~18 against ~3 us without autograd. A vim_tiny training step makes ~100 such calls and its eager step waits for
-the host (docs/benchmarks.md, "Session 37").
+implementation, and ~18 against ~3 us without autograd. A vim_tiny training step makes ~100 such calls, and its
+eager step waits for the host (docs/benchmarks.md, "Session 37").
 
 ``EagerOp`` wraps one op. Where nothing could tell the difference it calls the implementation itself, through an
 ``autograd.Function`` built from the op's own ``setup_context`` and ``backward`` when autograd records the call.
