@@ -45,6 +45,12 @@ def register_fake(name: str) -> Callable:
     return decorate
 
 
+def overloads() -> List[torch._ops.OpOverload]:
+    """The default overload of each op in ``OPS``."""
+    return [getattr(getattr(torch.ops, namespace), op_name).default
+            for namespace, op_name in (name.split("::") for name in OPS)]
+
+
 def register_fallbacks() -> bool:
     """Registers each op in ``OPS`` as an Inductor fallback, if Inductor has been imported and its lowering does not
     have the op yet. Returns whether the ops are registered."""
@@ -53,9 +59,7 @@ def register_fallbacks() -> bool:
     if lowering is None:
         return False
     try:
-        for name in OPS:
-            namespace, op_name = name.split("::")
-            op = getattr(getattr(torch.ops, namespace), op_name).default
+        for op in overloads():
             if op not in lowering.lowerings:
                 # the layout constraint GraphLowering.call_function gives a custom op's implicit fallback
                 tag = lowering.get_layout_constraint_tag(op, with_default=True)

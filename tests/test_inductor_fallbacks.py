@@ -14,28 +14,24 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or triton_scan._i
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _ops():
-    return [getattr(torch.ops.vim_kernels, name.split("::")[1]).default for name in inductor_fallbacks.OPS]
-
-
 @pytest.fixture
 def unregistered(monkeypatch):
     """Inductor as in a fresh process: none of the ops lowered yet (put back afterwards)."""
-    for op in _ops():
+    for op in inductor_fallbacks.overloads():
         monkeypatch.delitem(lowering.lowerings, op, raising=False)
     monkeypatch.setattr(inductor_fallbacks, "_registered", False)
 
 
 def test_every_op_is_listed():
     """The scan's ops too, whose module selective_scan_fn imports on first use (then ``_registered`` starts over)."""
-    names = {f"vim_kernels::{op.__name__.split('.')[0]}" for op in _ops()}
+    names = {f"vim_kernels::{op.__name__.split('.')[0]}" for op in inductor_fallbacks.overloads()}
     assert len(names) == len(inductor_fallbacks.OPS) == 12
     assert {"vim_kernels::bimamba_v2_bwd", "vim_kernels::rms_norm_bwd", "vim_kernels::patch_rows"} <= names
 
 
 def test_registered_with_the_implicit_paths_layout_constraint(unregistered):
     assert inductor_fallbacks.register_fallbacks()
-    for op in _ops():
+    for op in inductor_fallbacks.overloads():
         assert op in lowering.lowerings
         implicit = lowering.tag_to_layout_constraint(lowering.get_layout_constraint_tag(op, with_default=True))
         assert lowering.maybe_layout_constraints(op) is implicit
@@ -46,7 +42,7 @@ def test_a_compile_registers_them_through_the_fakes(unregistered):
     w = torch.ones(8, device=DEV)
     torch._dynamo.reset()
     torch.compile(lambda t: rms_norm_fn(t, w, backend="triton"), backend="aot_eager")(x)
-    assert all(op in lowering.lowerings for op in _ops())
+    assert all(op in lowering.lowerings for op in inductor_fallbacks.overloads())
 
 
 def test_inductor_compiles_a_norm_chain_without_implicit_fallbacks(unregistered, caplog):
