@@ -173,3 +173,76 @@ def test_official_checkpoint_features_match_oracle(tmp_path, capsys):
     assert names == [str(png)]
     # the oracle's photo was made from 8-bit pixels, so the PNG round trip reproduces its input
     torch.testing.assert_close(feats["pre_logits"], oracle["features"][-1:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """``torch.compile`` through dynamo's eager backend (tracing without code generation), recording the
+    compile modes asked for and the batch shapes each compiled function is called with."""
+    real = torch.compile
+    calls = []
+
+    def fake(fn, **kwargs):
+        compiled = real(fn, backend="eager")
+        shapes = []
+        calls.append((kwargs, shapes))
+
+        def run(x, *args, **kw):
+            shapes.append(tuple(x.shape))
+            return compiled(x, *args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake)
+    return calls
+
+
+def test_compile_pads_batches_to_one_graph(setup, tmp_path, eager_compile, capsys):
+    """--compile: 4 good images and a corrupt one in batches of 3 give a full batch and a batch of 1, both run
+    at 3 images (one compiled graph); the features are the eager model's."""
+    root, ckpt, model, names = setup
+    out = tmp_path / "f.safetensors"
+    rc, err = _run(["vim_tiny", *KW, "--img-size", "32", "--num-classes", "10", "--checkpoint", str(ckpt),
+                    "--input", str(root), "--out", str(out), "--batch-size", "3", "--layers", "1", "--pooled",
+                    "--compile"], capsys)
+    assert rc == 1 and "corrupt.png" in err and "--compile without a GPU" in err
+    ((kwargs, shapes),) = eager_compile
+    assert kwargs == dict(mode="reduce-overhead")
+    assert [s[0] for s in shapes] == [3, 3]
+    feats, got_names = inf.load_features(str(out))
+    assert got_names == names
+    x = _reference_input(model, root, names)
+    with torch.no_grad():
+        final, (maps,) = model.forward_intermediates(x, indices=[1], output_fmt="NCHW")
+        pooled = model.forward_head(final, pre_logits=True)
+    assert feats["pre_logits"].shape == (4, 64) and feats["layer1"].shape == (4, 64, 4, 4)
+    torch.testing.assert_close(feats["pre_logits"], pooled, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats["layer1"], maps, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_errors(setup, tmp_path, capsys):
+    root, ckpt, _, _ = setup
+    out = tmp_path / "f.safetensors"
+    rc, err = _run(["vim_tiny", *KW, "--input", str(root), "--out", str(out), "--compile", "fast"], capsys)
+    assert rc == 2 and "--compile fast: expected one of reduce-overhead, default" in err
+    rc, err = _run(["vim_tiny", *KW, "--input", str(root), "--out", str(out), "--keep-size", "--compile"], capsys)
+    assert rc == 2 and "once per image size" in err
+    assert not out.exists()
+
+
+def test_compiled_batches_copies_and_cuts_outputs(eager_compile):
+    """Outputs come back as copies cut to the batch (a CUDA-graph replay reuses its output memory), through
+    dicts and tuples; batches outside 1..batch_size are refused."""
+    def fn(x):
+        return {"double": x * 2, "pair": (x.sum(1), 7)}
+
+    run = inf.CompiledBatches(fn, batch_size=4, mode="default")
+    x = torch.arange(6.0).view(2, 3)
+    out = run(x)
+    assert eager_compile[0][0] == {} and eager_compile[0][1] == [(4, 3)]
+    torch.testing.assert_close(out["double"], x * 2)
+    torch.testing.assert_close(out["pair"][0], x.sum(1))
+    assert out["pair"][1] == 7 and out["double"]._base is None
+    with pytest.raises(ValueError, match="a batch of 5 images; CompiledBatches takes 1 to 4"):
+        run(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="--compile nope"):
+        inf.CompiledBatches(fn, batch_size=4, mode="nope")

@@ -83,3 +83,26 @@ def test_predict_checkpoint_mismatch(oracle_files, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "does not fit" in err and "missing keys" in err and "blocks.4." in err
+
+
+def test_predict_compile(oracle_files, tmp_path, capsys, monkeypatch):
+    """--compile (torch.compile stubbed: the wiring, not Inductor): a bare ``--compile`` before an image leaves the
+    image an image, the single image is padded to the batch size and its probabilities are the eager ones; a bad
+    mode is refused."""
+    ckpt, png, logits = oracle_files
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        seen.append(kwargs)
+        return lambda x: (seen.append(tuple(x.shape)), fn(x))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    rc = predict.main(["--topk", "3", "--json", "--batch-size", "2", *_args(ckpt, "--compile", str(png))])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert seen == [dict(mode="reduce-overhead"), (2, 3, 224, 224)]
+    (result,) = json.loads(out)["results"]
+    assert result["file"] == str(png)
+    assert [t["prob"] for t in result["topk"]] == pytest.approx(logits.softmax(-1).topk(3).values.tolist(), rel=1e-4)
+    rc = predict.main([*_args(ckpt, str(png)), "--compile", "fastest"])
+    assert rc == 2 and "--compile fastest: expected one of" in capsys.readouterr().err

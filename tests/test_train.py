@@ -184,9 +184,13 @@ def _photo_from_oracle(oracle):
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def test_test_tool_on_official_checkpoint(test_tool, tmp_path, capsys):
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"])
+def test_test_tool_on_official_checkpoint(test_tool, tmp_path, capsys, monkeypatch, compile_mode):
     """tools/test.py evaluates an official-format {'model': state_dict} file on a tiny ImageFolder whose
-    labels are the official model's own top-1 and 5th-ranked class for the photo."""
+    labels are the official model's own top-1 and 5th-ranked class for the photo. With ``--compile`` (torch.compile
+    stubbed: the wiring, not Inductor) the classifier runs its timm model through it."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: (compiled.append(kwargs), model)[1])
     oracle = torch.load(ORACLE, weights_only=False)
     ckpt = tmp_path / "vim_t_depth4_official.pth"
     torch.save({"model": oracle["state_dict"], "epoch": 299}, ckpt)
@@ -202,10 +206,17 @@ def test_test_tool_on_official_checkpoint(test_tool, tmp_path, capsys):
         "test_dataloader = dict(batch_size=2, num_workers=0, dataset=dict(\n"
         f"    data_root={str(tmp_path / 'data')!r}, classes={{'top1': {ranked[0]}, 'fifth': {ranked[4]}}},\n"
         "    transform=dict(input_size=224, is_training=False, crop_pct=1.0, interpolation='bicubic')))\n")
-    rc = test_tool.main([str(cfg), str(ckpt), "--work-dir", str(tmp_path / "w")])
+    flags = ["--compile", compile_mode] if compile_mode else []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "--compile without a GPU")
+        rc = test_tool.main([str(cfg), str(ckpt), "--work-dir", str(tmp_path / "w"), *flags])
     assert rc == 0
     metrics = _final_metrics(capsys.readouterr().out)
     assert metrics == {"top-1": 50.0, "top-5": 100.0}
+    assert compiled == ([dict(mode=compile_mode)] if compile_mode else [])
+    if compile_mode:
+        rc = test_tool.main([str(cfg), str(ckpt), "--work-dir", str(tmp_path / "w"), "--compile", "fast"])
+        assert rc == 2 and "--compile fast: expected one of" in capsys.readouterr().err
 
 
 def test_test_tool_rejects_other_architecture(test_tool, tmp_path, capsys):

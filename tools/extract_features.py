@@ -5,6 +5,8 @@
         --input data/images --out feats.safetensors
     python tools/extract_features.py vim_tiny --checkpoint vim_t.pth --input img.jpg \
         --layers 5 11 17 23 --img-size 1248 --out maps.safetensors
+    python tools/extract_features.py vim_tiny --checkpoint vim_t.pth --input data/images --out f.safetensors \
+        --batch-size 256 --compile      # CUDA graphs: the GPU no longer waits for the host's launches
 
 Writes ``pre_logits`` (N, D) (the pooled embedding: ``forward_head(forward_features(x),
 pre_logits=True)``) or, with ``--layers``, ``layer{i}`` maps (N, D, H/patch, W/patch) after block i,
@@ -15,6 +17,7 @@ rest were written), 2 bad arguments / nothing to do.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections import OrderedDict
@@ -56,6 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *inf.DTYPES],
                    help="compute dtype (autocast); auto = bfloat16 on GPU, float32 on CPU; outputs are float32")
+    p.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, metavar="MODE",
+                   help="torch.compile the forward; MODE: reduce-overhead (the default: CUDA graphs, which take the "
+                        "host's kernel launches out of each batch), default, max-autotune, "
+                        "max-autotune-no-cudagraphs. Batches are padded to --batch-size: one compiled graph")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -86,6 +93,10 @@ def main(argv=None) -> int:
             raise ValueError("--keep-size feeds each image at its own size; drop --img-size (or --keep-size)")
         if args.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if args.compile is not None:
+            inf.check_compile_mode(args.compile)
+            if args.keep_size:
+                raise ValueError("--compile with --keep-size would compile once per image size; drop one of them")
         device = inf.resolve_device(args.device)
         dtype = inf.resolve_dtype(args.dtype, device)
         model = inf.build_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
@@ -113,6 +124,10 @@ def main(argv=None) -> int:
     model.to(device)
 
     pooled = args.pooled or not layers
+    forward = functools.partial(inf.extract, model, layers=layers, pooled=pooled, norm=args.norm)
+    if args.compile is not None:
+        inf.warn_compile_without_gpu(device)
+        forward = inf.CompiledBatches(forward, args.batch_size, args.compile)
     store, done = OrderedDict(), []
     t0 = time.perf_counter()
     batches = inf.iterate_batches(found.paths, transform, args.batch_size, args.workers,
@@ -126,7 +141,7 @@ def main(argv=None) -> int:
             # a list means mixed sizes (--keep-size): one forward per image
             groups = [images] if torch.is_tensor(images) else [x[None] for x in images]
             for x in groups:
-                _append(store, inf.extract(model, x.to(device, non_blocking=True), layers, pooled, args.norm))
+                _append(store, forward(x.to(device, non_blocking=True)))
             done.extend(idx.tolist())
     elapsed = time.perf_counter() - t0
 

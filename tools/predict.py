@@ -3,6 +3,7 @@
 
     python tools/predict.py vim_tiny --checkpoint vim_t_midclstok_76p1acc.pth cat.jpg dog.png --topk 5
     python tools/predict.py vim_small --checkpoint vim_s.pth photos/ --json > predictions.json
+    python tools/predict.py vim_tiny --checkpoint vim_t.pth photos/ --batch-size 256 --compile   # CUDA graphs
 
 One line per image: ``file: name (prob) | name (prob) | ...``; ``--json`` prints one JSON document instead.
 ImageNet class names come from timm's ImageNet info (offline) for 1k/21k heads, or from
@@ -42,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--interpolation", default=None, help="resize interpolation (timm data config)")
     p.add_argument("--batch-size", "-b", type=int, default=16)
     p.add_argument("--workers", "-j", type=int, default=0, help="data loading processes")
+    p.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, metavar="MODE",
+                   help="torch.compile the model; MODE: reduce-overhead (the default: CUDA graphs, which take the "
+                        "host's kernel launches out of each batch), default, max-autotune, "
+                        "max-autotune-no-cudagraphs. Batches are padded to --batch-size: one compiled graph")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *inf.DTYPES],
                    help="compute dtype (autocast); auto = bfloat16 on GPU, float32 on CPU")
@@ -49,9 +54,17 @@ def parse_args(argv=None):
     # `--model-kwargs depth=4 cat.jpg` hands cat.jpg to --model-kwargs: take back what has no '='
     args.images += [a for a in args.model_kwargs if "=" not in a]
     args.model_kwargs = [a for a in args.model_kwargs if "=" in a]
+    # `--compile cat.jpg`: the bare flag, then an image
+    if args.compile is not None and args.compile not in inf.COMPILE_MODES and _looks_like_a_path(args.compile):
+        args.images.append(args.compile)
+        args.compile = "reduce-overhead"
     if not args.images:
         p.error("no images given")
     return args
+
+
+def _looks_like_a_path(value: str) -> bool:
+    return Path(value).exists() or bool(Path(value).suffix) or "/" in value
 
 
 def class_names(model, class_map=None):
@@ -82,6 +95,10 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.model} was built without a classifier (num_classes=0); predict needs one")
         if not 1 <= args.topk:
             raise ValueError("--topk must be at least 1")
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        if args.compile is not None:
+            inf.check_compile_mode(args.compile)
         names_of = class_names(model, args.class_map)
     except (ValueError, FileNotFoundError, inf.CheckpointMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -94,6 +111,10 @@ def main(argv=None) -> int:
     found = inf.find_images(args.images)
     errors = list(found.errors)
     model.to(device)
+    forward = model
+    if args.compile is not None:
+        inf.warn_compile_without_gpu(device)
+        forward = inf.CompiledBatches(model, args.batch_size, args.compile)
 
     results = []
     batches = inf.iterate_batches(found.paths, transform, args.batch_size, args.workers)
@@ -102,7 +123,7 @@ def main(argv=None) -> int:
             errors.extend((str(found.paths[i]), reason) for i, reason in bad)
             if images is None:
                 continue
-            probs = model(images.to(device)).float().softmax(-1).cpu()
+            probs = forward(images.to(device)).float().softmax(-1).cpu()
             top_p, top_i = probs.topk(k, dim=-1)
             for row, i in enumerate(idx.tolist()):
                 topk = []

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from torch.utils._pytree import tree_map
 
 # Same list as torchvision's ImageFolder, so an ImageFolder tree is read the way training reads it.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -71,6 +72,53 @@ def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = Tru
     capturing a CUDA graph (cached weight casts would be graph-pool tensors reused outside it)."""
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32,
                           cache_enabled=cache_enabled)
+
+
+# torch.compile modes the tools take (``--compile [MODE]``): reduce-overhead, the default, replays CUDA graphs, which
+# takes the host's kernel launches out of each batch (an eager vim_tiny forward waits for its host below batch ~500,
+# docs/benchmarks.md); the others are torch.compile's own.
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"--compile {mode}: expected one of {', '.join(COMPILE_MODES)}")
+
+
+class CompiledBatches:
+    """``fn(x)`` through ``torch.compile`` at one batch size, for the inference tools' ``--compile``.
+
+    A shorter batch (the last one, or one whose unreadable files were left out) is padded to ``batch_size`` with
+    copies of its last image and its outputs are cut back, so the whole run uses one compiled graph: each new batch
+    size would compile (and, with CUDA graphs, capture) once more. Rows are computed independently, so padding changes
+    no output. Outputs (tensors, or dicts / tuples / lists of them) are copies, as the next replay of a CUDA graph
+    overwrites the graph's own output memory. ``options``: further ``torch.compile`` arguments (tests pass
+    ``backend="eager"`` with ``mode="default"``)."""
+
+    def __init__(self, fn, batch_size: int, mode: str = "reduce-overhead", **options):
+        check_compile_mode(mode)
+        if batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        self.batch_size = batch_size
+        self.fn = torch.compile(fn, **({} if mode == "default" else {"mode": mode}), **options)
+
+    def __call__(self, x: torch.Tensor):
+        n = x.shape[0]
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"a batch of {n} images; CompiledBatches takes 1 to {self.batch_size}")
+        if n < self.batch_size:
+            x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
+        # a new step for CUDA-graph trees: the previous replay's outputs, copied below, may now be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self.fn(x)
+        return tree_map(lambda t: t[:n].clone() if torch.is_tensor(t) else t, out)
+
+
+def warn_compile_without_gpu(device: torch.device) -> None:
+    if device.type != "cuda":
+        print("warning: --compile without a GPU: the CPU's reference scan walks the tokens in a Python loop, which "
+              "torch.compile traces token by token (slow to compile, and there is no launch overhead to save)",
+              file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from mmengine.config import Config, DictAction
 
+from ..inference import COMPILE_MODES
+
 __all__ = ["ConfigKeyError", "load_config", "apply_amp", "apply_compile", "apply_launcher", "close_distributed",
            "run_then_close_distributed", "format_metrics", "DictAction", "set_cpu_threads", "REPO_ROOT", "DEMO_CONFIG"]
 
@@ -90,7 +92,6 @@ def apply_amp(cfg: Config, amp: str) -> str:
     return amp
 
 
-COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def apply_compile(cfg: Config, mode: str) -> None:
