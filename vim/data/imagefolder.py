@@ -64,7 +64,8 @@ def scan_image_folder(root: str, classes: Optional[Union[Sequence[str], Dict[str
 @DATASETS.register_module(name="VimImageFolder")
 class VimImageFolder(Dataset):
     """Images of ``<data_root>/<split>/<class>/`` with a timm transform; items are
-    ``dict(inputs=CHW float tensor, data_samples=class index)``.
+    ``dict(inputs=CHW tensor, data_samples=class index)``: float and normalised, or uint8 with the transform's
+    ``use_prefetcher=True`` (the ImageNet configs; ``VimClsDataPreprocessor`` normalises on the device).
 
     Args:
         data_root: the data set root (holding ``train/`` and ``val/``). With ``shapes`` instead, the
