@@ -246,3 +246,17 @@ def test_compiled_batches_copies_and_cuts_outputs(eager_compile):
         run(torch.zeros(5, 3))
     with pytest.raises(ValueError, match="--compile nope"):
         inf.CompiledBatches(fn, batch_size=4, mode="nope")
+
+
+@pytest.mark.parametrize("keep_size", [False, True])
+def test_uint8_transform_then_normalize_equals_the_float_transform(setup, keep_size):
+    """The tools' loaders hand over uint8 images (a quarter of the bytes, no float work in the workers) and
+    ``inf.normalize`` finishes them on the device: the same values as timm's float eval transform."""
+    root, _, model, names = setup
+    cfg = inf.data_config(model)
+    for name in names:
+        img = Image.open(root / name).convert("RGB")
+        expected = inf.eval_transform(cfg, keep_size=keep_size)(img)
+        raw = inf.eval_transform(cfg, keep_size=keep_size, normalize=False)(img)
+        assert raw.dtype == torch.uint8 and raw.shape == expected.shape
+        torch.testing.assert_close(inf.normalize(raw[None], cfg)[0], expected, rtol=0, atol=2e-6)

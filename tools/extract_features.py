@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     if not args.checkpoint:
         print(f"warning: no --checkpoint: {args.model} has random weights", file=sys.stderr)
     config = inf.data_config(model, img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
-    transform = inf.eval_transform(config, keep_size=args.keep_size)
+    transform = inf.eval_transform(config, keep_size=args.keep_size, normalize=False)   # uint8: see normalize
     found = inf.find_images(args.input)
     errors = list(found.errors)
     if not found.paths:
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
             # a list means mixed sizes (--keep-size): one forward per image
             groups = [images] if torch.is_tensor(images) else [x[None] for x in images]
             for x in groups:
-                _append(store, forward(x.to(device, non_blocking=True)))
+                _append(store, forward(inf.normalize(x.to(device, non_blocking=True), config)))
             done.extend(idx.tolist())
     elapsed = time.perf_counter() - t0
 

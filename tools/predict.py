@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         print(f"warning: no --checkpoint: {args.model} has random weights", file=sys.stderr)
     k = min(args.topk, model.num_classes)
     config = inf.data_config(model, img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
-    transform = inf.eval_transform(config)
+    transform = inf.eval_transform(config, normalize=False)   # uint8, normalised on the device
     found = inf.find_images(args.images)
     errors = list(found.errors)
     model.to(device)
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
             errors.extend((str(found.paths[i]), reason) for i, reason in bad)
             if images is None:
                 continue
-            probs = forward(images.to(device)).float().softmax(-1).cpu()
+            probs = forward(inf.normalize(images.to(device), config)).float().softmax(-1).cpu()
             top_p, top_i = probs.topk(k, dim=-1)
             for row, i in enumerate(idx.tolist()):
                 topk = []

@@ -7,6 +7,7 @@ feature output files. Nothing here imports mmengine: the tools must run where on
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import sys
@@ -301,19 +302,35 @@ def data_config(model: nn.Module, img_size: Optional[int] = None, crop_pct: Opti
     return resolve_data_config({k: v for k, v in args.items() if v is not None}, model=model)
 
 
-def eval_transform(config: Dict[str, Any], keep_size: bool = False):
-    """timm's eval transform for ``config``; ``keep_size`` skips resize and crop (only tensor +
-    normalise), for models built with ``dynamic_img_size=True``."""
+def eval_transform(config: Dict[str, Any], keep_size: bool = False, normalize: bool = True):
+    """timm's eval transform for ``config``; ``keep_size`` skips resize and crop, for models built with
+    ``dynamic_img_size=True``. ``normalize=False`` stops at uint8 CHW tensors (timm's ``use_prefetcher=True``), which
+    :func:`normalize` finishes on the device: the loader's workers then skip the float conversion and normalisation
+    and hand over a quarter of the bytes, as the training configs' loaders do."""
     from timm.data import create_transform
+    from torchvision import transforms
 
     if keep_size:
-        from torchvision import transforms
-
+        if not normalize:
+            return transforms.PILToTensor()
         return transforms.Compose([
             transforms.ToTensor(),
             transforms.Normalize(mean=torch.tensor(config["mean"]), std=torch.tensor(config["std"])),
         ])
-    return create_transform(**config, is_training=False)
+    return create_transform(**config, is_training=False, use_prefetcher=not normalize)
+
+
+def normalize(images: torch.Tensor, config: Dict[str, Any]) -> torch.Tensor:
+    """uint8 images from ``eval_transform(..., normalize=False)`` as float32, normalised with ``config``'s mean and
+    std, on their own device."""
+    mean, std = _scaled_mean_std(tuple(config["mean"]), tuple(config["std"]), images.device)
+    return images.float().sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def _scaled_mean_std(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device):
+    # made once per device: a tensor from a Python list on a GPU is a synchronising copy
+    return tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).mul(255).to(device) for v in (mean, std))
 
 
 class ImageFiles(torch.utils.data.Dataset):
