@@ -72,3 +72,17 @@ def test_float_batches_pass_through_and_errors():
         pre(dict(inputs=torch.zeros(1, 4, 8, 8, dtype=torch.uint8)))
     with pytest.raises(TypeError, match=r"\(B, C, H, W\) tensor, got Tensor\(3, 8, 8\)"):
         pre(dict(inputs=torch.zeros(3, 8, 8, dtype=torch.uint8)))
+
+
+def test_prefetcher_transform_refuses_what_timm_would_ignore(tmp_path):
+    """With use_prefetcher=True timm drops mean / std / re_* from the transform; the data set says where they go."""
+    from vim.data import VimImageFolder
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    _photo(size=(40, 40)).save(tmp_path / "train" / "a" / "x.png")
+    with pytest.raises(ValueError, match=r"\['std', 're_prob'\] would be ignored.*std -> model.data_preprocessor.std, "
+                                         r"re_prob -> model.data_preprocessor.random_erasing.probability"):
+        VimImageFolder(data_root=str(tmp_path), transform=dict(input_size=32, is_training=True, use_prefetcher=True,
+                                                               std=(0.5, 0.5, 0.5), re_prob=0.25))
+    ds = VimImageFolder(data_root=str(tmp_path), transform=dict(input_size=32, is_training=True, use_prefetcher=True))
+    assert ds[0]["inputs"].dtype == torch.uint8

@@ -61,6 +61,24 @@ def scan_image_folder(root: str, classes: Optional[Union[Sequence[str], Dict[str
     return samples, list(classes)
 
 
+# what timm's create_transform leaves out with use_prefetcher=True: the data preprocessor does these on the device
+_PREFETCHER_SKIPS = {"mean": "mean", "std": "std", "re_prob": "random_erasing.probability",
+                     "re_mode": "random_erasing.mode", "re_count": "random_erasing.max_count"}
+
+
+def _check_prefetcher_transform(cfg: Dict) -> None:
+    """timm ignores normalisation and random-erasing arguments when it builds a transform with ``use_prefetcher=True``;
+    refuse them rather than train without them."""
+    if not cfg.get("use_prefetcher"):
+        return
+    ignored = [k for k in _PREFETCHER_SKIPS if k in cfg]
+    if ignored:
+        where = ", ".join(f"{k} -> model.data_preprocessor.{_PREFETCHER_SKIPS[k]}" for k in ignored)
+        raise ValueError(f"transform {ignored} would be ignored: with use_prefetcher=True the images stay uint8 and "
+                         f"VimClsDataPreprocessor normalises and erases them on the device. Set them there ({where}), "
+                         "or drop use_prefetcher to do it all in the workers.")
+
+
 @DATASETS.register_module(name="VimImageFolder")
 class VimImageFolder(Dataset):
     """Images of ``<data_root>/<split>/<class>/`` with a timm transform; items are
@@ -92,6 +110,7 @@ class VimImageFolder(Dataset):
         self.folder = os.path.join(self.data_root, split) if split else self.data_root
         self.samples, self.classes = scan_image_folder(self.folder, classes)
         self.transform_cfg = dict(transform or {})
+        _check_prefetcher_transform(self.transform_cfg)
         self.transform = create_transform(**self.transform_cfg) if transform is not None else None
         self.max_bad_images = max_bad_images
         self.bad_images = 0
