@@ -324,7 +324,7 @@ def normalize(images: torch.Tensor, config: Dict[str, Any]) -> torch.Tensor:
     """uint8 images from ``eval_transform(..., normalize=False)`` as float32, normalised with ``config``'s mean and
     std, on their own device."""
     mean, std = _scaled_mean_std(tuple(config["mean"]), tuple(config["std"]), images.device)
-    return images.float().sub_(mean).div_(std)
+    return images.to(torch.float32, copy=True).sub_(mean).div_(std)   # a float input is left as it was
 
 
 @functools.lru_cache(maxsize=8)

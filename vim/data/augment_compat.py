@@ -2,8 +2,9 @@
 
 timm maps the strongest posterize levels to ``bits_to_keep = 0``: ``PosterizeIncreasing`` at magnitude 10, which
 the recipe's ``rand-m9-mstd0.5-inc1`` draws whenever its noisy magnitude reaches 10 (1 image in ~630), and
-``Posterize`` below magnitude 2.5 (AutoAugment's policies). Pillow used to return a black image for 0 bits; Pillow
-13 raises ``ValueError: bits must be between or equal to 1 and 8``, which stops training in a data-loader worker.
+``Posterize`` below magnitude 2.5 (AutoAugment's policies). Older Pillows return a black image for 0 bits; Pillow
+13.0 (what pip installs today) raises ``ValueError: bits must be between or equal to 1 and 8``, which stops training
+in a data-loader worker.
 ``install()`` makes those posterize ops return the black image again and leaves every other call to timm and Pillow.
 """
 from __future__ import annotations
