@@ -81,9 +81,20 @@ def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = Tru
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check_compile_mode(mode: str) -> None:
+COMPILE_WITHOUT_GPU = ("--compile without a GPU: the CPU's reference scan walks the tokens in a Python loop, which "
+                       "torch.compile traces token by token (slow to compile, and there is no launch overhead to save)")
+
+
+def check_compile_mode(mode: str, hint: str = "") -> None:
+    """A clear error for an unknown ``--compile MODE`` (``hint`` appended to it)."""
     if mode not in COMPILE_MODES:
-        raise ValueError(f"--compile {mode}: expected one of {', '.join(COMPILE_MODES)}")
+        raise ValueError(f"--compile {mode}: expected one of {', '.join(COMPILE_MODES)}{hint}")
+
+
+def compile_kwargs(mode: str, hint: str = "") -> Dict[str, str]:
+    """``torch.compile``'s arguments for ``--compile MODE``."""
+    check_compile_mode(mode, hint)
+    return {} if mode == "default" else {"mode": mode}
 
 
 class CompiledBatches:
@@ -97,11 +108,11 @@ class CompiledBatches:
     ``backend="eager"`` with ``mode="default"``)."""
 
     def __init__(self, fn, batch_size: int, mode: str = "reduce-overhead", **options):
-        check_compile_mode(mode)
+        kwargs = compile_kwargs(mode)
         if batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         self.batch_size = batch_size
-        self.fn = torch.compile(fn, **({} if mode == "default" else {"mode": mode}), **options)
+        self.fn = torch.compile(fn, **kwargs, **options)
 
     def __call__(self, x: torch.Tensor):
         n = x.shape[0]
@@ -117,9 +128,7 @@ class CompiledBatches:
 
 def warn_compile_without_gpu(device: torch.device) -> None:
     if device.type != "cuda":
-        print("warning: --compile without a GPU: the CPU's reference scan walks the tokens in a Python loop, which "
-              "torch.compile traces token by token (slow to compile, and there is no launch overhead to save)",
-              file=sys.stderr)
+        print(f"warning: {COMPILE_WITHOUT_GPU}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from mmengine.config import Config, DictAction
 
-from ..inference import COMPILE_MODES
+from ..inference import COMPILE_MODES, COMPILE_WITHOUT_GPU, compile_kwargs  # noqa: F401  (cli.COMPILE_MODES, as before)
 
 __all__ = ["ConfigKeyError", "load_config", "apply_amp", "apply_compile", "apply_launcher", "close_distributed",
            "run_then_close_distributed", "format_metrics", "DictAction", "set_cpu_threads", "REPO_ROOT", "DEMO_CONFIG"]
@@ -92,24 +92,19 @@ def apply_amp(cfg: Config, amp: str) -> str:
     return amp
 
 
-
-
 def apply_compile(cfg: Config, mode: str) -> None:
     """Have the classifier run its timm model through ``torch.compile`` in ``mode`` (``VimImageClassifier``'s
     ``compile_cfg``). reduce-overhead replays CUDA graphs, which takes the host out of the step: the eager model waits
     for the host below large batches (docs/benchmarks.md, session 37)."""
-    if mode not in COMPILE_MODES:
-        hint = " (a config goes before --compile: CONFIG --compile [MODE])" if mode.endswith(".py") else ""
-        raise ValueError(f"--compile {mode}: expected one of {', '.join(COMPILE_MODES)}{hint}")
+    hint = " (a config goes before --compile: CONFIG --compile [MODE])" if mode.endswith(".py") else ""
+    kwargs = compile_kwargs(mode, hint)
     model = cfg.get("model") or {}
     if model.get("type") != "VimImageClassifier":
         raise ValueError(f"--compile applies to VimImageClassifier configs; this config's model is "
                          f"{model.get('type')!r} (set torch.compile options in its own config instead)")
-    model["compile_cfg"] = {} if mode == "default" else dict(mode=mode)
+    model["compile_cfg"] = kwargs
     if not torch.cuda.is_available():
-        warnings.warn("--compile without a GPU: the CPU's reference scan walks the tokens in a Python loop, which "
-                      "torch.compile traces token by token (slow to compile, and there is no host overhead to save)",
-                      stacklevel=2)
+        warnings.warn(COMPILE_WITHOUT_GPU, stacklevel=2)
 
 
 def apply_launcher(cfg: Config, launcher: str) -> None:

@@ -9,6 +9,8 @@ from mmengine.registry import MODELS
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 
+from ..inference import normalize
+
 __all__ = ["ClsDataPreprocessor"]
 
 
@@ -33,10 +35,7 @@ class ClsDataPreprocessor(BaseDataPreprocessor):
     def __init__(self, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
                  random_erasing: Optional[Dict] = None):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255,
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255,
-                             persistent=False)
+        self.norm = dict(mean=tuple(mean), std=tuple(std))
         self.random_erasing = dict(random_erasing) if random_erasing else None
         self._erasing = None   # built on the first training batch, on that batch's device
 
@@ -47,10 +46,10 @@ class ClsDataPreprocessor(BaseDataPreprocessor):
             raise TypeError(f"inputs must be a (B, C, H, W) tensor, got {type(inputs).__name__}"
                             f"{tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else ''}")
         if inputs.dtype == torch.uint8:
-            if inputs.shape[1] != self.mean.shape[1]:
+            if inputs.shape[1] != len(self.norm["mean"]):
                 raise ValueError(f"images with {inputs.shape[1]} channels, but mean / std have "
-                                 f"{self.mean.shape[1]}: set the data preprocessor's mean and std per channel")
-            inputs = inputs.float().sub_(self.mean).div_(self.std)
+                                 f"{len(self.norm['mean'])}: set the data preprocessor's mean and std per channel")
+            inputs = normalize(inputs, self.norm)
             if training and self.random_erasing is not None:
                 if self._erasing is None or self._erasing.device != inputs.device:
                     self._erasing = RandomErasing(**self.random_erasing, device=inputs.device)
