@@ -21,8 +21,8 @@ class ClsDataPreprocessor(BaseDataPreprocessor):
 
     The ImageNet configs build their transforms with ``use_prefetcher=True``, so the loader's workers hand over uint8
     images and skip the float conversion, the normalisation and the erasing, and collate, pin and copy a quarter of
-    the bytes: with the recipe's RandAugment a worker's time per ImageNet-sized JPEG drops by 9-15% (one CPU core;
-    docs/training.md, "Data loading"). Compiled training waits for those workers (docs/benchmarks.md, "Session 40").
+    the bytes (docs/training.md, "Data loading"). Compiled training waits for those workers (docs/benchmarks.md,
+    "Session 40").
 
     Float images come from transforms that normalise (and erase) themselves, and pass through unchanged.
 
