@@ -141,6 +141,49 @@ def test_resume_reproduces_uninterrupted_run(train_tool, tmp_path, capsys):
     assert len(finals) == 2 and finals[0] == finals[1]
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_rng_state_restores_from_a_checkpoint_mapped_to_any_device(tmp_path, device):
+    """mmengine's resume loads a checkpoint's tensors onto the GPU; the states must restore from there."""
+    import random
+
+    from vim.engine import get_rng_state, set_rng_state
+
+    def draws():
+        out = [random.random(), float(np.random.rand()), float(torch.rand(()))]
+        if device == "cuda":
+            out.append(float(torch.rand((), device="cuda")))
+        return out
+
+    if device == "cuda":
+        torch.rand((), device="cuda")   # CUDA initialised, so its generators are in the state
+    torch.save(get_rng_state(), tmp_path / "rng.pth")
+    expected = draws()
+    state = torch.load(tmp_path / "rng.pth", weights_only=True, map_location=device)
+    set_rng_state(state)
+    assert draws() == expected
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_message_hub_restores_from_a_checkpoint_mapped_to_any_device(tmp_path, device):
+    from mmengine.logging import HistoryBuffer
+
+    from vim.engine.checkpoint_io import WeightsOnlyCheckpointHook
+
+    buf = HistoryBuffer()
+    for v in (0.5, 0.25, 2.0):
+        buf.update(v)
+    checkpoint = {"message_hub": {"log_scalars": {"train/loss": buf}, "runtime_info": {"epoch": np.int64(2)}}}
+    hook = WeightsOnlyCheckpointHook()
+    hook.before_save_checkpoint(None, checkpoint)
+    torch.save(checkpoint, tmp_path / "ckpt.pth")
+    loaded = torch.load(tmp_path / "ckpt.pth", weights_only=True, map_location=device)
+    hook.after_load_checkpoint(None, loaded)
+    restored = loaded["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(restored, HistoryBuffer)
+    assert restored.data[0].tolist() == [0.5, 0.25, 2.0] and restored.mean() == buf.mean()
+    assert loaded["message_hub"]["runtime_info"]["epoch"] == 2
+
+
 def test_non_finite_loss_is_skipped_then_stops():
     import vim.engine  # noqa: F401
     from mmengine.registry import OPTIM_WRAPPERS

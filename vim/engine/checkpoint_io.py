@@ -162,4 +162,5 @@ class WeightsOnlyCheckpointHook(Hook):
         scalars = checkpoint.get("message_hub", {}).get("log_scalars", {})
         for k, v in list(scalars.items()):
             if isinstance(v, dict) and v.get(_HB_TAG):
-                scalars[k] = HistoryBuffer(v["log"].numpy().tolist(), v["count"].numpy().tolist(), v["max_length"])
+                # .cpu(): mmengine's resume maps the checkpoint's tensors to the GPU
+                scalars[k] = HistoryBuffer(v["log"].cpu().tolist(), v["count"].cpu().tolist(), v["max_length"])

@@ -25,12 +25,14 @@ def get_rng_state() -> Dict:
 
 
 def set_rng_state(state: Dict) -> None:
+    """Restores what ``get_rng_state`` returned, wherever its tensors were loaded: mmengine's resume maps a
+    checkpoint's tensors to the GPU, and the generators take their states as CPU byte tensors."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 @HOOKS.register_module(name="RNGStateHook")
