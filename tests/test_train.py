@@ -129,13 +129,15 @@ def test_resume_reproduces_uninterrupted_run(train_tool, tmp_path, capsys):
 
     a = torch.load(full / "epoch_3.pth", weights_only=True)
     b = torch.load(part / "epoch_3.pth", weights_only=True)
+    # bit for bit on the CPU; on a GPU the scan backward's atomic sums make every run differ in the last bits
+    tol = dict(rtol=1e-4, atol=1e-6) if torch.cuda.is_available() else dict(rtol=0, atol=0)
     for key in ("state_dict", "ema_state_dict"):
         assert a[key].keys() == b[key].keys()
         for k in a[key]:
-            torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=0, msg=f"{key}/{k}")
+            torch.testing.assert_close(a[key][k], b[key][k], **tol, msg=f"{key}/{k}")
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     for i in sa:
-        torch.testing.assert_close(sa[i]["exp_avg"], sb[i]["exp_avg"], rtol=0, atol=0)
+        torch.testing.assert_close(sa[i]["exp_avg"], sb[i]["exp_avg"], **tol)
     out = capsys.readouterr().out
     finals = [ln for ln in out.splitlines() if ln.startswith("top-1:")]
     assert len(finals) == 2 and finals[0] == finals[1]
@@ -282,7 +284,10 @@ def test_ddp_two_cpu_processes(tmp_path):
     cache = tmp_path / "cache"
     opts = _tiny_options(cache, epochs=2, workers=0) + ["train_dataloader.batch_size=8",
                                                          "train_dataloader.sampler.num_repeats=3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # CPU processes also on a GPU machine (two ranks on one GPU is not a layout NCCL accepts); the caller's
+    # PYTHONPATH, where mmengine may be, is kept
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="")
     with socket.socket() as s:  # a free port: a fixed one collides with any other job on the machine
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
