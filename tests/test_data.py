@@ -107,3 +107,13 @@ def test_posterize_to_zero_bits_gives_black_under_any_pillow():
 
     out = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5.0)(img)   # 2 bits kept
     assert np.array_equal(np.asarray(out), np.asarray(ImageOps.posterize(img, 2)))
+
+
+@pytest.mark.parametrize("n, per_rank", [(144, 72), (300, 128)])
+def test_repeat_aug_sampler_keeps_small_sets_whole(monkeypatch, n, per_rank):
+    """Distributed, timm's repeated augmentation rounds an epoch down to 256 images; below 256 (a small fine-tuning
+    set, the DDP test's) older timm made that an empty epoch, which mmengine reports only as `epoch_length` 0."""
+    from vim.data import samplers
+    monkeypatch.setattr(samplers, "get_dist_info", lambda: (1, 2))
+    sampler = samplers.RepeatAugOrDefaultSampler(list(range(n)), num_repeats=3)
+    assert len(sampler) == per_rank and len(list(sampler)) == per_rank

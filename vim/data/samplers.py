@@ -20,8 +20,10 @@ class RepeatAugOrDefaultSampler:
     def __init__(self, dataset, shuffle: bool = True, num_repeats: int = 3, seed: Optional[int] = None):
         rank, world = get_dist_info()
         if world > 1 and num_repeats > 1:
+            # timm rounds an epoch down to a multiple of 256 images, and before 1.0.31 did so also below 256:
+            # an empty epoch. Smaller sets keep all their images, as newer timm does.
             self.sampler = RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
-                                            num_repeats=num_repeats)
+                                            num_repeats=num_repeats, selected_round=256 if len(dataset) >= 256 else 0)
         else:
             self.sampler = DefaultSampler(dataset, shuffle=shuffle, seed=seed)
 
