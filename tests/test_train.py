@@ -143,7 +143,11 @@ def test_resume_reproduces_uninterrupted_run(train_tool, tmp_path, capsys):
     assert len(finals) == 2 and finals[0] == finals[1]
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+# where a checkpoint can be loaded to: mmengine's resume maps it to the GPU when there is one
+_MAP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _MAP_DEVICES)
 def test_rng_state_restores_from_a_checkpoint_mapped_to_any_device(tmp_path, device):
     """mmengine's resume loads a checkpoint's tensors onto the GPU; the states must restore from there."""
     import random
@@ -165,7 +169,7 @@ def test_rng_state_restores_from_a_checkpoint_mapped_to_any_device(tmp_path, dev
     assert draws() == expected
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", _MAP_DEVICES)
 def test_message_hub_restores_from_a_checkpoint_mapped_to_any_device(tmp_path, device):
     from mmengine.logging import HistoryBuffer
 
