@@ -25,6 +25,7 @@ fails if that is not the cached one.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -35,6 +36,8 @@ ENABLED = True
 CHECK = False
 # Signatures kept per kernel; past this the cache starts over (inputs whose sizes change on every call)
 MAX_SIGNATURES = 256
+# The running ``replay.Recorder`` (set by ``replay.record``): told of every launch its thread makes
+RECORDER = None
 
 # by value; floats and booleans by type and value (True == 1 == 1.0 as keys, but Triton types them apart)
 _PLAIN = frozenset((int, str, type(None), torch.dtype))
@@ -61,9 +64,14 @@ def _launcher_fits() -> bool:
 
 
 def _hooks_installed(jit_fn) -> bool:
+    return launch_hooks_installed() or bool(jit_fn.pre_run_hooks)
+
+
+def launch_hooks_installed() -> bool:
+    """Whether Triton's process-wide launch hooks are set (profilers such as proton use them)."""
     runtime = triton.knobs.runtime
     return (_hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
-            or runtime.add_stages_inspection_hook is not None or bool(jit_fn.pre_run_hooks))
+            or runtime.add_stages_inspection_hook is not None)
 
 
 def _hook_set(hook) -> bool:
@@ -86,9 +94,20 @@ class CachedLaunch:
         return getattr(self.__dict__["jit_fn"], name)
 
     def __getitem__(self, grid):
+        if RECORDER is not None and RECORDER.thread == threading.get_ident():
+            return functools.partial(self._recorded, grid)
         if not (ENABLED and self.cacheable) or callable(grid):
             return self.jit_fn[grid]
         return functools.partial(self._launch, grid)
+
+    def _recorded(self, grid, *args, **kwargs):
+        """A launch, reported to the recording (with the compiled kernel it ran, where it ran one)."""
+        if not (ENABLED and self.cacheable) or callable(grid):
+            kernel = self.jit_fn[grid](*args, **kwargs)
+        else:
+            kernel = self._launch(grid, *args, **kwargs)
+        RECORDER.launched(self, grid, args, kwargs, kernel)
+        return kernel
 
     def _tail(self, n_args: int, kwargs: dict) -> tuple:
         """The bound values of the parameters after the positional ones, as Triton binds them."""

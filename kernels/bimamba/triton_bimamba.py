@@ -15,13 +15,17 @@ that calls them without graph breaks.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
+from .. import launch, replay
 from ..eager import EagerOp
 from ..inductor_fallbacks import register_fake
 from ..selective_scan import triton_scan
 from ..selective_scan.triton_scan import _absent, _needs_grad, _none_if_absent
+from . import conv, delta, weights
 from .conv import ConvGrad, conv_silu, conv_silu_backward_pair, conv_silu_pair
 from .delta import delta_dtype, dt_softplus, narrow_rows
 from .naive import DirectionParams
@@ -109,11 +113,12 @@ def _grad_mm(a, b):
     return torch.mm(a.float(), b.float())
 
 
-def _forward_impl(x, z, flat, out=None, train_plan=False):
+def _forward_impl(x, z, flat, out=None, train_plan=False, saving=True):
     """Returns out (B, L, E) and what backward needs: per direction (x_proj output, chunk states, delta sums);
     absent chunk summaries (one chunk) come back as empty tensors so the op's outputs are all tensors. ``out``: where
     the output goes, any strides; it may be x itself, which nothing reads after the convs. ``train_plan``: a backward
-    follows; the scans chunk long sequences as suits it (``triton_scan._plan``)."""
+    follows; the scans chunk long sequences as suits it (``triton_scan._plan``). ``saving=False``: nothing is kept
+    for a backward (the list comes back empty)."""
     fwd, bwd = DirectionParams(*flat[:7]), DirectionParams(*flat[7:])
     cdt = x.dtype
     batch, L, E = x.shape
@@ -127,7 +132,7 @@ def _forward_impl(x, z, flat, out=None, train_plan=False):
             N = p.A_log.shape[1]
             (wx, wdt, A, _), dt_cols, _ = derived[i]
             xc, xcs[i] = xcs[i], None
-            xdbl = F.linear(xc, wx)
+            xdbl = replay.linear(xc, wx)
             delta, bc = _scan_rows(xdbl, wdt, p.dt_proj_bias, dt_cols, N, cdt)
             Bm, Cm = _bc_views(bc, N)
             # the first direction writes its ungated y; the second adds its own and gates the sum once:
@@ -136,11 +141,11 @@ def _forward_impl(x, z, flat, out=None, train_plan=False):
                 xc.transpose(1, 2), delta.transpose(1, 2), A, Bm, Cm, p.D.float(),
                 z.transpose(1, 2) if i == 1 else None, p.dt_proj_bias, True, reverse, delta_activated=True,
                 out=out.transpose(1, 2), out_scale=0.5 if i == 1 else 1.0, accumulate=(i == 1), train_plan=train_plan)
-            # distinct empty tensors: custom-op outputs must not alias each other
-            saved += [xdbl, hloc if hloc is not None else _absent(x),
-                      S if S is not None else _absent(x)]
-            if _keeps_scan_inputs(train_plan):
-                saved += [xc, delta, bc]
+            if saving:   # distinct empty tensors: custom-op outputs must not alias each other
+                saved += [xdbl, hloc if hloc is not None else _absent(x),
+                          S if S is not None else _absent(x)]
+                if _keeps_scan_inputs(train_plan):
+                    saved += [xc, delta, bc]
             # freed before the second direction allocates its own (one (B, L, E) delta less at the peak)
             del xc, delta, bc, Bm, Cm, hloc, S
     return out, saved
@@ -250,9 +255,66 @@ def _bwd_op(dout, x, z, *rest):
     return [dx, dz, *grads]
 
 
-def _fwd_into_x_op(xz, *flat):
+def _fwd_into_x_run(xz, *flat):
     x, z = _halves(xz, None)
-    _forward_impl(x, z, flat, out=x)
+    _forward_impl(x, z, flat, out=x, saving=False)
+
+
+# Inference calls replayed (``kernels/replay.py``): the first call of a signature runs the mixer and records its
+# launches, later ones issue them without re-planning. Off: every call runs the mixer.
+REPLAY = True
+MAX_REPLAYS = 256
+_REPLAYS: dict = {}
+
+
+def _knob_names(module) -> tuple:
+    """A module's knobs: its public upper-case globals holding numbers, strings, None or dicts of them."""
+    return tuple(n for n, v in vars(module).items()
+                 if n.isupper() and not n.startswith("_") and type(v) in (int, float, bool, str, dict, type(None)))
+
+
+def _knobs() -> tuple:
+    """The current values of every knob a mixer call's launches depend on (part of a replay's key): the scan's
+    settings and planners, and the knobs of the mixer's modules."""
+    return (triton_scan._settings(), *[tuple(v if type(v) is not dict else tuple(v.items())
+                                             for v in map(m.__dict__.get, names)) for m, names in _KNOB_MODULES])
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
+
+
+def _replaying() -> bool:
+    """Replays are on, and so are the caches they stand in for (off, every call plans and launches afresh); no
+    launch hook (a profiler's) is set, which a replay's launches would pass by."""
+    return REPLAY and triton_scan.PLAN_CACHE and launch.ENABLED and not launch.launch_hooks_installed()
+
+
+def _fwd_into_x_op(xz, *flat):
+    if not (_replaying() and xz.numel()):
+        return _fwd_into_x_run(xz, *flat)
+    # the current device too: the recorded kernels were loaded for it (as ``launch.CachedLaunch`` keys them)
+    key = (xz.device, torch._C._cuda_getDevice() if xz.is_cuda else None, _meta(xz), *map(_meta, flat), _knobs())
+    rep = _REPLAYS.get(key, _REPLAYS)
+    if rep is _REPLAYS:   # not seen: recorded (None: it cannot be replayed)
+        rep = replay.record(_fwd_into_x_run, (xz, *flat))
+        if rep is not replay.BUSY:
+            if len(_REPLAYS) >= MAX_REPLAYS:
+                _REPLAYS.clear()
+            _REPLAYS[key] = rep
+    elif rep is not None:
+        try:
+            rep((xz, *flat), xz.device)
+        except replay.Unrecordable:   # refused before its first launch: never replayed again
+            _REPLAYS[key] = None
+            _fwd_into_x_run(xz, *flat)
+    else:
+        _fwd_into_x_run(xz, *flat)
+
+
+def clear_replays() -> None:
+    """Forget the recorded inference calls (changed knobs need not call it: they are part of the key)."""
+    _REPLAYS.clear()
 
 
 for _key in ("CPU", "CUDA"):
@@ -337,3 +399,6 @@ def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams, overwrit
         if z.dtype != x.dtype:
             raise ValueError(f"x and z must share a dtype; got {x.dtype} and {z.dtype}")
     return _fwd(x, z, *fwd, *bwd, _needs_grad(x, z, *fwd, *bwd))[0]
+
+
+_KNOB_MODULES = tuple((m, _knob_names(m)) for m in (sys.modules[__name__], conv, delta, weights, triton_scan, launch))

@@ -21,13 +21,14 @@ ddelta, Y sums) cover every gradient; the walks meet through one float32 (B, L, 
 """
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import interpreter_compat
+from .. import interpreter_compat, launch
 from ..host_math import cdiv, next_pow2, programs_per_sm, sm_count
 from ..launch import cached_launch
 
@@ -159,9 +160,12 @@ POISON_OUTPUTS = False
 
 
 def _empty(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    """A new buffer (NaN-filled under ``POISON_OUTPUTS``), reported to a running recording (``replay``)."""
+    t = torch.full(shape, float("nan"), dtype=dtype, device=device) if POISON_OUTPUTS else \
+        torch.empty(shape, dtype=dtype, device=device)
+    if launch.RECORDER is not None and launch.RECORDER.thread == threading.get_ident():
+        launch.RECORDER.allocated(t)
+    return t
 
 
 ZERO_BLOCK = 1024
