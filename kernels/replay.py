@@ -187,7 +187,7 @@ class Replay:
         slots: list = list(inputs) + [None] * (self.n_slots - n_in)
         ptrs: list = [t.data_ptr() if t is not None else 0 for t in inputs] + [0] * (self.n_slots - n_in)
         interpreted = self.interpreted
-        stream = None if interpreted else torch._C._cuda_getCurrentRawStream(device.index)
+        stream = None if interpreted else torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
         with torch.autocast(device_type=device.type, enabled=False):
             for i, (event, frees) in enumerate(zip(self.events, self.frees)):
                 kind = event[0]

@@ -164,3 +164,35 @@ def test_cuda_graph_replay_matches_eager():
     # between any two runs (2e-5 measured); a replay on stale or wrong buffers would be off by O(1)
     for n, p in model.named_parameters():
         assert rel_err(replayed[n], p.grad) < 1e-3, n
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_replayed_inference_is_the_models_bits(monkeypatch, autocast):
+    """Inference mixer calls replayed from their recording (kernels/replay.py: integer addresses handed to the
+    compiled kernels) give the model's logits bit for bit, on new data, and inside a CUDA graph capture."""
+    from vim.kernels.bimamba import triton_bimamba as tb
+
+    model = timm.create_model("vim_tiny", depth=3).cuda().eval()
+    tb.clear_replays()
+
+    def run(x):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+            return model(x)
+
+    for _ in range(2):
+        x = torch.randn(3, 3, 224, 224, device="cuda")
+        with monkeypatch.context() as m:
+            m.setattr(tb, "REPLAY", False)
+            fresh = run(x)
+        assert torch.equal(run(x), fresh)   # the first call of the signature records, later ones replay
+        assert torch.equal(run(x), fresh)
+    assert all(isinstance(r, vim.kernels.replay.Replay) for r in tb._REPLAYS.values()) and tb._REPLAYS
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(static_x)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, run(static_x))
+    tb.clear_replays()
