@@ -57,6 +57,8 @@ def test_replay_gives_the_mixers_bits(monkeypatch, poisoned_kernel_outputs, dtyp
     assert isinstance(rep, replay.Replay)
     assert sum(e[0] == "launch" for e in rep.events) == (6 if chunk is None else 8)   # weights, convs, 2 x (dt, scan [+ state pass])
 
+    assert torch.equal(_run(xz, flat), expected)   # the first replay (on a GPU checked against the mixer)
+
     def planned(*args, **kwargs):
         raise AssertionError("a replayed call ran the mixer")
     monkeypatch.setattr(tb, "_fwd_into_x_run", planned)
