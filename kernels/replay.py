@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import launch
 
@@ -55,9 +56,11 @@ class Recorder:
         self.n_inputs = len(inputs)
         # per slot (inputs, then buffers in order of allocation): (address, extent in bytes), None for an absent input
         self.ranges = [(t.data_ptr(), _extent(t), t.dtype) if t is not None and t.numel() else None for t in inputs]
+        # per buffer slot, whether its memory is still held (freed memory may be handed out again, also to tensors
+        # the recording does not see)
+        self.alive: list = [None] * len(inputs)
         self.events: list = []
         self.last_use: dict = {}
-        self.keep: list = []     # the run's buffers stay alive while it records, so no two share an address
         self.failure: Optional[str] = None
 
     def allocated(self, t: torch.Tensor) -> None:
@@ -91,7 +94,7 @@ class Recorder:
             self.failure = f"a buffer {tuple(t.shape)} that is empty or not contiguous"
             return
         self.ranges.append((t.data_ptr(), _extent(t), t.dtype))
-        self.keep.append(t)
+        self.alive.append(StorageWeakRef(t.untyped_storage()))
         if event is not None:
             self._event(event, ())
         self.last_use[len(self.ranges) - 1] = len(self.events) - 1
@@ -104,8 +107,10 @@ class Recorder:
         if a.numel() == 0:
             raise Unrecordable("an empty tensor argument")
         ptr, extent = a.data_ptr(), _extent(a)
-        for slot, r in enumerate(self.ranges):
-            if r is not None and r[0] <= ptr and ptr + extent <= r[0] + r[1]:
+        # the latest live buffer first: a freed one's addresses may belong to a later one now
+        for slot in range(len(self.ranges) - 1, -1, -1):
+            r, alive = self.ranges[slot], self.alive[slot]
+            if r is not None and r[0] <= ptr and ptr + extent <= r[0] + r[1] and (alive is None or not alive.expired()):
                 if r[2] != a.dtype:
                     raise Unrecordable(f"a {a.dtype} view of a {r[2]} tensor")
                 return _Ref((slot, ptr - r[0], tuple(a.shape), a.stride(), a.dtype))
@@ -120,11 +125,76 @@ class Recorder:
     def replay(self) -> "Replay":
         if self.failure is not None:
             raise Unrecordable(self.failure)
-        frees: List[List[int]] = [[] for _ in self.events]
-        for slot, i in self.last_use.items():
+        # a GEMM's operands stay buffers of their own: typing a group member for torch costs more than its allocation
+        operands = {r[0] for e in self.events if e[0] == "linear" for r in e[2]}
+        events, n_slots, last_use = _grouped(self.events, len(self.ranges), dict(self.last_use), operands)
+        frees: List[List[int]] = [[] for _ in events]
+        for slot, i in last_use.items():
             if slot >= self.n_inputs and i >= 0:
                 frees[i].append(slot)
-        return Replay(len(self.ranges), self.events, frees)
+        return Replay(n_slots, events, frees)
+
+
+# Consecutive allocations a replay makes as one: those freed after the same event, and any run of small ones (the
+# mixer's derived weights), which then live until the last of them is freed. A vim mixer call's 16 allocations become 5.
+GROUP_SMALL_BYTES = 1 << 20
+GROUP_ALIGN = 256   # each member's offset in its group's buffer, bytes: every address keeps the alignment it had
+
+
+def _nbytes(event) -> int:
+    _, _, shape, dtype = event
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _grouped(events: list, n_slots: int, last_use: dict, apart=frozenset()):
+    """``events`` with runs of allocations merged into ("group", slot, bytes, members) events (see above), members
+    (slot, byte offset, shape, dtype) and the group a new slot; and ``last_use`` in the new list's indices, a group's
+    its last member's. The slots in ``apart`` stay allocations of their own."""
+    out, new_index, run = [], [], []
+
+    def flush():
+        nonlocal n_slots
+        groups = []
+        for i, e in run:
+            if groups:
+                g = groups[-1]
+                small = all(_nbytes(x) <= GROUP_SMALL_BYTES for _, x in g + [(i, e)])
+                if small or last_use[e[1]] == last_use[g[0][1][1]]:
+                    g.append((i, e))
+                    continue
+            groups.append([(i, e)])
+        for g in groups:
+            if len(g) == 1:
+                event = g[0][1]
+            else:
+                members, offset = [], 0
+                for _, (_, slot, shape, dtype) in g:
+                    members.append((slot, offset, shape, dtype))
+                    offset += -(-_nbytes((None, None, shape, dtype)) // GROUP_ALIGN) * GROUP_ALIGN
+                event = ("group", n_slots, offset, tuple(members))
+                n_slots += 1
+            for i, _ in g:
+                new_index[i] = len(out)
+            out.append(event)
+        run.clear()
+
+    for i, e in enumerate(events):
+        new_index.append(None)
+        if e[0] == "alloc" and e[1] not in apart:
+            run.append((i, e))
+            continue
+        flush()
+        new_index[i] = len(out)
+        out.append(e)
+    flush()
+    remapped = {slot: new_index[i] for slot, i in last_use.items()}
+    for e in out:
+        if e[0] == "group":
+            remapped[e[1]] = max(remapped[m[0]] for m in e[3])
+    return out, n_slots, remapped
 
 
 # One recording at a time in the process; launches from other threads meanwhile are not reported to it
@@ -167,6 +237,9 @@ def _view(slots: list, ref) -> torch.Tensor:
     """The tensor argument ``ref`` on this call's slots (the interpreter's launches and ``linear``'s operands)."""
     slot, offset, shape, stride, _ = ref
     base = slots[slot]
+    if type(base) is tuple:   # a member of a group, typed on first use: (group buffer, byte offset, shape, dtype)
+        buffer, start, bshape, dtype = base
+        base = slots[slot] = buffer[start:start + _nbytes((None, None, bshape, dtype))].view(dtype).view(bshape)
     return base.as_strided(shape, stride, base.storage_offset() + offset // base.element_size())
 
 
@@ -212,6 +285,13 @@ class Replay:
                     _, slot, shape, dtype = event
                     t = _empty(shape, dtype, device)
                     slots[slot], ptrs[slot] = t, t.data_ptr()
+                elif kind == "group":
+                    _, slot, nbytes, members = event
+                    t = _empty((nbytes,), torch.uint8, device)
+                    slots[slot] = t
+                    base = t.data_ptr()
+                    for m, offset, shape, dtype in members:
+                        slots[m], ptrs[m] = (t, offset, shape, dtype), base + offset
                 else:
                     _, slot, (a, w) = event
                     t = F.linear(_view(slots, a), _view(slots, w))

@@ -164,3 +164,24 @@ def test_the_first_replay_on_a_gpu_is_checked(monkeypatch, broken):
         assert torch.equal(_run(xz, flat), expected)
         assert tb._REPLAYS[key] is rep and rep.checked
     assert torch.equal(_run(xz, flat), expected)
+
+
+def test_allocations_are_grouped_only_where_no_memory_is_held_longer():
+    """Runs of small allocations, and of allocations freed after the same event, become one buffer; two large ones
+    freed at different events stay apart (the mixer's two conv outputs: the first is freed before the second
+    direction allocates)."""
+    big, small = (1024, 1024), (16,)
+    f32 = torch.float32
+    events = [("alloc", 2, small, f32), ("alloc", 3, small, f32), ("launch",), ("alloc", 4, big, f32),
+              ("alloc", 5, big, f32), ("launch",), ("launch",), ("alloc", 6, big, f32), ("alloc", 7, small, f32),
+              ("launch",)]
+    last_use = {2: 2, 3: 5, 4: 5, 5: 6, 6: 9, 7: 9}
+    out, n_slots, remapped = replay._grouped(events, 8, last_use)
+    assert [e[0] for e in out] == ["group", "launch", "alloc", "alloc", "launch", "launch", "group", "launch"]
+    assert n_slots == 10
+    first, second = out[0], out[6]
+    assert [m[0] for m in first[3]] == [2, 3] and [m[1] for m in first[3]] == [0, 256]
+    assert [m[0] for m in second[3]] == [6, 7] and second[3][1][1] == 4 * 1024 * 1024
+    assert all(m[1] % replay.GROUP_ALIGN == 0 for m in first[3] + second[3])
+    assert remapped[first[1]] == 4 and remapped[2] == 1 and remapped[3] == 4   # the group lives to its last member
+    assert remapped[4] == 4 and remapped[5] == 5 and remapped[second[1]] == 7

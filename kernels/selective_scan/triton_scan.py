@@ -161,8 +161,9 @@ POISON_OUTPUTS = False
 
 def _empty(shape, dtype, device):
     """A new buffer (NaN-filled under ``POISON_OUTPUTS``), reported to a running recording (``replay``)."""
-    t = torch.full(shape, float("nan"), dtype=dtype, device=device) if POISON_OUTPUTS else \
-        torch.empty(shape, dtype=dtype, device=device)
+    # all ones is a NaN in every float dtype; a byte buffer (a replay's group of buffers) gets it too
+    t = torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device) \
+        if POISON_OUTPUTS else torch.empty(shape, dtype=dtype, device=device)
     if launch.RECORDER is not None and launch.RECORDER.thread == threading.get_ident():
         launch.RECORDER.allocated(t)
     return t
