@@ -252,7 +252,6 @@ class Replay:
         self.frees = frees
         self.interpreted = any(e[0] == "launch" and not e[1].cacheable for e in events)
         self.first_launch = next((i for i, e in enumerate(events) if e[0] == "launch"), -1)
-        self.checked = False   # for the caller's first-use check (the mixer's ``_first_replay_checked``)
 
     def __call__(self, inputs: Sequence[Optional[torch.Tensor]], device: torch.device) -> None:
         from .selective_scan.triton_scan import _empty

@@ -16,7 +16,6 @@ that calls them without graph breaks.
 from __future__ import annotations
 
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -304,46 +303,14 @@ def _fwd_into_x_op(xz, *flat):
             if len(_REPLAYS) >= MAX_REPLAYS:
                 _REPLAYS.clear()
             _REPLAYS[key] = rep
-    elif rep is not None and not _needs_check(rep, xz):
+    elif rep is not None:
         try:
             rep((xz, *flat), xz.device)
         except replay.Unrecordable:   # refused before its first launch: never replayed again
             _REPLAYS[key] = None
             _fwd_into_x_run(xz, *flat)
-    elif rep is not None:
-        _first_replay_checked(key, rep, xz, flat)
     else:
         _fwd_into_x_run(xz, *flat)
-
-
-def _needs_check(rep, xz) -> bool:
-    """Whether this replay's first use on a GPU is still to be checked against the mixer (``_first_replay_checked``);
-    not while a CUDA graph is captured (the check synchronises), where the call runs the mixer instead."""
-    return not rep.checked and xz.is_cuda
-
-
-def _first_replay_checked(key, rep, xz, flat) -> None:
-    """The first replay of a signature on a GPU, held against the mixer run on a copy of its input: the same bits
-    (the inference launches have no atomics), or the signature is never replayed again and the mixer's result
-    stands, with a warning. The CPU tests hold replays against the mixer in the interpreter; this checks what they
-    cannot, the compiled kernels given integer addresses, once per signature and process."""
-    if xz.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _fwd_into_x_run(xz, *flat)
-    expected = xz.clone()
-    _fwd_into_x_run(expected, *flat)
-    try:
-        rep((xz, *flat), xz.device)
-        same = torch.equal(xz, expected)
-    except replay.Unrecordable:
-        same = True   # refused before its first launch, nothing written: the mixer's result below, quietly
-        _REPLAYS[key] = None
-    if not same:
-        warnings.warn("vim.kernels: a replayed mixer call differed from the mixer's own result; replays of this "
-                      f"signature are off (shape {tuple(xz.shape)}, {xz.dtype}). Please report it.", RuntimeWarning)
-        _REPLAYS[key] = None
-    if _REPLAYS.get(key) is None:
-        xz.copy_(expected)
-    rep.checked = True
 
 
 def clear_replays() -> None:
