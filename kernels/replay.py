@@ -10,8 +10,9 @@ them as it takes tensors, without the driver's per-pointer query) and drops each
 
 What a replay can stand for; the recorder checks it, and a run that breaks it is not replayed:
 - the function's only effects are its launches' writes into its inputs (it returns nothing);
-- every tensor a launch or ``linear`` reads lies inside one of the inputs or one of the recorded buffers: anything
-  else (a torch copy made on the way, a cached tensor) makes the run unrecordable;
+- every tensor a launch or ``linear`` reads lies inside one of the inputs or one of the recorded buffers still alive
+  (the recording lets the run free its buffers as it would, and tells a live one by its storage): anything else (a
+  torch copy made on the way, a cached tensor) makes the run unrecordable;
 - its launches go through ``cached_launch`` with a tuple grid, and take tensors, numbers, strings or None;
 - what it planned depends only on the key its caller keeps the replay under (the inputs' shapes, strides, dtypes and
   16-byte alignment, and the knobs of the modules it runs).
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import launch
+from .selective_scan.triton_scan import _empty
 
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
 _SCALARS = (int, float, bool, str, type(None), torch.dtype)
@@ -254,8 +256,6 @@ class Replay:
         self.first_launch = next((i for i, e in enumerate(events) if e[0] == "launch"), -1)
 
     def __call__(self, inputs: Sequence[Optional[torch.Tensor]], device: torch.device) -> None:
-        from .selective_scan.triton_scan import _empty
-
         n_in = len(inputs)
         slots: list = list(inputs) + [None] * (self.n_slots - n_in)
         ptrs: list = [t.data_ptr() if t is not None else 0 for t in inputs] + [0] * (self.n_slots - n_in)

@@ -25,7 +25,7 @@ from ..eager import EagerOp
 from ..inductor_fallbacks import register_fake
 from ..selective_scan import triton_scan
 from ..selective_scan.triton_scan import _absent, _needs_grad, _none_if_absent
-from . import conv, delta, weights
+from . import conv as _conv_knobs, delta as _delta_knobs, weights as _weights_knobs
 from .conv import ConvGrad, conv_silu, conv_silu_backward_pair, conv_silu_pair
 from .delta import delta_dtype, dt_softplus, narrow_rows
 from .naive import DirectionParams
@@ -265,6 +265,7 @@ def _fwd_into_x_run(xz, *flat):
 REPLAY = True
 MAX_REPLAYS = 256
 _REPLAYS: dict = {}
+_UNSEEN = object()
 
 
 def _knob_names(module) -> tuple:
@@ -296,8 +297,8 @@ def _fwd_into_x_op(xz, *flat):
         return _fwd_into_x_run(xz, *flat)
     # the current device too: the recorded kernels were loaded for it (as ``launch.CachedLaunch`` keys them)
     key = (xz.device, torch._C._cuda_getDevice() if xz.is_cuda else None, _meta(xz), *map(_meta, flat), _knobs())
-    rep = _REPLAYS.get(key, _REPLAYS)
-    if rep is _REPLAYS:   # not seen: recorded (None: it cannot be replayed)
+    rep = _REPLAYS.get(key, _UNSEEN)
+    if rep is _UNSEEN:   # recorded now (kept as None where it cannot be replayed)
         rep = replay.record(_fwd_into_x_run, (xz, *flat))
         if rep is not replay.BUSY:
             if len(_REPLAYS) >= MAX_REPLAYS:
@@ -402,4 +403,5 @@ def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams, overwrit
     return _fwd(x, z, *fwd, *bwd, _needs_grad(x, z, *fwd, *bwd))[0]
 
 
-_KNOB_MODULES = tuple((m, _knob_names(m)) for m in (sys.modules[__name__], conv, delta, weights, triton_scan, launch))
+_KNOB_MODULES = tuple((m, _knob_names(m)) for m in (sys.modules[__name__], _conv_knobs, _delta_knobs, _weights_knobs,
+                                                     triton_scan, launch))
