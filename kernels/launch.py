@@ -96,16 +96,16 @@ class CachedLaunch:
     def __getitem__(self, grid):
         if RECORDER is not None and RECORDER.thread == threading.get_ident():
             return functools.partial(self._recorded, grid)
+        return self._launcher(grid)
+
+    def _launcher(self, grid):
         if not (ENABLED and self.cacheable) or callable(grid):
             return self.jit_fn[grid]
         return functools.partial(self._launch, grid)
 
     def _recorded(self, grid, *args, **kwargs):
         """A launch, reported to the recording (with the compiled kernel it ran, where it ran one)."""
-        if not (ENABLED and self.cacheable) or callable(grid):
-            kernel = self.jit_fn[grid](*args, **kwargs)
-        else:
-            kernel = self._launch(grid, *args, **kwargs)
+        kernel = self._launcher(grid)(*args, **kwargs)
         RECORDER.launched(self, grid, args, kwargs, kernel)
         return kernel
 

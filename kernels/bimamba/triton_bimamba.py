@@ -268,11 +268,11 @@ _REPLAYS: dict = {}
 _UNSEEN = object()
 
 
-def _knob_names(module) -> tuple:
+def _knob_names(module, covered=()) -> tuple:
     """A module's knobs: its public upper-case globals holding numbers, strings, None or dicts of them (not the
-    running recording, ``launch.RECORDER``)."""
+    running recording, ``launch.RECORDER``, nor the names in ``covered``)."""
     return tuple(n for n, v in vars(module).items() if n.isupper() and not n.startswith("_") and n != "RECORDER"
-                 and type(v) in (int, float, bool, str, dict, type(None)))
+                 and n not in covered and type(v) in (int, float, bool, str, dict, type(None)))
 
 
 def _knobs() -> tuple:
@@ -403,5 +403,6 @@ def bimamba_v2_triton(x, z, fwd: DirectionParams, bwd: DirectionParams, overwrit
     return _fwd(x, z, *fwd, *bwd, _needs_grad(x, z, *fwd, *bwd))[0]
 
 
-_KNOB_MODULES = tuple((m, _knob_names(m)) for m in (sys.modules[__name__], _conv_knobs, _delta_knobs, _weights_knobs,
-                                                     triton_scan, launch))
+# the scan's CONFIG and CHUNK_OVERRIDE are in ``triton_scan._settings()`` already
+_KNOB_MODULES = tuple((m, _knob_names(m, ("CONFIG", "CHUNK_OVERRIDE") if m is triton_scan else ()))
+                      for m in (sys.modules[__name__], _conv_knobs, _delta_knobs, _weights_knobs, triton_scan, launch))
