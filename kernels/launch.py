@@ -39,6 +39,15 @@ MAX_SIGNATURES = 256
 # The running ``replay.Recorder`` (set by ``replay.record``): told of every launch its thread makes
 RECORDER = None
 
+
+def not_replayable(why: str) -> None:
+    """Tells a running recording of this thread (``replay``) that the run did something a replay would not repeat: a
+    torch function writing in place into a buffer."""
+    recorder = RECORDER
+    if recorder is not None and recorder.thread == threading.get_ident():
+        recorder.not_replayable(why)
+
+
 # by value; floats and booleans by type and value (True == 1 == 1.0 as keys, but Triton types them apart)
 _PLAIN = frozenset((int, str, type(None), torch.dtype))
 _TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))

@@ -25,6 +25,17 @@ def checked_cached_launches(monkeypatch):
     monkeypatch.setattr(launch, "CHECK", True)
 
 
+@pytest.fixture(autouse=True)
+def fresh_replays():
+    """Each test starts without recorded mixer calls (kernels/replay.py): a recording made by an earlier test would
+    stand in for the mixer where a test watches the mixer's own functions run."""
+    from vim.kernels.bimamba import triton_bimamba
+
+    triton_bimamba.clear_replays()
+    yield
+    triton_bimamba.clear_replays()
+
+
 @pytest.fixture
 def poisoned_kernel_outputs():
     """Every buffer a kernel allocates (through triton_scan._empty: scan, bimamba, conv, norm) starts as NaN,

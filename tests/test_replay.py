@@ -1,4 +1,5 @@
-"""Replayed inference mixer calls (kernels/replay.py) against the mixer run afresh: the same launches, the same bits."""
+"""Replayed mixer calls (kernels/replay.py): inference, and a training step's forward and backward, against the mixer
+run afresh: the same launches, the same bits."""
 import pytest
 import torch
 
@@ -12,13 +13,6 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or triton_scan._i
                                 reason="needs a CUDA GPU or Triton's interpreter")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def fresh_replays():
-    tb.clear_replays()
-    yield
-    tb.clear_replays()
 
 
 def _inputs(L, dtype, batch=2, dim=16, seed=0):
@@ -118,15 +112,19 @@ def test_a_call_during_another_threads_recording_is_not_kept(monkeypatch):
 
 
 def test_the_recorder_refuses_what_a_replay_cannot_stand_for():
-    """A launch reading a tensor that is neither an input nor a recorded buffer, a function that returns something,
-    and a tuple of tensors as an argument, each make the run unrecordable; it still ran."""
+    """A launch reading a tensor that is neither an input nor a recorded buffer, a function that returns something
+    other than None or tensors, a torch function that returns a view, and a torch copy written in place (reported by
+    ``launch.not_replayable``) each make the run unrecordable; it still ran and returned what it returned."""
     src = torch.randn(2, 3, 16, device=DEVICE)
     dst = torch.zeros(2, 3, 16, device=DEVICE)
-    assert replay.record(lambda d: delta_mod.narrow_rows(src, d), [dst]) is None
+    assert replay.record(lambda d: delta_mod.narrow_rows(src, d), [dst]) == (None, None)
     assert torch.equal(dst, src)
-    assert replay.record(lambda s, d: delta_mod.narrow_rows(s, d) or 1, [src, torch.zeros_like(dst)]) is None
-    z = torch.ones(4, device=DEVICE)
-    assert replay.record(lambda t: triton_scan._zeros([(4,)], t.device) and None, [z]) is None
+    assert replay.record(lambda s, d: delta_mod.narrow_rows(s, d) or 1, [src, torch.zeros_like(dst)]) == (None, 1)
+    assert replay.record(lambda s: [replay.call(torch.Tensor.view, s, -1)], [src])[0] is None
+    # a destination whose rows are not one stride apart: narrow_rows copies with torch
+    odd = torch.zeros(3, 2, 16, device=DEVICE).transpose(0, 1)
+    rep, _ = replay.record(delta_mod.narrow_rows, [src, odd])
+    assert rep is None and torch.equal(odd, src)
     assert launch.RECORDER is None
 
 
@@ -134,13 +132,108 @@ def test_a_replay_runs_on_new_inputs():
     """The generic case: a recorded function replayed on tensors at other addresses, strided views included."""
     src = torch.randn(2, 3, 16, device=DEVICE)
     dst = torch.zeros(2, 3, 32, device=DEVICE)[..., 8:24]
-    rep = replay.record(delta_mod.narrow_rows, [src, dst])
-    assert isinstance(rep, replay.Replay)
+    rep, result = replay.record(delta_mod.narrow_rows, [src, dst])
+    assert isinstance(rep, replay.Replay) and result is None
     src2 = torch.randn(2, 3, 16, device=DEVICE)
     whole = torch.zeros(2, 3, 32, device=DEVICE)
-    rep([src2, whole[..., 8:24]], torch.device(DEVICE))
+    assert rep([src2, whole[..., 8:24]], torch.device(DEVICE)) is None
     assert torch.equal(whole[..., 8:24], src2)
     assert not whole[..., :8].any() and not whole[..., 24:].any()
+
+
+def test_a_replay_returns_new_buffers_views_and_empties(poisoned_kernel_outputs):
+    """What the function returned comes back from each replay: its buffers (new ones each time, apart from each
+    other), views of them, torch results and empty tensors; a tuple of tensors is an argument like any other."""
+    def fn(a, w):
+        z1, z2 = triton_scan._zeros([(5,), (3, 4)], a.device)   # one launch, a tuple of tensors as its argument
+        prod = replay.call(torch.matmul, a, w)
+        return [z1, z2.t(), prod, prod[1:], a.new_empty(0)]
+
+    a, w = torch.randn(3, 4, device=DEVICE), torch.randn(4, 2, device=DEVICE)
+    rep, first = replay.record(fn, [a, w])
+    assert isinstance(rep, replay.Replay)
+    assert [e[0] for e in rep.events] == ["alloc", "alloc", "launch", "call"]   # returned buffers are not grouped
+    for _ in range(2):
+        a2, w2 = torch.randn(3, 4, device=DEVICE), torch.randn(4, 2, device=DEVICE)
+        z1, z2t, prod, tail, empty = rep([a2, w2], torch.device(DEVICE))
+        assert not z1.any() and z2t.shape == (4, 3) and not z2t.any() and z2t.stride() == (1, 4)
+        assert torch.equal(prod, a2 @ w2) and torch.equal(tail, prod[1:])
+        assert tail.data_ptr() == prod[1].data_ptr()
+        assert empty.shape == (0,) and empty.dtype == a.dtype
+        assert z1.data_ptr() != first[0].data_ptr()
+        assert z1.untyped_storage().data_ptr() != z2t.untyped_storage().data_ptr()
+        assert z1._base is None and prod._base is None   # whole buffers come back as themselves, not as views
+
+
+def _grad_inputs(L, dtype, packed, seed=0, batch=2, dim=16):
+    xz, flat = _inputs(L, dtype, batch=batch, dim=dim, seed=seed)
+    E = xz.shape[-1] // 2
+    x, z = (xz, None) if packed else (xz[..., :E].contiguous(), xz[..., E:].contiguous())
+    return x, z, flat
+
+
+def _step(x, z, flat, dout):
+    """The training step's two mixer ops, called as autograd calls them."""
+    out, *saved = tb._fwd_op(x, z, *flat, True)
+    grads = tb._bwd_op(dout, x, z, *flat, saved, True)
+    return [out, *saved], grads
+
+
+@pytest.mark.parametrize("dtype,L,chunk,packed", [(torch.float32, 13, None, True), (torch.float32, 13, None, False),
+                                                  (torch.float32, 20, 8, True), (torch.bfloat16, 13, None, True)])
+def test_training_calls_replay_the_mixers_bits(monkeypatch, poisoned_kernel_outputs, dtype, L, chunk, packed):
+    """A training step's forward (what it keeps for the backward included) and backward, replayed on new inputs of
+    the recorded signature: every output the mixer's own, bit for bit in the interpreter (on a GPU the backward's
+    atomic sums may add in another order); the replays plan nothing, and their outputs are new tensors each time."""
+    triton_scan.CHUNK_OVERRIDE = chunk
+    x, z, flat = _grad_inputs(L, dtype, packed)
+    dout = torch.randn(*x.shape[:2], flat[2].shape[1], device=DEVICE).to(dtype)
+    with monkeypatch.context() as m:
+        m.setattr(tb, "REPLAY", False)
+        expected = _step(x, z, flat, dout)
+    recorded = _step(x, z, flat, dout)
+    assert len(tb._REPLAYS) == 2 and all(isinstance(r, replay.Replay) for r in tb._REPLAYS.values())
+
+    def planned(*args, **kwargs):
+        raise AssertionError("a replayed call ran the mixer")
+    monkeypatch.setattr(tb, "_fwd_run", planned)
+    monkeypatch.setattr(tb, "_bwd_run", planned)
+    replays = [_step(x, z, flat, dout), _step(x, z, flat, dout)]
+    for got in (recorded, *replays):
+        for part, want in zip(got, expected):
+            assert len(part) == len(want)
+            for i, (g, w) in enumerate(zip(part, want)):
+                assert g.shape == w.shape and g.dtype == w.dtype, i
+                if DEVICE == "cpu" or part is got[0]:
+                    assert torch.equal(g, w), i
+                else:
+                    assert torch.allclose(g, w, rtol=1e-3, atol=1e-5), i
+    ptrs = [[t.data_ptr() for part in got for t in part if t.numel()] for got in replays]
+    assert len(set(ptrs[1])) == len(ptrs[1]) and not set(ptrs[0]) & set(ptrs[1])   # both replays' outputs alive
+
+
+def test_a_mixers_training_steps_are_replayed(monkeypatch):
+    """Through autograd, as a model trains: forward and backward of the mixer twice, the second replayed; the
+    output and every gradient equal the mixer's without replays."""
+    torch.manual_seed(3)
+    m = BiMambaMixer(16, scan_backend="triton").to(DEVICE)
+    x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.shape[-1], device=DEVICE)).sum().backward()
+        return [y.detach(), x.grad, *[p.grad for p in m.parameters()]]
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tb, "REPLAY", False)
+        expected = step()
+    for _ in range(2):
+        got = step()
+        for g, w in zip(got, expected):
+            assert torch.equal(g, w) if DEVICE == "cpu" else torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+    assert {k[0] for k, r in tb._REPLAYS.items() if isinstance(r, replay.Replay)} == {"fwd", "bwd"}
 
 
 def test_allocations_are_grouped_only_where_no_memory_is_held_longer():

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import launch
 from ..host_math import cdiv, next_pow2
 from ..launch import cached_launch
 from ..selective_scan import triton_scan
@@ -108,6 +109,7 @@ def narrow_rows(src: torch.Tensor, dst: torch.Tensor) -> None:
         return
     s_row = dst.stride(1) if L > 1 else dst.stride(0)
     if batch > 1 and L > 1 and dst.stride(0) != L * dst.stride(1):
+        launch.not_replayable("narrow_rows: a torch copy")
         dst.copy_(src)   # its rows are not one stride apart across the batch (not the mixer's layout)
         return
     BLOCK_C = next_pow2(C)
@@ -144,6 +146,7 @@ def dt_softplus(dt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out_
     wide = triton_scan._empty((batch, L, C), torch.float32, dt.device) if widen is not None else None
     if M == 0 or E == 0:
         if wide is not None:
+            launch.not_replayable("dt_softplus: a torch copy")
             wide.copy_(widen)
         return out if widen is None else (out, wide)
     d2 = dt.reshape(M, K)   # a view for a column slice of x_proj's output; other strides may copy (small)

@@ -15,6 +15,7 @@ that calls them without graph breaks.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -196,18 +197,20 @@ def _backward_impl(dout, x, z, flat, saved, dxz=None, train_plan=False):
             ddelta = ddelta.transpose(1, 2)                                    # (B, L, E)
             # over all dt_cols columns (the padding ones are zero and sliced off): at vim_tiny's rank 12 the slice
             # was 24 bytes a row, which cuBLAS ran with an Ampere align-2 kernel, 20 us a call on an H200
-            dWdt = _grad_mm(ddelta.reshape(-1, ddelta.shape[-1]).t(), dt.reshape(-1, dt_cols))
+            # (torch's products and copies through ``replay.call``, so that a recording of this backward follows them)
+            dWdt = replay.call(_grad_mm, ddelta.reshape(-1, ddelta.shape[-1]).t(), dt.reshape(-1, dt_cols))
             if dt_cols != rank:
-                dWdt = dWdt[:, :rank].contiguous()
+                dWdt = replay.call(torch.Tensor.contiguous, dWdt[:, :rank])
             # x_proj's output gradient: dt_proj's input gradient from the full-width weight (zero outside the dt
             # columns), then dB / dC into their columns
-            dxdbl = ddelta @ wdt
+            dxdbl = replay.call(torch.matmul, ddelta, wdt)
             narrow_rows(dbc, dxdbl[..., dt_cols:dt_cols + 2 * N])
-            dWx = _grad_mm(dxdbl.reshape(-1, width).t(), xc.reshape(-1, xc.shape[-1]))
+            dWx = replay.call(_grad_mm, dxdbl.reshape(-1, width).t(), xc.reshape(-1, xc.shape[-1]))
             if width != rank + 2 * N:
-                dWx = torch.cat([dWx[:rank], dWx[dt_cols:dt_cols + 2 * N]])
+                dWx = replay.call(torch.cat, (dWx[:rank], dWx[dt_cols:dt_cols + 2 * N]))
             # the conv output's gradient is du + dxdbl @ Wx, summed inside the conv backward
-            conv_grads.append(ConvGrad((du.transpose(1, 2), dxdbl @ wx), p.conv_weight, p.conv_bias))
+            conv_grads.append(ConvGrad((du.transpose(1, 2), replay.call(torch.matmul, dxdbl, wx)), p.conv_weight,
+                                       p.conv_bias))
             grads.append([None, None, dWx.to(p.x_proj_weight.dtype), dWdt.to(p.dt_proj_weight.dtype),
                           dbias.to(p.dt_proj_bias.dtype), dA_log.to(p.A_log.dtype), dD.to(p.D.dtype)])
         # both convs read the same x: one pass gives their weight gradients and the summed dx
@@ -239,14 +242,18 @@ def _halves(x, z):
     return x.chunk(2, dim=-1) if z is None else (x, z)
 
 
-def _fwd_op(x, z, *rest):
-    *flat, train_plan = rest
+def _fwd_run(train_plan, x, z, *flat):
     out, saved = _forward_impl(*_halves(x, z), flat, train_plan=train_plan)
     return [out, *saved]
 
 
-def _bwd_op(dout, x, z, *rest):
-    *flat, saved, train_plan = rest
+def _fwd_op(x, z, *rest):
+    *flat, train_plan = rest
+    return _replayed("fwd", _fwd_run, (x, z, *flat), train_plan)
+
+
+def _bwd_run(train_plan, dout, x, z, *rest):
+    flat, saved = rest[:14], list(rest[14:])
     if z is None:
         dxz = triton_scan._empty(tuple(x.shape), x.dtype, x.device)   # poisoned in tests: both halves must be written
         _, _, grads = _backward_impl(dout, *_halves(x, z), flat, saved, dxz=dxz, train_plan=train_plan)
@@ -255,13 +262,19 @@ def _bwd_op(dout, x, z, *rest):
     return [dx, dz, *grads]
 
 
+def _bwd_op(dout, x, z, *rest):
+    *flat, saved, train_plan = rest
+    return _replayed("bwd", _bwd_run, (dout, x, z, *flat, *saved), train_plan)
+
+
 def _fwd_into_x_run(xz, *flat):
     x, z = _halves(xz, None)
     _forward_impl(x, z, flat, out=x, saving=False)
 
 
-# Inference calls replayed (``kernels/replay.py``): the first call of a signature runs the mixer and records its
-# launches, later ones issue them without re-planning. Off: every call runs the mixer.
+# Mixer calls replayed (``kernels/replay.py``): the first call of a signature runs the mixer and records its launches,
+# allocations and torch products, later ones issue them without re-planning. That covers the three ops: inference,
+# and a training step's forward and backward. Off: every call runs the mixer.
 REPLAY = True
 MAX_REPLAYS = 256
 _REPLAYS: dict = {}
@@ -292,30 +305,37 @@ def _replaying() -> bool:
     return REPLAY and triton_scan.PLAN_CACHE and launch.ENABLED and not launch.launch_hooks_installed()
 
 
-def _fwd_into_x_op(xz, *flat):
-    if not (_replaying() and xz.numel()):
-        return _fwd_into_x_run(xz, *flat)
+def _replayed(op: str, run, inputs: tuple, *flags):
+    """``run(*flags, *inputs)`` for the op named ``op``: the mixer run, or its replay where the signature was recorded
+    before. ``inputs``: tensors or None, the first one present; ``flags``: the run's other arguments, in the key."""
+    first = inputs[0]
+    if not (_replaying() and first.numel()):
+        return run(*flags, *inputs)
     # the current device too: the recorded kernels were loaded for it (as ``launch.CachedLaunch`` keys them)
-    key = (xz.device, torch._C._cuda_getDevice() if xz.is_cuda else None, _meta(xz), *map(_meta, flat), _knobs())
+    key = (op, *flags, first.device, torch._C._cuda_getDevice() if first.is_cuda else None, *map(_meta, inputs),
+           _knobs())
     rep = _REPLAYS.get(key, _UNSEEN)
     if rep is _UNSEEN:   # recorded now (kept as None where it cannot be replayed)
-        rep = replay.record(_fwd_into_x_run, (xz, *flat))
+        rep, result = replay.record(functools.partial(run, *flags), inputs)
         if rep is not replay.BUSY:
             if len(_REPLAYS) >= MAX_REPLAYS:
                 _REPLAYS.clear()
             _REPLAYS[key] = rep
-    elif rep is not None:
+        return result
+    if rep is not None:
         try:
-            rep((xz, *flat), xz.device)
+            return rep(inputs, first.device)
         except replay.Unrecordable:   # refused before its first launch: never replayed again
             _REPLAYS[key] = None
-            _fwd_into_x_run(xz, *flat)
-    else:
-        _fwd_into_x_run(xz, *flat)
+    return run(*flags, *inputs)
+
+
+def _fwd_into_x_op(xz, *flat):
+    _replayed("fwd_into_x", _fwd_into_x_run, (xz, *flat))
 
 
 def clear_replays() -> None:
-    """Forget the recorded inference calls (changed knobs need not call it: they are part of the key)."""
+    """Forget the recorded calls (changed knobs need not call it: they are part of the key)."""
     _REPLAYS.clear()
 
 
