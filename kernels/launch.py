@@ -40,11 +40,17 @@ MAX_SIGNATURES = 256
 RECORDER = None
 
 
+def recording():
+    """The recording this thread is running (``RECORDER``), or None."""
+    recorder = RECORDER
+    return recorder if recorder is not None and recorder.thread == threading.get_ident() else None
+
+
 def not_replayable(why: str) -> None:
     """Tells a running recording of this thread (``replay``) that the run did something a replay would not repeat: a
     torch function writing in place into a buffer."""
-    recorder = RECORDER
-    if recorder is not None and recorder.thread == threading.get_ident():
+    recorder = recording()
+    if recorder is not None:
         recorder.not_replayable(why)
 
 
@@ -103,7 +109,7 @@ class CachedLaunch:
         return getattr(self.__dict__["jit_fn"], name)
 
     def __getitem__(self, grid):
-        if RECORDER is not None and RECORDER.thread == threading.get_ident():
+        if recording() is not None:
             return functools.partial(self._recorded, grid)
         return self._launcher(grid)
 

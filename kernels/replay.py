@@ -285,8 +285,8 @@ def call(fn: Callable, *args, **kwargs) -> torch.Tensor:
     """``fn(*args, **kwargs)``, a torch function that returns a new tensor (a product, a copy), reported to a running
     recording. Its tensor arguments, in tuples too, are read; none is written."""
     out = fn(*args, **kwargs)
-    recorder = launch.RECORDER
-    if recorder is not None and recorder.thread == threading.get_ident():
+    recorder = launch.recording()
+    if recorder is not None:
         recorder.called(fn, args, kwargs, out)
     return out
 

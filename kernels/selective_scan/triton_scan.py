@@ -21,7 +21,6 @@ ddelta, Y sums) cover every gradient; the walks meet through one float32 (B, L, 
 """
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -164,8 +163,9 @@ def _empty(shape, dtype, device):
     # all ones is a NaN in every float dtype; a byte buffer (a replay's group of buffers) gets it too
     t = torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device) \
         if POISON_OUTPUTS else torch.empty(shape, dtype=dtype, device=device)
-    if launch.RECORDER is not None and launch.RECORDER.thread == threading.get_ident():
-        launch.RECORDER.allocated(t)
+    recorder = launch.recording()
+    if recorder is not None:
+        recorder.allocated(t)
     return t
 
 
