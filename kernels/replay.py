@@ -281,6 +281,25 @@ def record(fn: Callable, inputs: Sequence[Optional[torch.Tensor]]):
         return None, result
 
 
+def nesting(inputs: Sequence[Optional[torch.Tensor]]) -> tuple:
+    """Which inputs lie inside another's memory, and where: (i, j, byte offset) per input i inside input j; part of a
+    replay's key. A recording refers to a tensor argument by the latest input that holds it, so its replay stands only
+    for calls whose inputs nest the same way: one tensor passed as two arguments (tied parameters) must not be
+    replayed for two tensors, nor the other way round."""
+    # only inputs sharing a storage can nest; ordinarily none do, which the storages' addresses tell cheaply
+    storages: dict = {}
+    for i, t in enumerate(inputs):
+        if t is not None and t.numel():
+            storages.setdefault(t.data_ptr() - t.storage_offset() * t.element_size(), []).append((i, t))
+    nested = []
+    for shared in storages.values():
+        if len(shared) > 1:
+            spans = [(i, t.data_ptr(), t.data_ptr() + _extent(t)) for i, t in shared]
+            nested += [(i, j, start - outer) for i, start, end in spans
+                       for j, outer, outer_end in spans if j != i and outer <= start and end <= outer_end]
+    return tuple(sorted(nested))
+
+
 def call(fn: Callable, *args, **kwargs) -> torch.Tensor:
     """``fn(*args, **kwargs)``, a torch function that returns a new tensor (a product, a copy), reported to a running
     recording. Its tensor arguments, in tuples too, are read; none is written."""

@@ -80,6 +80,25 @@ def test_new_shapes_and_batches_record_their_own(monkeypatch):
     assert len(tb._REPLAYS) == 3
 
 
+def test_tied_parameters_record_apart_from_untied_ones(monkeypatch):
+    """The backward direction's parameters passed as the forward's (tied) and as tensors of their own, with the same
+    shapes: a recording of the tied call reads the forward's parameters from the later inputs that hold them, so each
+    nesting of the inputs gets its own recording (``replay.nesting``), in either order."""
+    xz, flat = _inputs(6, torch.float32)
+    tied = (*flat[:7], *flat[:7])
+    assert replay.nesting((xz, *tied)) and not replay.nesting((xz, *flat))
+    for params in (tied, flat, tied, flat):
+        expected = _fresh(xz, params, monkeypatch)
+        assert torch.equal(_run(xz, params), expected)
+    assert len(tb._REPLAYS) == 2 and all(isinstance(r, replay.Replay) for r in tb._REPLAYS.values())
+
+
+def test_nesting_names_each_input_inside_another():
+    x = torch.randn(4, 8)
+    assert replay.nesting([x, x[1:], None, x[:, :2], torch.randn(3)]) == ((1, 0, 32), (3, 0, 0))
+    assert replay.nesting([x[:, :4], x[:, 4:], None]) == ()   # interleaved halves: neither holds the other
+
+
 def test_an_unreplayable_call_runs_the_mixer(monkeypatch):
     """A half-precision D is cast on the way (``p.D.float()``): a tensor the recording did not allocate, so the
     signature is kept as not replayable and every call runs the mixer."""

@@ -313,7 +313,7 @@ def _replayed(op: str, run, inputs: tuple, *flags):
         return run(*flags, *inputs)
     # the current device too: the recorded kernels were loaded for it (as ``launch.CachedLaunch`` keys them)
     key = (op, *flags, first.device, torch._C._cuda_getDevice() if first.is_cuda else None, *map(_meta, inputs),
-           _knobs())
+           replay.nesting(inputs), _knobs())
     rep = _REPLAYS.get(key, _UNSEEN)
     if rep is _UNSEEN:   # recorded now (kept as None where it cannot be replayed)
         rep, result = replay.record(functools.partial(run, *flags), inputs)
